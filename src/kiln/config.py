@@ -1,0 +1,258 @@
+"""The schema of a kiln config file, YAML loading, ``--set`` overrides, and errors that name the field.
+
+Every default lives here. A resolved config (``Config.to_yaml``) trains again as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, field_validator
+
+import kiln.nn.blocks  # noqa: F401  (fills the block registry the schema is made from)
+from kiln.errors import ConfigError
+from kiln.nn.base import BlockSpec, StrictModel
+from kiln.registry import BLOCKS, DATASETS, OPTIMIZERS, SCHEDULES, did_you_mean
+
+BlockConfig = Annotated[Union[tuple(cls for _, cls in BLOCKS.items())], Field(discriminator="type")]  # noqa: UP007
+
+
+def _registered(registry, value: str) -> str:
+    # Registries of datasets, optimizers and schedules fill on import of their modules.
+    import kiln.data.datasets  # noqa: F401
+    import kiln.train.optim  # noqa: F401
+
+    if value not in registry:
+        raise ValueError(f"unknown {registry.kind} {value!r}{did_you_mean(value, registry.names())}; "
+                         f"known: {', '.join(registry.names())}")
+    return value
+
+
+class AugmentConfig(StrictModel):
+    """Random per-sample affine transforms of training images, applied as batched tensor ops."""
+
+    shift: NonNegativeFloat = 0.0  # largest translation, as a fraction of the image size
+    rotate: NonNegativeFloat = 0.0  # largest rotation, degrees
+    scale: float = Field(default=0.0, ge=0.0, lt=1.0)  # largest zoom in or out, as a fraction
+
+
+class DataConfig(StrictModel):
+    dataset: str = "mnist"
+    root: str | None = None  # folder with the data files; default: $KILN_DATA, else the download cache
+    download: bool = True  # fetch missing files from public mirrors (checksums verified)
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)  # of the training set, held out for validation
+    limit_train: PositiveInt | None = None  # use only the first N training samples (quick experiments)
+    limit_test: PositiveInt | None = None
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return _registered(DATASETS, v)
+
+
+class ModelConfig(StrictModel):
+    blocks: list[BlockConfig] = Field(min_length=1)
+
+
+class OptimizerConfig(StrictModel):
+    name: str = "adam"
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.0  # decoupled for adamw, L2-in-gradient for adam and sgd
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        return _registered(OPTIMIZERS, v)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class ScheduleConfig(StrictModel):
+    name: str = "constant"  # constant | cosine | onecycle
+    warmup: NonNegativeFloat = 0.0  # linear warm-up, as a fraction of all steps (onecycle default: 0.25)
+    final_lr_fraction: float = Field(default=0.0, ge=0.0, le=1.0)  # cosine/onecycle end, relative to lr
+
+    @field_validator("name")
+    @classmethod
+    def _known_schedule(cls, v: str) -> str:
+        return _registered(SCHEDULES, v)
+
+
+class EarlyStoppingConfig(StrictModel):
+    monitor: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = "val_loss"
+    patience: PositiveInt = 3  # epochs without improvement before stopping
+    min_delta: NonNegativeFloat = 0.0  # smallest change that counts as an improvement
+    restore_best: bool = True  # end with the weights of the best epoch
+
+
+class TrainConfig(StrictModel):
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = 64
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    l1: NonNegativeFloat = 0.0  # penalty on the sum of absolute weights
+    l2: NonNegativeFloat = 0.0  # penalty on the sum of squared weights (added to the loss)
+    grad_clip: PositiveFloat | None = None  # largest global gradient norm
+    early_stopping: EarlyStoppingConfig | None = None
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: PositiveInt | None = None  # CPU threads; default: PyTorch's choice
+    eval_batch_size: PositiveInt = 1024
+    log_every: PositiveInt = 50  # steps between progress updates (each one waits for the device)
+    checkpoint_every: PositiveInt = 200  # steps between crash-safe checkpoints within an epoch
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, not {v!r}")
+
+
+class Config(StrictModel):
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def blocks(self) -> list[BlockSpec]:
+        return list(self.model.blocks)
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+    """A Config from a YAML path, a dict or a Config, with dotted-key overrides applied first."""
+    if isinstance(source, Config):
+        raw, where = source.to_dict(), "config"
+    elif isinstance(source, dict):
+        raw, where = source, "config"
+    else:
+        raw, where = read_yaml(Path(source)), str(source)
+        raw.setdefault("name", Path(source).stem)
+    raw = apply_overrides(raw, overrides or {})
+    return validate(raw, where)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train), "
+                          f"not {type(raw).__name__}")
+    return raw
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", ...]`` to ``{"train.epochs": 3}``; values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.epochs=3")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
+    if isinstance(overrides, list):
+        overrides = parse_set(overrides)
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy made of plain types
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            path = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {dotted}: {path} is not an index of a list of {len(node)} items")
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
+                raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth])} is a value, not a section")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+    return raw
+
+
+def validate(raw: dict[str, Any], where: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, where)) from None
+
+
+def _path(loc: tuple) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        # Discriminated unions put the block type in the location: model.blocks.3.lstm.units.
+        if isinstance(item, str) and i > 0 and isinstance(loc[i - 1], int) and item in BLOCKS:
+            continue
+        # Constrained types add names like "function-after[...]" that mean nothing to a user.
+        if isinstance(item, str) and ("[" in item or item.startswith("function-")):
+            continue
+        parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def format_errors(error: ValidationError, where: str) -> str:
+    lines = []
+    for err in error.errors(include_url=False):
+        path = _path(err["loc"])
+        ctx = err.get("ctx") or {}
+        if err["type"] == "unknown_key":
+            path = f"{path}.{ctx['key']}" if path != "(top level)" else ctx["key"]
+            msg = f"unknown key; {ctx['hint']}allowed keys: {ctx['allowed']}"
+        elif err["type"] == "union_tag_invalid":
+            tag = str(ctx.get("tag"))
+            path += ".type"
+            msg = f"unknown block type {tag!r}{did_you_mean(tag, BLOCKS.names())}; known: {', '.join(BLOCKS.names())}"
+        elif err["type"] == "union_tag_not_found":
+            path += ".type"
+            msg = f"every block needs a type; known: {', '.join(BLOCKS.names())}"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and not isinstance(err["input"], dict | list):
+                msg += f" (got {err['input']!r})"
+        lines.append(f"{path}: {msg}")
+    head = f"invalid config {where}" if len(lines) == 1 else f"invalid config {where} ({len(lines)} problems)"
+    return head + ":\n  " + "\n  ".join(lines)

@@ -1,0 +1,271 @@
+"""MNIST from its four IDX files: find them (or download them into a cache), verify, load as tensors.
+
+Files are verified by the sha256 of their *decompressed* content: mirrors (and the shared test
+copy) hold the same IDX bytes inside differently compressed .gz archives.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.data.download import download_verified
+from kiln.errors import DataError
+
+# split key -> (file name, sha256 of the decompressed content)
+MNIST_FILES: dict[str, tuple[str, str]] = {
+    "train_images": (
+        "train-images-idx3-ubyte.gz",
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    "train_labels": (
+        "train-labels-idx1-ubyte.gz",
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    "test_images": (
+        "t10k-images-idx3-ubyte.gz",
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    "test_labels": (
+        "t10k-labels-idx1-ubyte.gz",
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
+}
+
+# Base URLs, tried in order; each holds the four files under their MNIST_FILES names.
+MNIST_MIRRORS: tuple[str, ...] = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+IMAGE_SIDE = 28  # pixels
+NUM_CLASSES = 10
+_IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
+
+
+@dataclass(frozen=True)
+class MnistArrays:
+    """The four MNIST arrays, plus the checksums a run manifest records."""
+
+    train_images: torch.Tensor  # uint8 (60000, 28, 28), pixel values 0..255
+    train_labels: torch.Tensor  # int64 (60000,), digits 0..9
+    test_images: torch.Tensor  # uint8 (10000, 28, 28)
+    test_labels: torch.Tensor  # int64 (10000,)
+    checksums: dict[str, str]  # file name -> sha256 of its decompressed content
+
+
+def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
+    """Read a gzip (``.gz``) or raw IDX file of unsigned bytes with ``expected_ndim`` dimensions.
+
+    Raises DataError naming the file when it is unreadable, not valid gzip, has the wrong magic
+    number, or holds more or fewer data bytes than its header's dimensions say.
+    """
+    path = Path(path)
+    return _parse_idx(_read_content(path), path, expected_ndim)
+
+
+def resolve_mnist_dir(
+    root: str | Path | None,
+    *,
+    download: bool = True,
+    mirrors: tuple[str, ...] = MNIST_MIRRORS,
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Return the directory holding the four MNIST files.
+
+    Looks, in order, at ``root`` (the config key ``data.root``), the ``KILN_DATA`` environment
+    variable, then the cache ``<cache>/mnist`` where ``<cache>`` is ``cache_dir``, else ``KILN_CACHE``,
+    else ``~/.cache/kiln``. A root may hold the files directly or in a ``mnist/`` subfolder. Only the
+    cache is ever downloaded into (when ``download``), and only files missing there are fetched:
+    nothing touches the network when the files are present. A root that lacks files is an error,
+    not a reason to fall through to the cache, so a mistyped path never goes unnoticed.
+
+    Files found here are not yet verified; ``load_mnist`` verifies them.
+    """
+    if root is not None:
+        return _given_dir(Path(root).expanduser(), "data.root", cache_dir)
+    if os.environ.get("KILN_DATA"):
+        return _given_dir(Path(os.environ["KILN_DATA"]).expanduser(), "KILN_DATA", cache_dir)
+    return _cached_dir(cache_dir, download, mirrors, progress)
+
+
+def load_mnist(
+    root: str | Path | None = None,
+    *,
+    download: bool = True,
+    verify: bool = True,
+    mirrors: tuple[str, ...] = MNIST_MIRRORS,
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> MnistArrays:
+    """Find (see ``resolve_mnist_dir``), check and load MNIST.
+
+    With ``verify`` a file whose decompressed sha256 differs from MNIST_FILES raises DataError; a
+    corrupted file, cached or not, is refused rather than re-downloaded, so the user sees it (the
+    message says to delete it, after which a cached copy is fetched again). Checksums are computed
+    either way and returned for the run manifest. Each file is decompressed once; the hash and the
+    arrays come from the same bytes.
+    """
+    directory = resolve_mnist_dir(
+        root, download=download, mirrors=mirrors, cache_dir=cache_dir, progress=progress
+    )
+    arrays: dict[str, np.ndarray] = {}
+    checksums: dict[str, str] = {}
+    for key, (name, expected) in MNIST_FILES.items():
+        path = directory / name
+        content = _read_content(path)
+        checksums[name] = hashlib.sha256(content).hexdigest()
+        if verify and checksums[name] != expected:
+            raise DataError(
+                f"{path} fails its checksum: the sha256 of its decompressed content is "
+                f"{checksums[name]}, expected {expected}. The file is corrupted or is not the standard "
+                "MNIST file: delete or replace it (a deleted cached file is downloaded again), "
+                "or load with verify=False to use it as it is."
+            )
+        arrays[key] = _parse_idx(content, path, expected_ndim=3 if key.endswith("images") else 1)
+    _check_consistent(arrays, directory)
+    return MnistArrays(
+        train_images=torch.from_numpy(arrays["train_images"]),
+        train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
+        test_images=torch.from_numpy(arrays["test_images"]),
+        test_labels=torch.from_numpy(arrays["test_labels"].astype(np.int64)),
+        checksums=checksums,
+    )
+
+
+def _read_content(path: Path) -> bytes:
+    """The file's IDX bytes: gunzipped when the name ends in ``.gz``, as stored otherwise."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror}") from None
+    return _gunzip(raw, path) if path.suffix == ".gz" else raw
+
+
+def _gunzip(raw: bytes, path: Path) -> bytes:
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path} is not a valid gzip file: {error}") from None
+
+
+def _parse_idx(content: bytes, path: Path, expected_ndim: int) -> np.ndarray:
+    """Check an IDX header against ``expected_ndim`` and the data length; return a writable array."""
+    header_bytes = 4 + 4 * expected_ndim  # magic number, then one uint32 per dimension
+    magic = int.from_bytes(content[:4], "big")
+    expected_magic = (_IDX_UBYTE << 8) | expected_ndim
+    if len(content) >= 4 and magic != expected_magic:
+        raise DataError(
+            f"{path} is not an IDX file of {expected_ndim}-D unsigned bytes: its magic number is "
+            f"0x{magic:08x}, expected 0x{expected_magic:08x}"
+        )
+    if len(content) < header_bytes:
+        raise DataError(
+            f"{path} is truncated: an IDX header of {expected_ndim} dimensions needs "
+            f"{header_bytes} bytes, found {len(content)}"
+        )
+    dims = struct.unpack(f">{expected_ndim}I", content[4:header_bytes])
+    expected_bytes = math.prod(dims)
+    found_bytes = len(content) - header_bytes
+    if found_bytes != expected_bytes:
+        problem = "truncated" if found_bytes < expected_bytes else "longer than its header says"
+        raise DataError(
+            f"{path} is {problem}: dimensions {'x'.join(map(str, dims))} need "
+            f"{expected_bytes} bytes of data, found {found_bytes}"
+        )
+    # frombuffer over `bytes` is read-only; the copy gives tensors memory they may write.
+    data = np.frombuffer(content, dtype=np.uint8, count=expected_bytes, offset=header_bytes)
+    return data.reshape(dims).copy()
+
+
+def _check_consistent(arrays: dict[str, np.ndarray], directory: Path) -> None:
+    """Catch files that parse but do not belong together (matters when verify=False)."""
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+            raise DataError(
+                f"{directory / MNIST_FILES[f'{split}_images'][0]}: images are "
+                f"{images.shape[1]}x{images.shape[2]} pixels, expected {IMAGE_SIDE}x{IMAGE_SIDE}"
+            )
+        if len(images) != len(labels):
+            raise DataError(
+                f"MNIST {split} split in {directory}: {len(images)} images but {len(labels)} labels"
+            )
+        if labels.max(initial=0) >= NUM_CLASSES:
+            raise DataError(
+                f"{directory / MNIST_FILES[f'{split}_labels'][0]}: label {labels.max()} is outside "
+                f"0..{NUM_CLASSES - 1}"
+            )
+
+
+def _missing(directory: Path) -> list[str]:
+    return [name for name, _ in MNIST_FILES.values() if not (directory / name).is_file()]
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
+
+
+def _given_dir(root: Path, source: str, cache_dir: Path | None) -> Path:
+    """``root`` or ``root/mnist``, whichever holds all four files; DataError saying what is missing."""
+    candidates = (root, root / "mnist")
+    for directory in candidates:
+        if not _missing(directory):
+            return directory
+    closest = min(candidates, key=lambda directory: len(_missing(directory)))
+    raise DataError(
+        f"MNIST files missing from {closest} (from {source}={root}): {', '.join(_missing(closest))}. "
+        f"Fix: point KILN_DATA or data.root at a directory holding the four MNIST .gz files "
+        f"(directly or in a mnist/ subfolder), or unset both to download them into "
+        f"{_cache_root(cache_dir) / 'mnist'}."
+    )
+
+
+def _cached_dir(
+    cache_dir: Path | None,
+    download: bool,
+    mirrors: tuple[str, ...],
+    progress: Callable[[str], None] | None,
+) -> Path:
+    """The cache's mnist/ folder, with missing files downloaded (verified) when allowed."""
+    directory = _cache_root(cache_dir) / "mnist"
+    missing = _missing(directory)
+    if missing and not download:
+        raise DataError(
+            f"MNIST files missing from the cache {directory}: {', '.join(missing)}, and download "
+            "is off. Fix: allow download, or set KILN_DATA or data.root to a directory holding them."
+        )
+    for name, sha256 in MNIST_FILES.values():
+        if name in missing:
+            urls = [base.rstrip("/") + "/" + name for base in mirrors]
+            verify = _content_verifier(sha256)
+            download_verified(urls, directory / name, verify=verify, progress=progress)
+    return directory
+
+
+def _content_verifier(expected: str) -> Callable[[Path], None]:
+    """A check for download_verified: the gunzipped download must have sha256 ``expected``.
+
+    The download lands in a ``.part`` file, so it is gunzipped regardless of its name.
+    """
+
+    def verify(path: Path) -> None:
+        actual = hashlib.sha256(_gunzip(path.read_bytes(), path)).hexdigest()
+        if actual != expected:
+            raise DataError(f"decompressed content has sha256 {actual}, expected {expected}")
+
+    return verify

@@ -1,0 +1,112 @@
+"""The contract every block follows, and shape helpers shared by all blocks.
+
+A block is a pydantic spec (its documented fields, nothing else) with a ``build`` method that
+takes the input shape (without the batch dimension) and returns the module, the output shape
+and the multiply-adds of one sample. Shapes come in three kinds:
+
+- image:    (channels, height, width)
+- sequence: (steps, features)
+- vector:   (features,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import PydanticCustomError
+from torch import nn
+
+from kiln.errors import ConfigError
+from kiln.registry import nearest
+
+Shape = tuple[int, ...]
+Activation = Literal["none", "relu", "gelu", "tanh", "sigmoid", "silu"]
+
+KIND_BY_NDIM = {3: "image", 2: "sequence", 1: "vector"}
+DIMS_BY_KIND = {
+    "image": "(channels, height, width)",
+    "sequence": "(steps, features)",
+    "vector": "(features,)",
+}
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors that suggest the nearest known key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = [name for name, f in cls.model_fields.items()]
+            known += [f.alias for f in cls.model_fields.values() if f.alias]
+            for key in data:
+                if key not in known:
+                    guess = nearest(str(key), known)
+                    hint = f"did you mean {guess!r}? " if guess else ""
+                    raise PydanticCustomError(
+                        "unknown_key",
+                        "unknown key {key!r}; {hint}allowed keys: {allowed}",
+                        {"key": str(key), "hint": hint, "allowed": ", ".join(sorted(known))},
+                    )
+        return data
+
+
+class ShapeError(ConfigError):
+    """A block cannot take the shape that the block before it produces."""
+
+
+@dataclass
+class Built:
+    module: nn.Module
+    out_shape: Shape
+    macs: int  # multiply-adds for one sample, forward pass
+
+
+class BlockSpec(StrictModel):
+    """Base of every block spec. Subclasses set ``type`` to a Literal of their registry key."""
+
+    type: str
+    # For the registry-wide test harness: an input shape and fields that build this block.
+    example_input: ClassVar[Shape] = (8, 16)
+    example: ClassVar[dict[str, Any]] = {}
+
+    def build(self, in_shape: Shape) -> Built:
+        raise NotImplementedError
+
+
+def kind_of(shape: Shape) -> str:
+    return KIND_BY_NDIM.get(len(shape), f"{len(shape)}-d tensor")
+
+
+def describe(shape: Shape) -> str:
+    """'a sequence (steps, features) = (13, 64)' — how error messages name a shape."""
+    kind = kind_of(shape)
+    dims = DIMS_BY_KIND.get(kind, "")
+    return f"{kind} {dims} = {tuple(shape)}".replace("  ", " ")
+
+
+def expect(block: str, shape: Shape, kinds: tuple[str, ...], fix: str) -> None:
+    """Raise a ShapeError naming the block, the shape it got, the shape it needs, and the fix."""
+    if kind_of(shape) in kinds:
+        return
+    needed = " or ".join(f"{k} {DIMS_BY_KIND[k]}" for k in kinds)
+    raise ShapeError(f"{block} needs {needed} but got {describe(shape)}. Fix: {fix}")
+
+
+def activation(name: Activation) -> nn.Module:
+    return {
+        "none": nn.Identity,
+        "relu": nn.ReLU,
+        "gelu": nn.GELU,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "silu": nn.SiLU,
+    }[name]()
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,88 @@
+"""Recurrent blocks: rnn, lstm, gru over a sequence (steps, features)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field, PositiveInt
+from torch import nn
+
+from kiln.errors import ConfigError
+from kiln.nn.base import BlockSpec, Built, Shape, expect
+from kiln.registry import BLOCKS
+
+SEQUENCE_FIX = (
+    "a recurrent layer reads a sequence of steps. After conv/pool blocks use `rows_to_sequence` "
+    "(instead of `flatten`) so that each image row is one step; a `dense` block after it then works "
+    "per step and keeps the sequence"
+)
+# Gate matrices per cell type: each gate has an input and a recurrent weight.
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+
+
+class Recurrent(nn.Module):
+    def __init__(self, rnn: nn.RNNBase, steps: str) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.steps = steps
+
+    def forward(self, x):  # (B, T, F) -> (B, T, H*dirs) or (B, H*dirs)
+        out, state = self.rnn(x)
+        if self.steps == "all":
+            return out
+        h = state[0] if isinstance(state, tuple) else state  # (layers*dirs, B, H)
+        if self.rnn.bidirectional:
+            return torch.cat([h[-2], h[-1]], dim=-1)
+        return h[-1]
+
+
+class _RecurrentSpec(BlockSpec):
+    units: PositiveInt
+    layers: PositiveInt = 1
+    bidirectional: bool = False
+    steps: Literal["all", "last"] = "all"  # all: a sequence out; last: the final state as a vector
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)  # between stacked layers
+
+    example: ClassVar[dict] = {"units": 6, "layers": 2, "bidirectional": True}
+    cell: ClassVar[Callable[..., nn.RNNBase]]
+
+    def build(self, in_shape: Shape) -> Built:
+        expect(self.type, in_shape, ("sequence",), SEQUENCE_FIX)
+        if self.dropout and self.layers == 1:
+            raise ConfigError(f"{self.type}.dropout applies between stacked layers; set layers >= 2 or dropout: 0")
+        t, f = in_shape
+        dirs = 2 if self.bidirectional else 1
+        rnn = self.cell(f, self.units, num_layers=self.layers, batch_first=True,
+                        bidirectional=self.bidirectional, dropout=self.dropout)
+        out = (t, self.units * dirs) if self.steps == "all" else (self.units * dirs,)
+        macs, width = 0, f
+        for _ in range(self.layers):
+            macs += dirs * t * GATES[self.type] * self.units * (width + self.units)
+            width = self.units * dirs
+        return Built(Recurrent(rnn, self.steps), out, macs)
+
+
+@BLOCKS.register("rnn")
+class RNN(_RecurrentSpec):
+    """Elman RNN with tanh."""
+
+    type: Literal["rnn"] = "rnn"
+    cell: ClassVar[Callable[..., nn.RNNBase]] = nn.RNN
+
+
+@BLOCKS.register("lstm")
+class LSTM(_RecurrentSpec):
+    """Long short-term memory (PyTorch's cell: two bias vectors per gate set)."""
+
+    type: Literal["lstm"] = "lstm"
+    cell: ClassVar[Callable[..., nn.RNNBase]] = nn.LSTM
+
+
+@BLOCKS.register("gru")
+class GRU(_RecurrentSpec):
+    """Gated recurrent unit."""
+
+    type: Literal["gru"] = "gru"
+    cell: ClassVar[Callable[..., nn.RNNBase]] = nn.GRU

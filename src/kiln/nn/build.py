@@ -1,0 +1,58 @@
+"""Config blocks to an ``nn.Module``, inferring each block's input shape from the one before."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import kiln.nn.blocks  # noqa: F401  (registers every block)
+from kiln.errors import ConfigError
+from kiln.nn.base import BlockSpec, Shape, count_params
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int
+    type: str
+    out_shape: Shape
+    params: int
+    macs: int
+
+
+class KilnModel(nn.Module):
+    """The blocks in order. Input: float tensor (B, *input_shape); output: (B, *output_shape)."""
+
+    def __init__(self, blocks: list[nn.Module], input_shape: Shape, layers: list[LayerInfo]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.input_shape = tuple(input_shape)
+        self.layers = layers
+
+    @property
+    def output_shape(self) -> Shape:
+        return self.layers[-1].out_shape if self.layers else self.input_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def build_model(specs: list[BlockSpec], input_shape: Shape) -> KilnModel:
+    """Build each block on the shape the previous one produces; errors name the block's config path."""
+    if not specs:
+        raise ConfigError("model.blocks: the model has no blocks; list at least one")
+    shape = tuple(input_shape)
+    modules: list[nn.Module] = []
+    layers: list[LayerInfo] = []
+    for i, spec in enumerate(specs):
+        try:
+            built = spec.build(shape)
+        except ConfigError as e:
+            raise type(e)(f"model.blocks.{i} ({spec.type}): {e}") from None
+        modules.append(built.module)
+        layers.append(LayerInfo(i, spec.type, built.out_shape, count_params(built.module), built.macs))
+        shape = built.out_shape
+    return KilnModel(modules, input_shape, layers)

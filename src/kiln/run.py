@@ -1,0 +1,185 @@
+"""A run directory and the ``Run`` object that everything after training reads.
+
+Layout of ``runs/<name>/``::
+
+    config.yaml                   resolved config: trains again as it is
+    manifest.json                 versions, seed, device, precision, data checksums, status
+    metrics.jsonl                 one JSON object per progress line, epoch and final test
+    checkpoints/last.safetensors  weights + optimiser, scheduler, RNG and data-order state (resume)
+    checkpoints/best.safetensors  weights of the best validation epoch
+    model.safetensors             final weights (best epoch when early stopping restores it)
+    results.json                  final train / val / test metrics
+
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kiln.config import Config, load_config
+from kiln.data.datasets import get_dataset
+from kiln.data.images import PIXEL_SCALE, read_image_file
+from kiln.errors import KilnError, RunDirError
+from kiln.fsutil import atomic_write_text
+from kiln.nn import KilnModel, build_model
+from kiln.train.checkpoint import load_weights
+from kiln.train.metrics import evaluate_split, predict_proba
+
+
+class RunDir:
+    CONFIG = "config.yaml"
+    MANIFEST = "manifest.json"
+    METRICS = "metrics.jsonl"
+    RESULTS = "results.json"
+    WEIGHTS = "model.safetensors"
+    LAST = "checkpoints/last.safetensors"
+    BEST = "checkpoints/best.safetensors"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def is_run(self) -> bool:
+        return (self / self.MANIFEST).is_file() and (self / self.CONFIG).is_file()
+
+    def create(self) -> None:
+        """Claim the directory for a new run; never reuse one that holds anything."""
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            what = "a kiln run" if self.is_run() else "files"
+            raise RunDirError(
+                f"{self.path} already holds {what}; nothing was changed. Continue it with --resume, "
+                f"or choose another directory with --out"
+            )
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        try:
+            return json.loads((self / name).read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"{self.path} has no {name}") from None
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{self / name} is corrupt: {e}") from None
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        atomic_write_text(self / name, json.dumps(data, indent=2) + "\n")
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self / self.METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self / self.METRICS
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill: what follows it was never written
+        return records
+
+    def keep_metrics_until(self, step: int) -> None:
+        """On resume: drop records written after the checkpoint we continue from."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= step and r.get("kind") != "test"]
+        atomic_write_text(self / self.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def open_run_dir(path: str | Path) -> RunDir:
+    run_dir = RunDir(path)
+    if not run_dir.path.is_dir():
+        raise RunDirError(f"{run_dir.path} is not a directory; give the folder a `kiln train` run wrote")
+    if not run_dir.is_run():
+        raise RunDirError(
+            f"{run_dir.path} is not a kiln run directory (it has no {RunDir.MANIFEST} and {RunDir.CONFIG}); "
+            "give the folder a `kiln train` run wrote, e.g. runs/<name>"
+        )
+    return run_dir
+
+
+class Run:
+    """A trained model and everything known about it, read from its run directory alone."""
+
+    def __init__(self, run_dir: RunDir, config: Config, model: KilnModel, device: torch.device) -> None:
+        self.dir = run_dir
+        self.path = run_dir.path
+        self.config = config
+        self.model = model
+        self.device = device
+        self.dataset = get_dataset(config.data.dataset)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Run:
+        run_dir = open_run_dir(path)
+        config = load_config(run_dir / RunDir.CONFIG)
+        device = torch.device(device)
+        model = build_model(config.blocks, get_dataset(config.data.dataset).input_shape).to(device)
+        weights = run_dir / RunDir.WEIGHTS
+        if not weights.is_file():
+            raise RunDirError(
+                f"{run_dir.path} has no {RunDir.WEIGHTS}: its training did not finish. Continue it with "
+                f"`kiln train {run_dir / RunDir.CONFIG} --out {run_dir.path} --resume`"
+            )
+        load_weights(weights, model)
+        model.eval()
+        return cls(run_dir, config, model, device)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.dir.read_json(RunDir.MANIFEST)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Final metrics by split, e.g. ``run.metrics["test"]["accuracy"]``."""
+        return self.dir.read_json(RunDir.RESULTS)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset.class_names)
+
+    def evaluate(self, split: str = "test", batch_size: int | None = None) -> dict[str, float]:
+        if split not in ("train", "val", "test"):
+            raise KilnError(f"split must be train, val or test, not {split!r}")
+        data = self.dataset.load(self.config.data, self.config.seed)
+        x, y = data.split(split)
+        if len(x) == 0:
+            raise KilnError(f"the {split} split of this run is empty (data.val_fraction is 0?)")
+        return evaluate_split(self.model, x, y, batch_size=batch_size or self.config.train.eval_batch_size,
+                              device=self.device)
+
+    def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Class probabilities (N, classes) for images (N, C, H, W) or (N, H, W): uint8 0..255 or float 0..1."""
+        x = torch.as_tensor(x)
+        shape = self.dataset.input_shape
+        grey = shape[0] == 1
+        if grey and x.dim() == len(shape) - 1:
+            x = x[None, None]  # one image (H, W)
+        elif grey and x.dim() == len(shape):
+            x = x.unsqueeze(1)  # (N, H, W)
+        elif x.dim() == len(shape):
+            x = x.unsqueeze(0)  # one image (C, H, W)
+        if tuple(x.shape[1:]) != tuple(shape):
+            raise KilnError(f"predict expects images of shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+        if x.is_floating_point():
+            x = (x.clamp(0, 1) * PIXEL_SCALE).round().to(torch.uint8)
+        return predict_proba(self.model, x.to(torch.uint8), batch_size=self.config.train.eval_batch_size,
+                             device=self.device)
+
+    def predict_files(self, paths: list[str | Path]) -> list[dict[str, Any]]:
+        """Read each image or .npy file and predict; one dict per file: file, class, probabilities."""
+        images = torch.stack([read_image_file(Path(p), self.dataset.input_shape) for p in paths])
+        probs = self.predict(images)
+        names = self.class_names
+        return [
+            {"file": str(p), "class": names[int(row.argmax())], "probability": float(row.max()),
+             "probabilities": {n: round(float(v), 6) for n, v in zip(names, row, strict=True)}}
+            for p, row in zip(paths, probs, strict=True)
+        ]

@@ -1,0 +1,112 @@
+"""Checkpoints as safetensors: model weights, and for resuming, optimiser, scheduler and RNG state.
+
+No pickle anywhere: tensors go in the safetensors body, everything else in its JSON metadata.
+A training checkpoint is one file, written atomically, so a kill never leaves weights and
+optimiser state from two different steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from kiln.errors import RunDirError
+from kiln.fsutil import atomic_write_bytes
+
+WEIGHTS_FORMAT = "kiln-weights-1"
+CHECKPOINT_FORMAT = "kiln-checkpoint-1"
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def save_weights(path: Path, model: torch.nn.Module, info: dict[str, Any] | None = None) -> None:
+    tensors = {k: _cpu(v) for k, v in model.state_dict().items()}
+    meta = {"format": WEIGHTS_FORMAT, "info": json.dumps(info or {})}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise RunDirError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load weights into ``model`` (strictly: every key must match); return the saved info."""
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise RunDirError(f"{path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") == CHECKPOINT_FORMAT:
+        tensors = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise RunDirError(f"{path} does not match the model in the run's config: {e}") from None
+    return json.loads(meta.get("info", "{}"))
+
+
+def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
+    for pid, state in sd["state"].items():
+        plain[str(pid)] = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{pid}/{key}"] = _cpu(value)
+            else:
+                plain[str(pid)][key] = value
+    return tensors, {"plain": plain, "param_groups": sd["param_groups"]}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
+    state: dict[int, dict] = {int(pid): dict(values) for pid, values in info["plain"].items()}
+    for name, value in tensors.items():
+        _, pid, key = name.split("/", 2)
+        state.setdefault(int(pid), {})[key] = value
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rng: dict[str, torch.Tensor],
+                    progress: dict[str, Any]) -> None:
+    """Everything needed to continue exactly where training stopped."""
+    tensors = {f"model/{k}": _cpu(v) for k, v in model.state_dict().items()}
+    optim_tensors, optim_info = _split_optimizer(optimizer.state_dict())
+    tensors.update(optim_tensors)
+    tensors.update({f"rng/{k}": _cpu(v) for k, v in rng.items()})
+    state = {
+        "optimizer": optim_info,
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "progress": progress,
+    }
+    meta = {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler) -> tuple[dict[str, torch.Tensor], dict]:
+    """Restore model, optimiser, scheduler and scaler in place; return (rng states, progress)."""
+    meta = read_metadata(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise RunDirError(f"{path} is not a kiln training checkpoint")
+    tensors = load_file(str(path))
+    state = json.loads(meta["state"])
+    load_weights(path, model)
+    device = next(model.parameters()).device
+    optim_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")}
+    optimizer.load_state_dict(_join_optimizer(optim_tensors, state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    rng = {k.removeprefix("rng/"): v for k, v in tensors.items() if k.startswith("rng/")}
+    return rng, state["progress"]

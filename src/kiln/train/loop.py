@@ -1,0 +1,316 @@
+"""The training loop, readable top to bottom: config -> data + model -> steps -> run directory."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import kiln
+from kiln.config import Config, load_config
+from kiln.data.datasets import Splits, get_dataset
+from kiln.data.images import augment, to_model_input
+from kiln.errors import ConfigError, RunDirError
+from kiln.fsutil import atomic_write_text
+from kiln.nn import KilnModel, build_model
+from kiln.run import Run, RunDir
+from kiln.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
+from kiln.train.metrics import evaluate_split
+from kiln.train.optim import make_optimizer, make_scheduler
+from kiln.train.precision import Precision, pick_device, pick_precision
+from kiln.train.progress import TrainProgress
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill what the data decides (the classifier's class count) so the saved config is complete."""
+    dataset = get_dataset(cfg.data.dataset)
+    blocks = [b.model_copy(update={"classes": dataset.classes}) if b.type == "classifier" and b.classes is None
+              else b for b in cfg.model.blocks]
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"blocks": blocks})})
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The sample order of one epoch: a function of (seed, epoch) alone, so a resumed run repeats it."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps done of the current epoch
+    global_step: int = 0
+    loss_sum: float = 0.0  # over the current epoch's samples so far
+    correct: int = 0
+    seen: int = 0
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the monitored metric last improved
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch train/val metrics
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: RunDir, data: Splits, model: KilnModel, device: torch.device,
+                 precision: Precision, progress_display: TrainProgress) -> None:
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir, self.data, self.model, self.device = run_dir, data, model, device
+        self.precision = precision
+        self.display = progress_display
+        self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
+        self.steps_per_epoch = math.ceil(len(self.train_x) / self.t.batch_size)
+        self.optimizer = make_optimizer(model, self.t.optimizer, device)
+        self.scheduler = make_scheduler(self.optimizer, self.t.schedule, self.t.epochs * self.steps_per_epoch)
+        self.scaler = precision.grad_scaler()
+        self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.state = TrainState()
+        # Penalties apply to weight matrices and kernels, not to biases or normalisation scales.
+        self.penalised = [p for p in model.parameters() if p.dim() > 1]
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state(), "augment": self.aug_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def save(self) -> None:
+        save_checkpoint(self.run_dir / RunDir.LAST, model=self.model, optimizer=self.optimizer,
+                        scheduler=self.scheduler, scaler=self.scaler, rng=self.rng_state(),
+                        progress=self.state.__dict__)
+
+    def restore(self) -> None:
+        rng, progress = load_checkpoint(self.run_dir / RunDir.LAST, model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, scaler=self.scaler)
+        self.state = TrainState(**progress)
+        torch.set_rng_state(rng["torch"])
+        self.aug_gen.set_state(rng["augment"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.run_dir.keep_metrics_until(self.state.global_step)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def penalty(self) -> torch.Tensor | float:
+        total: torch.Tensor | float = 0.0
+        if self.t.l1:
+            total = total + self.t.l1 * sum(p.abs().sum() for p in self.penalised)
+        if self.t.l2:
+            total = total + self.t.l2 * sum(p.square().sum() for p in self.penalised)
+        return total
+
+    def step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_model_input(self.train_x[idx])
+        y = self.train_y[idx]
+        aug = self.cfg.data.augment
+        if aug.shift or aug.rotate or aug.scale:
+            x = augment(x, aug.shift, aug.rotate, aug.scale, self.aug_gen)
+        with self.precision.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.t.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = loss + self.penalty()
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        if self.t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach() * len(idx), (logits.detach().argmax(1) == y).sum()
+
+    # ---- epochs --------------------------------------------------------------------------------
+
+    def run_epoch(self) -> None:
+        s, t = self.state, self.t
+        order = epoch_order(len(self.train_x), self.cfg.seed, s.epoch, self.device)
+        batches = order.split(t.batch_size)
+        # Sums stay on the device; reading them forces a sync, so only every log_every steps.
+        loss_sum = torch.tensor(s.loss_sum, device=self.device)
+        correct = torch.tensor(s.correct, device=self.device)
+        self.display.start_epoch(s.epoch, len(batches), s.step_in_epoch)
+        t0, seen0 = time.perf_counter(), s.seen
+        for i in range(s.step_in_epoch, len(batches)):
+            step_loss, step_correct = self.step(batches[i])
+            loss_sum += step_loss
+            correct += step_correct
+            s.seen += len(batches[i])
+            s.step_in_epoch, s.global_step = i + 1, s.global_step + 1
+            if s.global_step % t.log_every == 0 or i + 1 == len(batches):
+                s.loss_sum, s.correct = loss_sum.item(), int(correct.item())
+                rate = (s.seen - seen0) / max(time.perf_counter() - t0, 1e-9)
+                self.display.update(s.epoch, i + 1, len(batches), s.loss_sum / s.seen, s.correct / s.seen, rate)
+                self.run_dir.append_metrics({"kind": "step", "epoch": s.epoch + 1, "step": s.global_step,
+                                             "loss": s.loss_sum / s.seen, "accuracy": s.correct / s.seen,
+                                             "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate})
+            if s.global_step % t.checkpoint_every == 0 and i + 1 < len(batches):
+                s.loss_sum, s.correct = loss_sum.item(), int(correct.item())
+                s.train_seconds += time.perf_counter() - t0
+                t0, seen0 = time.perf_counter(), s.seen
+                self.save()
+        s.train_seconds += time.perf_counter() - t0
+        self.end_epoch(loss_sum.item() / s.seen, int(correct.item()) / s.seen)
+
+    def end_epoch(self, train_loss: float, train_acc: float) -> None:
+        s = self.state
+        val = evaluate_split(self.model, self.data.val_x, self.data.val_y, batch_size=self.t.eval_batch_size,
+                             device=self.device, precision=self.precision)
+        record = {"kind": "epoch", "epoch": s.epoch + 1, "step": s.global_step, "train_loss": train_loss,
+                  "train_accuracy": train_acc, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                  "lr": self.scheduler.get_last_lr()[0]}
+        s.history.append(record)
+        self.run_dir.append_metrics(record)
+        self.display.end_epoch(
+            f"epoch {s.epoch + 1}/{self.t.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+            f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
+        )
+        self.track_best(record)
+        s.epoch, s.step_in_epoch, s.loss_sum, s.correct, s.seen = s.epoch + 1, 0, 0.0, 0, 0
+        self.save()
+
+    def track_best(self, record: dict[str, Any]) -> None:
+        """Keep the best epoch's weights; count epochs without improvement for early stopping."""
+        s, es = self.state, self.t.early_stopping
+        monitor = es.monitor if es else ("val_loss" if len(self.data.val_x) else "train_loss")
+        value = record[monitor]
+        if math.isnan(value):
+            return
+        sign = 1.0 if monitor.endswith("loss") else -1.0  # lower loss, higher accuracy is better
+        min_delta = es.min_delta if es else 0.0
+        if s.best_value is None or sign * (s.best_value - value) > min_delta:
+            s.best_value, s.best_epoch, s.bad_epochs = value, s.epoch + 1, 0
+            save_weights(self.run_dir / RunDir.BEST, self.model, {"epoch": s.epoch + 1, monitor: value})
+        else:
+            s.bad_epochs += 1
+        if es and s.bad_epochs >= es.patience:
+            s.stopped_early = True
+
+    def fit(self) -> None:
+        while self.state.epoch < self.t.epochs and not self.state.stopped_early:
+            self.run_epoch()
+        if self.state.stopped_early:
+            self.display.log(f"early stopping: no improvement for {self.t.early_stopping.patience} epochs")
+        self.display.close()
+
+
+def _manifest(cfg: Config, data: Splits, device: torch.device, precision: Precision, model: KilnModel) -> dict:
+    return {
+        "kiln": kiln.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "seed": cfg.seed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": precision.name,
+        "precision_reason": precision.reason,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data_checksums": data.checksums,
+        "samples": {"train": len(data.train_x), "val": len(data.val_x), "test": len(data.test_x)},
+        "command": " ".join(sys.argv),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+    }
+
+
+def _check_resumable(run_dir: RunDir, cfg: Config) -> None:
+    if not run_dir.is_run():
+        raise RunDirError(f"--resume: {run_dir.path} is not a kiln run directory")
+    if not (run_dir / RunDir.LAST).is_file():
+        raise RunDirError(f"--resume: {run_dir.path} has no checkpoint yet ({RunDir.LAST}); start it again instead")
+    saved = load_config(run_dir / RunDir.CONFIG).to_dict()
+    new = cfg.to_dict()
+    saved["train"].pop("epochs")
+    new["train"].pop("epochs")
+    if saved != new:
+        diff = [k for k in new if new[k] != saved.get(k)]
+        raise ConfigError(f"--resume: the config differs from the one {run_dir.path} was trained with "
+                          f"(sections: {', '.join(diff)}); only train.epochs may change on resume")
+
+
+def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] | list[str] | None = None, *,
+          out: str | os.PathLike | None = None, resume: bool = False, live: bool | None = None) -> Run:
+    """Train a model from a config and return the finished :class:`Run`.
+
+    Everything is validated (config, model shapes, data files) before anything is written, so a
+    failed start leaves existing files as they were.
+    """
+    cfg = resolve(load_config(config, overrides))
+    run_dir = RunDir(out or Path("runs") / cfg.name)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    precision = pick_precision(cfg.train.precision, device)
+    torch.manual_seed(cfg.seed)
+    dataset = get_dataset(cfg.data.dataset)
+    model = build_model(cfg.blocks, dataset.input_shape).to(device)
+    if resume:
+        _check_resumable(run_dir, cfg)
+    display = TrainProgress(cfg.train.epochs, live=live)
+    data = dataset.load(cfg.data, cfg.seed, progress=display.log)
+    if len(data.train_x) == 0:
+        raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
+
+    if not resume:
+        run_dir.create()
+        atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())
+    manifest = _manifest(cfg, data, device, precision, model)
+    run_dir.write_json(RunDir.MANIFEST, manifest)
+    trainer = Trainer(cfg, run_dir, data, model, device, precision, display)
+    if resume:
+        trainer.restore()
+        atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())
+        display.log(f"resuming {run_dir.path} at epoch {trainer.state.epoch + 1}, step {trainer.state.global_step}")
+    display.log(f"training {cfg.name}: {manifest['parameters']:,} parameters, {len(data.train_x):,} train / "
+                f"{len(data.val_x):,} val samples, device {device}, precision {precision.name} ({precision.reason})")
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        trainer.display.close()
+        trainer.save()
+        raise RunDirError(f"interrupted; the last checkpoint is in {run_dir.path}. Continue with "
+                          f"`kiln train {run_dir / RunDir.CONFIG} --out {run_dir.path} --resume`") from None
+
+    es = cfg.train.early_stopping
+    if es and es.restore_best and (run_dir / RunDir.BEST).is_file():
+        load_weights(run_dir / RunDir.BEST, model)
+    save_weights(run_dir / RunDir.WEIGHTS, model, {"epochs": trainer.state.epoch})
+    test = evaluate_split(model, data.test_x, data.test_y, batch_size=cfg.train.eval_batch_size, device=device,
+                          precision=precision)
+    s = trainer.state
+    last = s.history[-1] if s.history else {}
+    results = {
+        "train": {"loss": last.get("train_loss"), "accuracy": last.get("train_accuracy")},
+        "val": {"loss": last.get("val_loss"), "accuracy": last.get("val_accuracy")},
+        "test": test,
+        "epochs": s.epoch,
+        "best_epoch": s.best_epoch,
+        "stopped_early": s.stopped_early,
+        "train_seconds": round(s.train_seconds, 3),
+    }
+    run_dir.write_json(RunDir.RESULTS, results)
+    run_dir.append_metrics({"kind": "test", "step": s.global_step, **test})
+    run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "completed"})
+    display.log(f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}  ({run_dir.path})")
+    return Run(run_dir, cfg, model.eval(), device)
+
