@@ -157,14 +157,22 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, 
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        hint = (f" (to continue that run: kiln train {path / 'config.yaml'} --out {path} --resume)"
+                if (path / "config.yaml").is_file() else "")
+        raise ConfigError(f"{path} is a directory, not a config file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a UTF-8 text file") from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; a config needs at least a model section")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train), "
                           f"not {type(raw).__name__}")
@@ -179,9 +187,13 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.epochs=3")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            out[key.strip()] = value
+            parsed = value
+        # YAML 1.1 reads yes/no/on/off as booleans; only true/false mean a boolean on the command line.
+        if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+            parsed = value
+        out[key.strip()] = parsed
     return out
 
 
@@ -219,23 +231,40 @@ def validate(raw: dict[str, Any], where: str = "config") -> Config:
         raise ConfigError(format_errors(e, where)) from None
 
 
-def _path(loc: tuple) -> str:
+_TYPE_TAGS = {"int", "float", "str", "bool", "none", "list", "dict", "tuple"}
+
+
+def _is_member_tag(item: object) -> bool:
+    """Names pydantic puts in a location for a union member or a constrained type ("constrained-int")."""
+    return isinstance(item, str) and ("[" in item or item.startswith(("function-", "constrained-"))
+                                      or item in _TYPE_TAGS)
+
+
+def _split_loc(loc: tuple) -> tuple[str, bool]:
+    """A dotted path a user recognises, and whether the error came from one member of a union."""
     parts: list[str] = []
     for i, item in enumerate(loc):
         # Discriminated unions put the block type in the location: model.blocks.3.lstm.units.
         if isinstance(item, str) and i > 0 and isinstance(loc[i - 1], int) and item in BLOCKS:
             continue
-        # Constrained types add names like "function-after[...]" that mean nothing to a user.
-        if isinstance(item, str) and ("[" in item or item.startswith("function-")):
-            continue
+        if _is_member_tag(item):
+            return ".".join(parts) or "(top level)", True
         parts.append(str(item))
-    return ".".join(parts) or "(top level)"
+    return ".".join(parts) or "(top level)", False
+
+
+def _got(value: object) -> str:
+    if isinstance(value, dict | list):
+        return f" (got a {type(value).__name__})"
+    return f" (got {value!r})"
 
 
 def format_errors(error: ValidationError, where: str) -> str:
-    lines = []
+    lines: list[str] = []
+    union_msgs: dict[str, list[str]] = {}  # one line per field for values no member of a union accepts
+    union_input: dict[str, object] = {}
     for err in error.errors(include_url=False):
-        path = _path(err["loc"])
+        path, from_union = _split_loc(err["loc"])
         ctx = err.get("ctx") or {}
         if err["type"] == "unknown_key":
             path = f"{path}.{ctx['key']}" if path != "(top level)" else ctx["key"]
@@ -249,10 +278,20 @@ def format_errors(error: ValidationError, where: str) -> str:
             msg = f"every block needs a type; known: {', '.join(BLOCKS.names())}"
         elif err["type"] == "missing":
             msg = "required field is missing"
-        else:
+        elif err["type"] == "value_error":
             msg = err["msg"].removeprefix("Value error, ")
-            if "input" in err and not isinstance(err["input"], dict | list):
-                msg += f" (got {err['input']!r})"
+        else:
+            msg = err["msg"]
+            if from_union:
+                union_msgs.setdefault(path, []).append(msg[0].lower() + msg[1:])
+                union_input.setdefault(path, err.get("input"))
+                continue
+            if "input" in err:
+                msg += _got(err["input"])
         lines.append(f"{path}: {msg}")
-    head = f"invalid config {where}" if len(lines) == 1 else f"invalid config {where} ({len(lines)} problems)"
+    for path, msgs in union_msgs.items():
+        lines.append(f"{path}: {' or '.join(dict.fromkeys(msgs))}{_got(union_input[path])}")
+    head = "invalid config" + ("" if where == "config" else f" {where}")
+    if len(lines) > 1:
+        head += f" ({len(lines)} problems)"
     return head + ":\n  " + "\n  ".join(lines)

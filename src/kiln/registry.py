@@ -17,8 +17,9 @@ T = TypeVar("T")
 
 def nearest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
     """The closest spelling among ``choices``, or None when nothing is close."""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return match[0] if match else None
+    lowered = {c.lower(): c for c in choices}
+    match = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[match[0]] if match else None
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:

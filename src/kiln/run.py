@@ -50,14 +50,17 @@ class RunDir:
     def is_run(self) -> bool:
         return (self / self.MANIFEST).is_file() and (self / self.CONFIG).is_file()
 
-    def create(self) -> None:
-        """Claim the directory for a new run; never reuse one that holds anything."""
+    def check_new(self) -> None:
+        """Refuse a directory that holds anything: a new run never overwrites files."""
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             what = "a kiln run" if self.is_run() else "files"
             raise RunDirError(
                 f"{self.path} already holds {what}; nothing was changed. Continue it with --resume, "
                 f"or choose another directory with --out"
             )
+
+    def create(self) -> None:
+        self.check_new()
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def read_json(self, name: str) -> dict[str, Any]:

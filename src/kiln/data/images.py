@@ -65,7 +65,7 @@ def read_image_file(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]], axis=None)
     if border.mean() > 127:
         arr = 255 - arr
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(arr.copy())
 
 
 def _read_npy(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:

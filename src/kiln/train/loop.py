@@ -266,6 +266,8 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     model = build_model(cfg.blocks, dataset.input_shape).to(device)
     if resume:
         _check_resumable(run_dir, cfg)
+    else:
+        run_dir.check_new()
     display = TrainProgress(cfg.train.epochs, live=live)
     data = dataset.load(cfg.data, cfg.seed, progress=display.log)
     if len(data.train_x) == 0:

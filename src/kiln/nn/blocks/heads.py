@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import PositiveInt
 from torch import nn
 
+from kiln.errors import ConfigError
 from kiln.nn.base import BlockSpec, Built, Shape, expect
 from kiln.registry import BLOCKS
 
@@ -29,5 +30,5 @@ class Classifier(BlockSpec):
             "reduce to a vector first: `seq_pool` after a sequence, `flatten` after an image",
         )
         if self.classes is None:
-            raise ValueError("classifier.classes must be resolved before building")
+            raise ConfigError("classifier.classes is not set and no data set gave a class count; set classes")
         return Built(nn.Linear(in_shape[0], self.classes), (self.classes,), in_shape[0] * self.classes)

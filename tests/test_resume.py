@@ -1,0 +1,85 @@
+"""A run killed with SIGKILL mid-epoch and resumed ends with the same weights as one never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import kiln
+
+ROOT = Path(__file__).parent.parent
+
+
+def _config(tmp_path: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "examples" / "mnist_seed.yaml").read_text())
+    cfg["data"].update(limit_train=3000, limit_test=500)
+    cfg["data"]["augment"] = {"shift": 0.1}  # its random stream must resume exactly too
+    cfg["model"]["blocks"][5]["dropout"] = 0.1  # and dropout's
+    cfg["train"].update(epochs=2, batch_size=32, checkpoint_every=15, log_every=10,
+                        schedule={"name": "onecycle"}, grad_clip=1.0)
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["state"])["progress"]["global_step"]
+    except Exception:
+        return None
+
+
+def test_kill_mid_epoch_then_resume_matches_uninterrupted(mnist_root, tmp_path):
+    config = _config(tmp_path)
+    reference = kiln.train(config, out=tmp_path / "reference", live=False)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", str(config), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    last = killed / "checkpoints" / "last.safetensors"
+    deadline = time.monotonic() + 120
+    try:
+        while _checkpoint_step(last) is None:
+            assert proc.poll() is None, "training finished before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    step = _checkpoint_step(last)
+    steps_per_epoch = 85  # ceil(2700 / 32)
+    assert 0 < step < 2 * steps_per_epoch and step % steps_per_epoch != 0, "must resume from mid-epoch"
+    assert not (killed / "model.safetensors").exists()
+
+    resumed = kiln.train(config, out=killed, resume=True, live=False)
+
+    ref_w = load_file(str(reference.path / "model.safetensors"))
+    res_w = load_file(str(resumed.path / "model.safetensors"))
+    assert ref_w.keys() == res_w.keys()
+    for name in ref_w:
+        assert (ref_w[name] == res_w[name]).all(), f"{name} differs after resume"
+    assert resumed.metrics["test"] == reference.metrics["test"]
+    epochs = [r for r in resumed.dir.read_metrics() if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2], "metrics.jsonl must hold each epoch once"
+    assert epochs == [r for r in reference.dir.read_metrics() if r["kind"] == "epoch"]
+
+
+def test_resume_refuses_a_changed_config(mnist_root, tmp_path):
+    config = _config(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"].update(epochs=1)
+    cfg["data"].update(limit_train=200, limit_test=100)
+    config.write_text(yaml.safe_dump(cfg))
+    kiln.train(config, out=tmp_path / "run", live=False)
+    with pytest.raises(kiln.ConfigError, match="only train.epochs may change"):
+        kiln.train(config, {"train.batch_size": 16}, out=tmp_path / "run", resume=True, live=False)

@@ -1,0 +1,35 @@
+"""Pieces of training that need no data: schedules, the validation split, checkpoints."""
+
+import pytest
+import torch
+
+from kiln.config import ScheduleConfig
+from kiln.data.datasets import holdout
+from kiln.train.loop import epoch_order
+from kiln.train.optim import SCHEDULES
+
+
+def test_schedules_shape():
+    total = 100
+    const = SCHEDULES.get("constant")(total, ScheduleConfig(name="constant", warmup=0.1))
+    assert const(0) == 0.0 and const(5) == pytest.approx(0.5) and const(50) == 1.0
+    cos = SCHEDULES.get("cosine")(total, ScheduleConfig(name="cosine", final_lr_fraction=0.1))
+    assert cos(0) == 1.0 and cos(50) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
+    one = SCHEDULES.get("onecycle")(total, ScheduleConfig(name="onecycle"))
+    assert one(0) == pytest.approx(1 / 25) and one(25) == 1.0 and one(100) == pytest.approx(0.0)
+    assert max(one(s) for s in range(total)) == 1.0
+
+
+def test_validation_split_is_deterministic_disjoint_and_complete():
+    tr, va = holdout(1000, 0.1, seed=3)
+    tr2, va2 = holdout(1000, 0.1, seed=3)
+    assert torch.equal(tr, tr2) and torch.equal(va, va2)
+    assert len(va) == 100 and len(tr) == 900
+    assert torch.equal(torch.cat([tr, va]).sort().values, torch.arange(1000))
+    assert not torch.equal(holdout(1000, 0.1, seed=4)[1], va)
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    cpu = torch.device("cpu")
+    assert torch.equal(epoch_order(50, 1, 2, cpu), epoch_order(50, 1, 2, cpu))
+    assert not torch.equal(epoch_order(50, 1, 2, cpu), epoch_order(50, 1, 3, cpu))
