@@ -47,3 +47,13 @@ def test_seed_model_matches_design_and_plain_pytorch():
     assert [layer.out_shape for layer in model.layers] == [
         (32, 26, 26), (32, 13, 13), (13, 416), (13, 64), (13, 50), (13, 50), (50,), (10,)
     ]
+
+
+def test_readme_documents_every_block_and_command():
+    from kiln.registry import BLOCKS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in BLOCKS.names():
+        assert f"`{name}`" in readme, f"README's block table lacks {name}"
+    for command in ("kiln train", "kiln evaluate", "kiln predict", "kiln summary", "scripts/test.sh"):
+        assert command in readme
