@@ -288,8 +288,8 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     try:
         trainer.fit()
     except KeyboardInterrupt:
+        # No checkpoint here: the interrupted step may be half applied. The last one is consistent.
         trainer.display.close()
-        trainer.save()
         raise RunDirError(f"interrupted; the last checkpoint is in {run_dir.path}. Continue with "
                           f"`kiln train {run_dir / RunDir.CONFIG} --out {run_dir.path} --resume`") from None
 
