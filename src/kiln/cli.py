@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   kiln train examples/mnist_seed.yaml --set train.epochs=3 --set model.blocks.3.units=128
   kiln evaluate runs/mnist_seed --split test
   kiln predict runs/mnist_seed digit.png other.npy
+  kiln train examples/german_credit.yaml --folds 5
+  kiln predict runs/german_credit rows.csv --out predictions.csv
   kiln summary examples/mnist_seed.yaml
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
 $KILN_CACHE or ~/.cache/kiln."""
@@ -33,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value by its dotted path, e.g. train.epochs=3 (repeatable)")
     t.add_argument("--out", help="run directory (default: runs/<config name>); must not exist unless --resume")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--folds", type=int, metavar="K",
+                   help="k-fold cross-validation: K runs in --out/fold_<k>, then mean and spread of each test metric")
     t.add_argument("--json", action="store_true", help="print the final metrics as JSON")
 
     e = sub.add_parser("evaluate", help="metrics of a trained run on a data split",
@@ -46,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "input size; light backgrounds are inverted) or .npy arrays of pixels "
                                     "(uint8 0..255 or float 0..1).")
     pr.add_argument("run", help="run directory written by `kiln train`")
-    pr.add_argument("files", nargs="+", help="image or .npy files")
+    pr.add_argument("files", nargs="+", help="image or .npy files; for a table run, CSV or Parquet files of rows")
+    pr.add_argument("--out", help="table runs: write the rows with prediction columns to this CSV (default: stdout)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     s = sub.add_parser("summary", help="table of blocks, output shapes, parameters and multiply-adds",
@@ -67,12 +72,32 @@ def _version() -> str:
 def cmd_train(args) -> None:
     import kiln
 
+    if args.folds is not None:
+        _train_folds(args)
+        return
     run = kiln.train(args.config, args.overrides, out=args.out, resume=args.resume)
     test = run.metrics["test"]
     if args.json:
         print(json.dumps({"run": str(run.path), **run.metrics}, indent=2))
-    else:
+    elif "accuracy" in test:
         print(f"test accuracy {test['accuracy'] * 100:.2f}%  test loss {test['loss']:.4f}  run {run.path}")
+    else:
+        print(f"test rmse {test['rmse']:.4g}  mae {test['mae']:.4g}  r2 {test['r2']:.4f}  run {run.path}")
+
+
+def _train_folds(args) -> None:
+    from kiln.train.folds import train_folds
+
+    if args.resume or args.folds < 2:
+        raise KilnError("--folds needs K >= 2 and cannot be combined with --resume")
+    results = train_folds(args.config, args.folds, args.overrides, out=args.out)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{args.folds}-fold cross-validation, test metrics (mean +- std over folds):")
+    for name, m in results["test"].items():
+        if name != "samples":
+            print(f"  {name:10s} {m['mean']:.4f} +- {m['std']:.4f}")
 
 
 def cmd_evaluate(args) -> None:
@@ -81,21 +106,44 @@ def cmd_evaluate(args) -> None:
     metrics = Run.load(args.run).evaluate(args.split)
     if args.json:
         print(json.dumps({"split": args.split, **metrics}))
-    else:
+    elif "accuracy" in metrics:
         print(f"{args.split}: accuracy {metrics['accuracy'] * 100:.2f}%  loss {metrics['loss']:.4f}  "
+              f"({metrics['samples']} samples)")
+    else:
+        print(f"{args.split}: rmse {metrics['rmse']:.4g}  mae {metrics['mae']:.4g}  r2 {metrics['r2']:.4f}  "
               f"({metrics['samples']} samples)")
 
 
 def cmd_predict(args) -> None:
     from kiln.run import Run
 
-    results = Run.load(args.run).predict_files(args.files)
+    run = Run.load(args.run)
+    if run.config.data.dataset == "tabular":
+        _predict_tables(run, args)
+        return
+    results = run.predict_files(args.files)
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for r in results:
         probs = "  ".join(f"{k}:{v:.3f}" for k, v in r["probabilities"].items())
         print(f"{r['file']}: {r['class']} ({r['probability'] * 100:.1f}%)  {probs}")
+
+
+def _predict_tables(run, args) -> None:
+    from kiln.data.table import read_table
+    from kiln.fsutil import atomic_write_text
+
+    if args.json:
+        rows = [r for f in args.files for r in run.predict_table(read_table(Path(f)))]
+        print(json.dumps(rows, indent=2))
+        return
+    text = "".join(run.predict_csv(f) if i == 0 else run.predict_csv(f).split("\n", 1)[1]
+                   for i, f in enumerate(args.files))
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
 
 
 def cmd_summary(args) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 import kiln.nn.blocks  # noqa: F401  (fills the block registry the schema is made from)
 from kiln.errors import ConfigError
@@ -23,6 +23,7 @@ BlockConfig = Annotated[Union[tuple(cls for _, cls in BLOCKS.items())], Field(di
 def _registered(registry, value: str) -> str:
     # Registries of datasets, optimizers and schedules fill on import of their modules.
     import kiln.data.datasets  # noqa: F401
+    import kiln.data.tabular  # noqa: F401
     import kiln.train.optim  # noqa: F401
 
     if value not in registry:
@@ -47,11 +48,26 @@ class DataConfig(StrictModel):
     limit_train: PositiveInt | None = None  # use only the first N training samples (quick experiments)
     limit_test: PositiveInt | None = None
     augment: AugmentConfig = AugmentConfig()
+    # Tables (dataset: tabular). path: a CSV or Parquet file, relative to root, the current directory or $KILN_DATA.
+    path: str | None = None
+    target: str | None = None  # the column to predict
+    task: Literal["auto", "binary", "multiclass", "regression"] = "auto"  # auto: from the target's values
+    positive: str | None = None  # binary: the positive class (default: the rarer one)
+    columns: dict[str, Literal["numeric", "categorical", "boolean", "drop"]] = {}  # overrides of inferred types
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # held out for testing (stratified), unless folds
+    folds: int | None = Field(default=None, ge=2)  # k-fold cross-validation: test on fold `fold` of `folds`
+    fold: int = Field(default=0, ge=0)
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         return _registered(DATASETS, v)
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataConfig:
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"data.fold {self.fold} must be below data.folds ({self.folds}); folds count from 0")
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -90,8 +106,13 @@ class ScheduleConfig(StrictModel):
         return _registered(SCHEDULES, v)
 
 
+MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "val_roc_auc", "val_pr_auc", "val_f1",
+            "val_mae", "val_rmse", "val_r2")
+HIGHER_IS_BETTER = ("accuracy", "roc_auc", "pr_auc", "f1", "r2")  # monitor suffixes; the others are errors
+
+
 class EarlyStoppingConfig(StrictModel):
-    monitor: Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"] = "val_loss"
+    monitor: Literal[MONITORS] = "val_loss"
     patience: PositiveInt = 3  # epochs without improvement before stopping
     min_delta: NonNegativeFloat = 0.0  # smallest change that counts as an improvement
     restore_best: bool = True  # end with the weights of the best epoch
@@ -103,6 +124,9 @@ class TrainConfig(StrictModel):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    class_weights: Literal["auto"] | list[PositiveFloat] | None = None  # auto: inverse class frequency in train
+    threshold_metric: Literal["f1", "accuracy", "balanced_accuracy"] | None = None  # binary: pick the decision
+    # threshold that maximises this metric on the validation split (default: 0.5)
     l1: NonNegativeFloat = 0.0  # penalty on the sum of absolute weights
     l2: NonNegativeFloat = 0.0  # penalty on the sum of squared weights (added to the loss)
     grad_clip: PositiveFloat | None = None  # largest global gradient norm

@@ -8,13 +8,16 @@ Layout of ``runs/<name>/``::
     checkpoints/last.safetensors  weights + optimiser, scheduler, RNG and data-order state (resume)
     checkpoints/best.safetensors  weights of the best validation epoch
     model.safetensors             final weights (best epoch when early stopping restores it)
-    results.json                  final train / val / test metrics
+    results.json                  final train / val / test metrics (and a binary task's decision threshold)
+    preprocessing.json            tables: column types and statistics fitted on the training rows
 
 Every file is written atomically.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,15 @@ import numpy as np
 import torch
 
 from kiln.config import Config, load_config
-from kiln.data.datasets import get_dataset
+from kiln.data.datasets import Dataset, open_dataset
 from kiln.data.images import PIXEL_SCALE, read_image_file
+from kiln.data.table import Table, read_table, rows_to_table
+from kiln.data.tabular import PREPROCESSING, Tabular
 from kiln.errors import KilnError, RunDirError
 from kiln.fsutil import atomic_write_text
 from kiln.nn import KilnModel, build_model
 from kiln.train.checkpoint import load_weights
-from kiln.train.metrics import evaluate_split, predict_proba
+from kiln.train.metrics import model_outputs, probabilities, task_metrics
 
 
 class RunDir:
@@ -37,6 +42,7 @@ class RunDir:
     MANIFEST = "manifest.json"
     METRICS = "metrics.jsonl"
     RESULTS = "results.json"
+    PREPROCESSING = PREPROCESSING
     WEIGHTS = "model.safetensors"
     LAST = "checkpoints/last.safetensors"
     BEST = "checkpoints/best.safetensors"
@@ -111,20 +117,22 @@ def open_run_dir(path: str | Path) -> RunDir:
 class Run:
     """A trained model and everything known about it, read from its run directory alone."""
 
-    def __init__(self, run_dir: RunDir, config: Config, model: KilnModel, device: torch.device) -> None:
+    def __init__(self, run_dir: RunDir, config: Config, model: KilnModel, device: torch.device,
+                 dataset: Dataset | None = None) -> None:
         self.dir = run_dir
         self.path = run_dir.path
         self.config = config
         self.model = model
         self.device = device
-        self.dataset = get_dataset(config.data.dataset)
+        self.dataset = dataset or open_dataset(config.data, config.seed, run_dir.path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Run:
         run_dir = open_run_dir(path)
         config = load_config(run_dir / RunDir.CONFIG)
         device = torch.device(device)
-        model = build_model(config.blocks, get_dataset(config.data.dataset).input_shape).to(device)
+        dataset = open_dataset(config.data, config.seed, run_dir.path)
+        model = build_model(config.blocks, dataset.input_shape).to(device)
         weights = run_dir / RunDir.WEIGHTS
         if not weights.is_file():
             raise RunDirError(
@@ -133,7 +141,7 @@ class Run:
             )
         load_weights(weights, model)
         model.eval()
-        return cls(run_dir, config, model, device)
+        return cls(run_dir, config, model, device, dataset)
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -148,20 +156,48 @@ class Run:
     def class_names(self) -> list[str]:
         return list(self.dataset.class_names)
 
+    @property
+    def threshold(self) -> float:
+        """Binary decision threshold on P(positive class), as chosen on validation in training."""
+        return float(self.metrics.get("threshold", 0.5))
+
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        return model_outputs(self.model, x, self.dataset.to_input, batch_size=self.config.train.eval_batch_size,
+                             device=self.device)
+
     def evaluate(self, split: str = "test", batch_size: int | None = None) -> dict[str, float]:
         if split not in ("train", "val", "test"):
             raise KilnError(f"split must be train, val or test, not {split!r}")
-        data = self.dataset.load(self.config.data, self.config.seed)
-        x, y = data.split(split)
+        x, y = self.dataset.load().split(split)
         if len(x) == 0:
             raise KilnError(f"the {split} split of this run is empty (data.val_fraction is 0?)")
-        return evaluate_split(self.model, x, y, batch_size=batch_size or self.config.train.eval_batch_size,
-                              device=self.device)
+        outputs = model_outputs(self.model, x, self.dataset.to_input,
+                                batch_size=batch_size or self.config.train.eval_batch_size, device=self.device)
+        threshold = self.threshold if self.dataset.task == "binary" else 0.5
+        return task_metrics(self.dataset.task, outputs, y, threshold=threshold, target_scale=self.dataset.target_scale)
 
     def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Class probabilities (N, classes) for images (N, C, H, W) or (N, H, W): uint8 0..255 or float 0..1."""
+        """Class probabilities (N, classes), or for regression values (N,) in the target's units.
+
+        Images: (N, C, H, W) or (N, H, W), uint8 0..255 or float 0..1. Tables: rows as model input (N, features),
+        e.g. from :meth:`rows_input`.
+        """
         x = torch.as_tensor(x)
         shape = self.dataset.input_shape
+        if len(shape) == 3:
+            x = self._as_images(x, shape)
+        elif x.dim() == 1:
+            x = x[None]
+        if tuple(x.shape[1:]) != tuple(shape):
+            raise KilnError(f"predict expects input of shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+        outputs = self.outputs(x)
+        if self.dataset.task == "regression":
+            mean, std = self.dataset.target_scale
+            return outputs[:, 0] * std + mean
+        return probabilities(outputs)
+
+    @staticmethod
+    def _as_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         grey = shape[0] == 1
         if grey and x.dim() == len(shape) - 1:
             x = x[None, None]  # one image (H, W)
@@ -169,12 +205,9 @@ class Run:
             x = x.unsqueeze(1)  # (N, H, W)
         elif x.dim() == len(shape):
             x = x.unsqueeze(0)  # one image (C, H, W)
-        if tuple(x.shape[1:]) != tuple(shape):
-            raise KilnError(f"predict expects images of shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
         if x.is_floating_point():
             x = (x.clamp(0, 1) * PIXEL_SCALE).round().to(torch.uint8)
-        return predict_proba(self.model, x.to(torch.uint8), batch_size=self.config.train.eval_batch_size,
-                             device=self.device)
+        return x.to(torch.uint8)
 
     def predict_files(self, paths: list[str | Path]) -> list[dict[str, Any]]:
         """Read each image or .npy file and predict; one dict per file: file, class, probabilities."""
@@ -186,3 +219,45 @@ class Run:
              "probabilities": {n: round(float(v), 6) for n, v in zip(names, row, strict=True)}}
             for p, row in zip(paths, probs, strict=True)
         ]
+
+    # ---- tables ------------------------------------------------------------------------------------
+
+    def rows_input(self, table: Table) -> torch.Tensor:
+        """Raw table rows to model input with the run's saved preprocessing."""
+        if not isinstance(self.dataset, Tabular):
+            raise KilnError(f"{self.path} was trained on {self.config.data.dataset}, not a table; "
+                            "give it images or .npy files")
+        return self.dataset.prep.transform(table)
+
+    def predict_table(self, table: Table) -> list[dict[str, Any]]:
+        """One dict per row: ``prediction`` and, for classification, ``probability_<class>`` per class.
+        A binary prediction is the positive class when its probability reaches the run's threshold."""
+        out = self.predict(self.rows_input(table))
+        if self.dataset.task == "regression":
+            return [{"prediction": float(v)} for v in out]
+        names = self.class_names
+        results = []
+        for row in out:
+            if self.dataset.task == "binary":
+                label = names[1] if float(row[1]) >= self.threshold else names[0]
+            else:
+                label = names[int(row.argmax())]
+            results.append({"prediction": label,
+                            **{f"probability_{n}": round(float(v), 6) for n, v in zip(names, row, strict=True)}})
+        return results
+
+    def predict_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Predictions for raw rows as a client sends them (column name -> value)."""
+        return self.predict_table(rows_to_table(rows))
+
+    def predict_csv(self, path: str | Path) -> str:
+        """A CSV or Parquet file's rows as CSV text, with the prediction columns appended."""
+        table = read_table(Path(path))
+        predictions = self.predict_table(table)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        names = list(table.columns)
+        writer.writerow(names + list(predictions[0]) if predictions else names)
+        for i, extra in enumerate(predictions):
+            writer.writerow([table.columns[n][i] or "" for n in names] + list(extra.values()))
+        return buffer.getvalue()

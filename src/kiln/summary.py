@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.config import Config
-from kiln.data.datasets import get_dataset
+from kiln.data.datasets import open_dataset
 from kiln.nn import KilnModel, build_model
 from kiln.nn.base import Shape, kind_of
 
@@ -14,8 +14,8 @@ from kiln.nn.base import Shape, kind_of
 def model_of(cfg: Config) -> KilnModel:
     from kiln.train.loop import resolve
 
-    cfg = resolve(cfg)
-    return build_model(cfg.blocks, get_dataset(cfg.data.dataset).input_shape)
+    dataset = open_dataset(cfg.data, cfg.seed)
+    return build_model(resolve(cfg, dataset).blocks, dataset.input_shape)
 
 
 def _shape(shape: Shape) -> str:

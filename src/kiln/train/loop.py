@@ -16,25 +16,33 @@ import torch
 import torch.nn.functional as F
 
 import kiln
-from kiln.config import Config, load_config
-from kiln.data.datasets import Splits, get_dataset
-from kiln.data.images import augment, to_model_input
+from kiln.config import HIGHER_IS_BETTER, Config, load_config
+from kiln.data.datasets import Dataset, Splits, open_dataset
+from kiln.data.images import augment
 from kiln.errors import ConfigError, RunDirError
 from kiln.fsutil import atomic_write_text
 from kiln.nn import KilnModel, build_model
 from kiln.run import Run, RunDir
 from kiln.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
-from kiln.train.metrics import evaluate_split
+from kiln.train.metrics import TASK_METRICS, choose_threshold, model_outputs, task_metrics
 from kiln.train.optim import make_optimizer, make_scheduler
 from kiln.train.precision import Precision, pick_device, pick_precision
 from kiln.train.progress import TrainProgress
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill what the data decides (the classifier's class count) so the saved config is complete."""
-    dataset = get_dataset(cfg.data.dataset)
-    blocks = [b.model_copy(update={"classes": dataset.classes}) if b.type == "classifier" and b.classes is None
-              else b for b in cfg.model.blocks]
+HEADS = {"classifier": ("binary", "multiclass"), "regressor": ("regression",)}
+
+
+def resolve(cfg: Config, dataset: Dataset) -> Config:
+    """Fill what the data decides (class count, a table's column layout) so the saved config is complete."""
+    fill = dataset.block_fields()
+    blocks = []
+    for i, b in enumerate(cfg.model.blocks):
+        if b.type in HEADS and dataset.task not in HEADS[b.type]:
+            head = next(h for h, tasks in HEADS.items() if dataset.task in tasks)
+            raise ConfigError(f"model.blocks.{i} ({b.type}): the task is {dataset.task}; end the model with `{head}`")
+        unset = {k: v for k, v in fill.get(b.type, {}).items() if getattr(b, k) is None}
+        blocks.append(b.model_copy(update=unset) if unset else b)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"blocks": blocks})})
 
 
@@ -63,10 +71,10 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: RunDir, data: Splits, model: KilnModel, device: torch.device,
-                 precision: Precision, progress_display: TrainProgress) -> None:
+    def __init__(self, cfg: Config, run_dir: RunDir, dataset: Dataset, data: Splits, model: KilnModel,
+                 device: torch.device, precision: Precision, progress_display: TrainProgress) -> None:
         self.cfg, self.t = cfg, cfg.train
-        self.run_dir, self.data, self.model, self.device = run_dir, data, model, device
+        self.run_dir, self.dataset, self.data, self.model, self.device = run_dir, dataset, data, model, device
         self.precision = precision
         self.display = progress_display
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
@@ -78,6 +86,8 @@ class Trainer:
         self.state = TrainState()
         # Penalties apply to weight matrices and kernels, not to biases or normalisation scales.
         self.penalised = [p for p in model.parameters() if p.dim() > 1]
+        self.class_weight = class_weights(self.t.class_weights, data.train_y, dataset).to(device) \
+            if self.t.class_weights else None
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -113,14 +123,19 @@ class Trainer:
         return total
 
     def step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_model_input(self.train_x[idx])
+        x = self.dataset.to_input(self.train_x[idx])
         y = self.train_y[idx]
         aug = self.cfg.data.augment
         if aug.shift or aug.rotate or aug.scale:
             x = augment(x, aug.shift, aug.rotate, aug.scale, self.aug_gen)
         with self.precision.autocast():
             logits = self.model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.t.label_smoothing)
+        if self.dataset.task == "regression":
+            loss = F.mse_loss(logits.float()[:, 0], y)
+            correct = torch.zeros((), device=self.device, dtype=torch.long)  # no accuracy for regression
+        else:
+            loss = F.cross_entropy(logits.float(), y, weight=self.class_weight, label_smoothing=self.t.label_smoothing)
+            correct = (logits.detach().argmax(1) == y).sum()
         self.optimizer.zero_grad(set_to_none=True)
         total = loss + self.penalty()
         if self.scaler is not None:
@@ -136,7 +151,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        return loss.detach() * len(idx), (logits.detach().argmax(1) == y).sum()
+        return loss.detach() * len(idx), correct
 
     # ---- epochs --------------------------------------------------------------------------------
 
@@ -170,19 +185,26 @@ class Trainer:
         s.train_seconds += time.perf_counter() - t0
         self.end_epoch(loss_sum.item() / s.seen, int(correct.item()) / s.seen)
 
+    def outputs(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.split(split)
+        return model_outputs(self.model, x, self.dataset.to_input, batch_size=self.t.eval_batch_size,
+                             device=self.device, precision=self.precision), y
+
+    def evaluate(self, split: str, threshold: float = 0.5) -> dict[str, float]:
+        return task_metrics(self.dataset.task, *self.outputs(split), threshold=threshold,
+                            target_scale=self.dataset.target_scale)
+
     def end_epoch(self, train_loss: float, train_acc: float) -> None:
         s = self.state
-        val = evaluate_split(self.model, self.data.val_x, self.data.val_y, batch_size=self.t.eval_batch_size,
-                             device=self.device, precision=self.precision)
+        val = self.evaluate("val")
         record = {"kind": "epoch", "epoch": s.epoch + 1, "step": s.global_step, "train_loss": train_loss,
-                  "train_accuracy": train_acc, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                  "train_accuracy": train_acc,
+                  **{f"val_{k}": v for k, v in val.items() if k in TASK_METRICS[self.dataset.task]},
                   "lr": self.scheduler.get_last_lr()[0]}
         s.history.append(record)
         self.run_dir.append_metrics(record)
-        self.display.end_epoch(
-            f"epoch {s.epoch + 1}/{self.t.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-            f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f}"
-        )
+        self.display.end_epoch(f"epoch {s.epoch + 1}/{self.t.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}"
+                               f"  val {headline(val)}")
         self.track_best(record)
         s.epoch, s.step_in_epoch, s.loss_sum, s.correct, s.seen = s.epoch + 1, 0, 0.0, 0, 0
         self.save()
@@ -191,10 +213,10 @@ class Trainer:
         """Keep the best epoch's weights; count epochs without improvement for early stopping."""
         s, es = self.state, self.t.early_stopping
         monitor = es.monitor if es else ("val_loss" if len(self.data.val_x) else "train_loss")
-        value = record[monitor]
+        value = record.get(monitor, math.nan)
         if math.isnan(value):
             return
-        sign = 1.0 if monitor.endswith("loss") else -1.0  # lower loss, higher accuracy is better
+        sign = -1.0 if monitor.endswith(HIGHER_IS_BETTER) else 1.0
         min_delta = es.min_delta if es else 0.0
         if s.best_value is None or sign * (s.best_value - value) > min_delta:
             s.best_value, s.best_epoch, s.bad_epochs = value, s.epoch + 1, 0
@@ -210,6 +232,24 @@ class Trainer:
         if self.state.stopped_early:
             self.display.log(f"early stopping: no improvement for {self.t.early_stopping.patience} epochs")
         self.display.close()
+
+
+def class_weights(setting: str | list[float], train_y: torch.Tensor, dataset: Dataset) -> torch.Tensor:
+    """Per-class loss weights: as given, or ``auto``: inverse class frequency in the training split (mean 1)."""
+    classes = len(dataset.class_names)
+    if setting == "auto":
+        counts = torch.bincount(train_y, minlength=classes).to(torch.float32)
+        return torch.where(counts > 0, len(train_y) / (classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    if len(setting) != classes:
+        raise ConfigError(f"train.class_weights has {len(setting)} weights but the data set has {classes} classes "
+                          f"({', '.join(dataset.class_names)})")
+    return torch.tensor(setting, dtype=torch.float32)
+
+
+def headline(metrics: dict[str, float]) -> str:
+    """The few metrics a progress line shows."""
+    keys = [k for k in ("loss", "accuracy", "roc_auc", "rmse", "r2") if k in metrics]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
 def _manifest(cfg: Config, data: Splits, device: torch.device, precision: Precision, model: KilnModel) -> dict:
@@ -255,30 +295,35 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     Everything is validated (config, model shapes, data files) before anything is written, so a
     failed start leaves existing files as they were.
     """
-    cfg = resolve(load_config(config, overrides))
+    cfg = load_config(config, overrides)
     run_dir = RunDir(out or Path("runs") / cfg.name)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
+    dataset = open_dataset(cfg.data, cfg.seed, run_dir.path if resume else None)
+    cfg = resolve(cfg, dataset)
+    _check_task_settings(cfg, dataset)
     torch.manual_seed(cfg.seed)
-    dataset = get_dataset(cfg.data.dataset)
     model = build_model(cfg.blocks, dataset.input_shape).to(device)
     if resume:
         _check_resumable(run_dir, cfg)
     else:
         run_dir.check_new()
     display = TrainProgress(cfg.train.epochs, live=live)
-    data = dataset.load(cfg.data, cfg.seed, progress=display.log)
+    data = dataset.load(progress=display.log)
     if len(data.train_x) == 0:
         raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
 
     if not resume:
         run_dir.create()
         atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())
+        dataset.save(run_dir.path)
+    for line in dataset.report():
+        display.log(line)
     manifest = _manifest(cfg, data, device, precision, model)
     run_dir.write_json(RunDir.MANIFEST, manifest)
-    trainer = Trainer(cfg, run_dir, data, model, device, precision, display)
+    trainer = Trainer(cfg, run_dir, dataset, data, model, device, precision, display)
     if resume:
         trainer.restore()
         atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())
@@ -297,14 +342,18 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     if es and es.restore_best and (run_dir / RunDir.BEST).is_file():
         load_weights(run_dir / RunDir.BEST, model)
     save_weights(run_dir / RunDir.WEIGHTS, model, {"epochs": trainer.state.epoch})
-    test = evaluate_split(model, data.test_x, data.test_y, batch_size=cfg.train.eval_batch_size, device=device,
-                          precision=precision)
+    threshold = 0.5
+    if cfg.train.threshold_metric and len(data.val_x):
+        threshold = choose_threshold(*trainer.outputs("val"), cfg.train.threshold_metric)
+    test = trainer.evaluate("test", threshold)
     s = trainer.state
     last = s.history[-1] if s.history else {}
     results = {
         "train": {"loss": last.get("train_loss"), "accuracy": last.get("train_accuracy")},
-        "val": {"loss": last.get("val_loss"), "accuracy": last.get("val_accuracy")},
+        "val": trainer.evaluate("val", threshold),
         "test": test,
+        "task": dataset.task,
+        "threshold": threshold,
         "epochs": s.epoch,
         "best_epoch": s.best_epoch,
         "stopped_early": s.stopped_early,
@@ -313,6 +362,19 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     run_dir.write_json(RunDir.RESULTS, results)
     run_dir.append_metrics({"kind": "test", "step": s.global_step, **test})
     run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "completed"})
-    display.log(f"test loss {test['loss']:.4f}  test accuracy {test['accuracy']:.4f}  ({run_dir.path})")
-    return Run(run_dir, cfg, model.eval(), device)
+    display.log(f"test {headline(test)}  ({run_dir.path})")
+    return Run(run_dir, cfg, model.eval(), device, dataset)
+
+
+def _check_task_settings(cfg: Config, dataset: Dataset) -> None:
+    """Settings that only some tasks have, refused before anything is written."""
+    es, task = cfg.train.early_stopping, dataset.task
+    if es and es.monitor.startswith("val_") and es.monitor[4:] not in TASK_METRICS[task]:
+        raise ConfigError(f"train.early_stopping.monitor: {es.monitor} is not a metric of a {task} task; "
+                          f"choose one of {', '.join('val_' + m for m in TASK_METRICS[task])}")
+    if cfg.train.threshold_metric and task != "binary":
+        raise ConfigError(f"train.threshold_metric applies to binary classification; this task is {task}")
+    if cfg.train.class_weights and task == "regression":
+        raise ConfigError("train.class_weights applies to classification; this task is regression")
+
 

@@ -1,41 +1,127 @@
-"""Evaluation of a classifier over whole in-memory splits: loss and accuracy."""
+"""Evaluation over whole in-memory splits: model outputs in large batches, then the task's metrics.
+
+- multiclass: loss (cross-entropy), accuracy, macro F1
+- binary: also ROC-AUC, PR-AUC (average precision), F1, precision and recall at the decision threshold,
+  log loss and Brier score of the positive class's probability
+- regression: loss (MSE of the standardised target), MAE, RMSE and R2 in the target's own units
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kiln.data.images import to_model_input
+TASK_METRICS = {
+    "multiclass": ("loss", "accuracy", "macro_f1"),
+    "binary": ("loss", "accuracy", "roc_auc", "pr_auc", "f1", "precision", "recall", "log_loss", "brier"),
+    "regression": ("loss", "mae", "rmse", "r2"),
+}
+THRESHOLD_CANDIDATES = 101  # binary decision thresholds tried on validation: 0.00, 0.01, ..., 1.00
 
 
 @torch.inference_mode()
-def evaluate_split(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                   device: torch.device, precision=None) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over ``x`` (stored uint8 images) in large batches."""
-    if len(x) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "samples": 0}
+def model_outputs(model: torch.nn.Module, x: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor], *,
+                  batch_size: int, device: torch.device, precision=None) -> torch.Tensor:
+    """Raw outputs (logits, or standardised values) for stored samples ``x``, float32 on the CPU."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    out = []
     for start in range(0, len(x), batch_size):
-        xb = to_model_input(x[start:start + batch_size].to(device))
-        yb = y[start:start + batch_size].to(device)
+        xb = to_input(x[start:start + batch_size].to(device))
         with precision.autocast() if precision is not None else contextlib.nullcontext():
-            logits = model(xb)
-        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
+            out.append(model(xb).float().cpu())
     model.train(was_training)
-    n = len(x)
-    return {"loss": loss_sum.item() / n, "accuracy": correct.item() / n, "samples": n}
-
-
-@torch.inference_mode()
-def predict_proba(model: torch.nn.Module, x: torch.Tensor, *, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Class probabilities (N, classes) for stored uint8 images (N, C, H, W)."""
-    model.eval()
-    out = [torch.softmax(model(to_model_input(x[s:s + batch_size].to(device))).float(), dim=1).cpu()
-           for s in range(0, len(x), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
+
+
+def probabilities(outputs: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(outputs, dim=1)
+
+
+def task_metrics(task: str, outputs: torch.Tensor, y: torch.Tensor, *, threshold: float = 0.5,
+                 target_scale: tuple[float, float] = (0.0, 1.0)) -> dict[str, float]:
+    """Metrics of outputs (N, C) or (N, 1) against targets (N,). ``target_scale`` (mean, std) undoes the
+    standardisation of regression targets."""
+    n = len(y)
+    if n == 0:
+        return {"loss": float("nan"), "samples": 0}
+    if task == "regression":
+        pred, y = outputs[:, 0].double(), y.double()
+        loss = F.mse_loss(pred, y).item()
+        mean, std = target_scale
+        err = (pred - y).numpy() * std
+        truth = y.numpy() * std + mean
+        ss_tot = float(((truth - truth.mean()) ** 2).sum())
+        return {"loss": loss, "mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())),
+                "r2": 1.0 - float((err ** 2).sum()) / ss_tot if ss_tot else float("nan"), "samples": n}
+    loss = F.cross_entropy(outputs, y, reduction="sum").item() / n
+    if task == "binary":
+        p = probabilities(outputs)[:, 1].double().numpy()
+        t = y.numpy()
+        pred = (p >= threshold).astype(np.int64)
+        tp, fp, fn = int(((pred == 1) & (t == 1)).sum()), int(((pred == 1) & (t == 0)).sum()), \
+            int(((pred == 0) & (t == 1)).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        return {"loss": loss, "accuracy": float((pred == t).mean()), "roc_auc": roc_auc(p, t),
+                "pr_auc": average_precision(p, t), "f1": _f1(tp, fp, fn), "precision": precision, "recall": recall,
+                "log_loss": loss, "brier": float(((p - t) ** 2).mean()), "threshold": threshold, "samples": n}
+    pred = outputs.argmax(1)
+    classes = outputs.shape[1]
+    f1s = [_f1(int(((pred == c) & (y == c)).sum()), int(((pred == c) & (y != c)).sum()),
+               int(((pred != c) & (y == c)).sum())) for c in range(classes) if (y == c).any() or (pred == c).any()]
+    return {"loss": loss, "accuracy": (pred == y).float().mean().item(), "macro_f1": float(np.mean(f1s)),
+            "samples": n}
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def roc_auc(p: np.ndarray, t: np.ndarray) -> float:
+    """Area under the ROC curve: the chance a random positive scores above a random negative (ties count half)."""
+    n_pos, n_neg = int(t.sum()), int(len(t) - t.sum())
+    if not n_pos or not n_neg:
+        return float("nan")
+    _, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct score, ties averaged
+    ranks = mid_rank[inverse]
+    return float((ranks[t == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def average_precision(p: np.ndarray, t: np.ndarray) -> float:
+    """Area under the precision-recall curve as the mean precision at each recall step (scikit-learn's AP)."""
+    if not t.sum():
+        return float("nan")
+    order = np.argsort(-p, kind="mergesort")
+    p, t = p[order], t[order]
+    last_of_score = np.r_[np.nonzero(np.diff(p))[0], len(p) - 1]  # cut points between distinct scores
+    tp = np.cumsum(t)[last_of_score]
+    precision = tp / (last_of_score + 1)
+    recall = tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def choose_threshold(outputs: torch.Tensor, y: torch.Tensor, metric: str) -> float:
+    """The decision threshold on P(positive) in 0.00..1.00 that maximises ``metric`` on these outputs;
+    among equal scores, the one nearest 0.5."""
+    p = probabilities(outputs)[:, 1].double().numpy()
+    t = y.numpy()
+    best, best_score = 0.5, -1.0
+    for threshold in sorted(np.linspace(0, 1, THRESHOLD_CANDIDATES), key=lambda v: abs(v - 0.5)):
+        pred = p >= threshold
+        tp, fp = int((pred & (t == 1)).sum()), int((pred & (t == 0)).sum())
+        fn, tn = int((~pred & (t == 1)).sum()), int((~pred & (t == 0)).sum())
+        if metric == "f1":
+            score = _f1(tp, fp, fn)
+        elif metric == "accuracy":
+            score = (tp + tn) / len(t)
+        else:  # balanced_accuracy
+            score = 0.5 * (tp / max(tp + fn, 1) + tn / max(tn + fp, 1))
+        if score > best_score:
+            best, best_score = float(threshold), score
+    return round(best, 2)

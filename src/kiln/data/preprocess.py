@@ -1,0 +1,298 @@
+"""Table preprocessing: infer each column's type, fit statistics on the training rows, turn rows into tensors.
+
+The fitted :class:`Preprocessing` is plain data saved as JSON in the run directory, so evaluate,
+predict and a server apply exactly what training fitted. Model input is one float vector per row::
+
+    [standardised numeric values ..., is-missing indicators ..., category codes ...]
+
+A category code is 1 + the category's index in the training vocabulary; 0 means "unknown" (a value
+never seen in training). The tabular blocks (:mod:`kiln.nn.blocks.tabular`) read this layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from kiln.data.table import Table
+from kiln.errors import DataError
+from kiln.fsutil import atomic_write_text
+from kiln.registry import did_you_mean
+
+ColumnType = Literal["numeric", "categorical", "boolean", "drop"]
+Task = Literal["binary", "multiclass", "regression"]
+FORMAT = "kiln-tabular-1"
+BOOLEAN_PAIRS = ({"false", "true"}, {"no", "yes"}, {"n", "y"}, {"f", "t"}, {"0", "1"})
+ID_FRACTION = 0.5  # text columns with more distinct values than this fraction of rows are ids or free text
+REGRESSION_MIN_VALUES = 20  # a numeric target with more distinct values than this is a regression target
+
+
+def as_number(text: str) -> float | None:
+    try:
+        value = float(text.replace("_", "x"))  # float() accepts "1_000"; a table cell should not
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def infer_type(values: list[str | None]) -> tuple[ColumnType, str]:
+    """The type of a column from its raw values, and why (shown to the user)."""
+    present = [v for v in values if v is not None]
+    distinct = set(present)
+    if not present:
+        return "drop", "no values"
+    if len(distinct) == 1:
+        return "drop", f"one value only ({present[0]!r})"
+    if {v.lower() for v in distinct} in BOOLEAN_PAIRS:
+        return "boolean", "two values: " + "/".join(sorted(distinct))
+    numbers = sum(as_number(v) is not None for v in distinct)
+    if numbers == len(distinct):
+        return "numeric", f"{len(distinct)} distinct numbers"
+    if numbers >= 0.9 * len(distinct):
+        return "numeric", "mostly numbers"  # the text among them is reported as an error by fit()
+    if len(distinct) > ID_FRACTION * len(present) and len(present) >= 20:
+        return "drop", f"{len(distinct)} distinct texts in {len(present)} rows (an id or free text)"
+    return "categorical", f"{len(distinct)} categories"
+
+
+@dataclass
+class Column:
+    """One input column as fitted on the training rows."""
+
+    name: str
+    type: ColumnType
+    reason: str = ""
+    missing: int = 0  # missing values in the training rows
+    mean: float = 0.0  # numeric and boolean: statistics of the training rows, used to standardise
+    std: float = 1.0
+    indicator: bool = False  # an is-missing input exists (missing values were seen in training)
+    true_value: str | None = None  # boolean: the lowercased text meaning true
+    categories: list[str | None] = field(default_factory=list)  # categorical: training vocabulary
+
+
+@dataclass
+class Target:
+    name: str
+    task: Task
+    classes: list[str] = field(default_factory=list)  # classification; binary: [negative, positive]
+    counts: list[int] = field(default_factory=list)  # training rows per class
+    mean: float = 0.0  # regression: targets are standardised for training
+    std: float = 1.0
+
+
+@dataclass
+class Preprocessing:
+    target: Target
+    columns: list[Column]
+
+    # ---- layout ------------------------------------------------------------------------------------
+
+    @property
+    def numeric(self) -> list[Column]:
+        return [c for c in self.columns if c.type in ("numeric", "boolean")]
+
+    @property
+    def categorical(self) -> list[Column]:
+        return [c for c in self.columns if c.type == "categorical"]
+
+    @property
+    def numeric_inputs(self) -> int:
+        """Inputs before the category codes: standardised values and is-missing indicators."""
+        return len(self.numeric) + sum(c.indicator for c in self.numeric)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        """Per categorical column: its training categories plus one for "unknown"."""
+        return [len(c.categories) + 1 for c in self.categorical]
+
+    @property
+    def input_shape(self) -> tuple[int]:
+        return (self.numeric_inputs + len(self.categorical),)
+
+    # ---- applying ----------------------------------------------------------------------------------
+
+    def transform(self, table: Table) -> torch.Tensor:
+        """Raw rows to model input, float32 (N, features); unseen categories become "unknown"."""
+        for c in self.numeric + self.categorical:
+            if c.name not in table.columns:
+                raise DataError(f"{table.source} has no column {c.name!r}{did_you_mean(c.name, list(table.columns))}, "
+                                f"which the model was trained on; columns given: {', '.join(table.columns)}")
+        values, indicators = [], []
+        for c in self.numeric:
+            x = _numbers(c, table)
+            missing = np.isnan(x)
+            values.append(np.where(missing, 0.0, (x - c.mean) / c.std))  # missing -> the training mean
+            if c.indicator:
+                indicators.append(missing.astype(np.float64))
+        codes = []
+        for c in self.categorical:
+            index = {v: i + 1 for i, v in enumerate(c.categories)}
+            codes.append(np.array([index.get(v, 0) for v in table.columns[c.name]], dtype=np.float64))
+        parts = values + indicators + codes
+        if not parts:
+            return torch.zeros(len(table), 0)
+        return torch.from_numpy(np.stack(parts, axis=1).astype(np.float32))
+
+    def encode_target(self, table: Table) -> torch.Tensor:
+        """Class indices (int64) or standardised values (float32)."""
+        t = self.target
+        raw = _target_values(table, t.name)
+        if t.task == "regression":
+            x = _numbers(Column(t.name, "numeric"), table)
+            return torch.from_numpy(((x - t.mean) / t.std).astype(np.float32))
+        index = {c: i for i, c in enumerate(t.classes)}
+        for i, v in enumerate(raw):
+            if v not in index:
+                raise DataError(f"{table.source}, {table.where[i]}: target column {t.name!r} holds {v!r}, "
+                                f"which is not one of the training classes ({', '.join(t.classes)})")
+        return torch.tensor([index[v] for v in raw], dtype=torch.int64)
+
+    # ---- saving ------------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "target": asdict(self.target),
+                           "columns": [asdict(c) for c in self.columns]}, indent=2) + "\n"
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "preprocessing") -> Preprocessing:
+        try:
+            raw = json.loads(text)
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
+            return cls(Target(**raw["target"]), [Column(**c) for c in raw["columns"]])
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{source} is not a kiln table preprocessing file: {e}") from None
+
+    @classmethod
+    def load(cls, path: Path) -> Preprocessing:
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file") from None
+
+    def describe(self, dropped: list[Column]) -> list[str]:
+        """Lines telling the user what was inferred: types, missing values, class balance."""
+        lines = [f"{c.name}: {c.type} ({c.reason}){f', {c.missing} missing' if c.missing else ''}"
+                 for c in self.columns + dropped]
+        t = self.target
+        if t.task == "regression":
+            lines.append(f"target {t.name}: regression (mean {t.mean:.4g}, std {t.std:.4g})")
+        else:
+            total = sum(t.counts)
+            balance = ", ".join(f"{c} {n} ({n / total:.0%})" for c, n in zip(t.classes, t.counts, strict=True))
+            lines.append(f"target {t.name}: {t.task} classification; training rows {balance}")
+        return lines
+
+
+def fit(table: Table, target: str, task: str, overrides: dict[str, str], positive: str | None
+        ) -> tuple[Preprocessing, list[Column]]:
+    """Infer types (``overrides`` win) and fit statistics on ``table`` (the training rows only).
+
+    Returns the preprocessing and the columns it drops (with the reason, for the report).
+    """
+    check_target(table, target)
+    for name in overrides:
+        if name not in table.columns:
+            raise DataError(f"data.columns.{name}: {table.source} has no column {name!r}"
+                            f"{did_you_mean(name, list(table.columns))}; columns: {', '.join(table.columns)}")
+    kept, dropped = [], []
+    for name, values in table.columns.items():
+        if name == target:
+            continue
+        kind, reason = (overrides[name], "set in data.columns") if name in overrides else infer_type(values)
+        column = _fit_column(Column(name, kind, reason, missing=sum(v is None for v in values)), table)
+        (dropped if kind == "drop" else kept).append(column)
+    return Preprocessing(fit_target(table, target, task, positive), kept), dropped
+
+
+def check_target(table: Table, target: str) -> None:
+    if target not in table.columns:
+        raise DataError(f"data.target: {table.source} has no column {target!r}{did_you_mean(target, list(table.columns))}; "
+                        f"its columns are {', '.join(table.columns)}")
+
+
+def fit_target(table: Table, name: str, task: str, positive: str | None) -> Target:
+    raw = _target_values(table, name)
+    counts = Counter(raw)
+    if len(counts) < 2:
+        raise DataError(f"target column {name!r} of {table.source} has one value only ({raw[0]!r} in all "
+                        f"{len(raw)} rows); a model needs at least two classes (or varying values) to learn from")
+    if task == "auto":
+        numeric = all(as_number(v) is not None for v in counts)
+        task = "regression" if numeric and len(counts) > REGRESSION_MIN_VALUES else (
+            "binary" if len(counts) == 2 else "multiclass")
+    if task == "regression":
+        x = _numbers(Column(name, "numeric"), table)
+        return Target(name, "regression", mean=float(x.mean()), std=float(x.std()) or 1.0)
+    if task == "binary" and len(counts) != 2:
+        raise DataError(f"data.task is binary but target column {name!r} has {len(counts)} classes "
+                        f"({', '.join(sorted(counts)[:10])}); use task: multiclass")
+    classes = sorted(counts)
+    if task == "binary":
+        # The positive class goes last (index 1): the one named, else the rarer one.
+        if positive is not None and positive not in counts:
+            raise DataError(f"data.positive {positive!r} is not a value of target column {name!r} "
+                            f"({', '.join(classes)})")
+        pos = positive or min(classes, key=lambda c: (counts[c], c))
+        classes = [c for c in classes if c != pos] + [pos]
+    return Target(name, task, classes, [counts[c] for c in classes])
+
+
+def _target_values(table: Table, name: str) -> list[str]:
+    check_target(table, name)
+    raw = table.columns[name]
+    for i, v in enumerate(raw):
+        if v is None:
+            raise DataError(f"{table.source}, {table.where[i]}: target column {name!r} is empty; "
+                            "every training row needs a target value (remove the row or fill it)")
+    return raw  # type: ignore[return-value]
+
+
+def _fit_column(c: Column, table: Table) -> Column:
+    if c.type in ("numeric", "boolean"):
+        if c.type == "boolean":
+            distinct = sorted({v.lower() for v in table.columns[c.name] if v is not None})
+            c.true_value = next((t for t in ("true", "yes", "y", "t", "1") if t in distinct), distinct[-1])
+        x = _numbers(c, table)
+        present = x[~np.isnan(x)]
+        c.mean = float(present.mean()) if len(present) else 0.0
+        c.std = float(present.std()) or 1.0 if len(present) else 1.0
+        c.indicator = c.missing > 0
+    elif c.type == "categorical":
+        counts = Counter(table.columns[c.name])
+        c.categories = sorted(counts, key=lambda v: (-counts[v], v is None, v or ""))  # most frequent first
+    return c
+
+
+def _numbers(c: Column, table: Table) -> np.ndarray:
+    """A numeric or boolean column as float64 with NaN for missing; text that is not a number is an error."""
+    out = np.empty(len(table))
+    for i, v in enumerate(table.columns[c.name]):
+        if v is None:
+            out[i] = np.nan
+        elif c.type == "boolean":
+            out[i] = 1.0 if v.lower() == c.true_value else 0.0
+        else:
+            number = as_number(v)
+            if number is None:
+                raise DataError(
+                    f"{table.source}, {table.where[i]}: column {c.name!r} is numeric but holds {v!r}. Fix the value "
+                    f"(leave it empty if it is missing), or declare the column categorical with "
+                    f"`data.columns: {{{c.name}: categorical}}`")
+            out[i] = number
+    return out
+
+
+def summarise(prep: Preprocessing) -> dict[str, Any]:
+    """What the block specs need to know about the input layout (filled into the config by resolve)."""
+    return {"numeric": prep.numeric_inputs, "categories": prep.cardinalities}

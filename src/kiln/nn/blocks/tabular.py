@@ -1,0 +1,157 @@
+"""Table blocks: encoders of a preprocessed row, and the regression head.
+
+A row arrives as one vector (see :mod:`kiln.data.preprocess`): ``numeric`` standardised values and
+is-missing indicators, then one category code per categorical column (0 = unknown, 1.. = categories).
+``numeric`` and ``categories`` (each categorical column's category count, unknown included) are filled
+from the data set's saved preprocessing when the config leaves them unset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import NonNegativeInt, PositiveInt
+from torch import nn
+
+from kiln.errors import ConfigError
+from kiln.nn.base import BlockSpec, Built, Shape, ShapeError, expect
+from kiln.registry import BLOCKS
+
+TABLE_FIX = "table blocks read the preprocessed row vector: put them first, with data.dataset: tabular"
+
+
+def category_codes(x: torch.Tensor, numeric: int, cards: torch.Tensor) -> torch.Tensor:
+    """(B, numeric + n_cat) -> (B, n_cat) int64 codes; a code outside 0..card-1 becomes 0 (unknown)."""
+    codes = x[:, numeric:].round().long()
+    return torch.where((codes >= 0) & (codes < cards), codes, torch.zeros_like(codes))
+
+
+def _offsets(cards: list[int]) -> torch.Tensor:
+    """Start of each column's rows in one shared table: [0, c0, c0+c1, ...]."""
+    return torch.tensor([0, *cards[:-1]], dtype=torch.int64).cumsum(0)
+
+
+class _TableSpec(BlockSpec):
+    numeric: NonNegativeInt | None = None  # numeric inputs (values and missing indicators); from the data
+    categories: list[PositiveInt] | None = None  # category count per categorical column; from the data
+
+    example_input: ClassVar[Shape] = (5,)
+
+    def layout(self, in_shape: Shape) -> tuple[int, list[int]]:
+        expect(self.type, in_shape, ("vector",), TABLE_FIX)
+        if self.numeric is None or self.categories is None:
+            raise ConfigError(f"{self.type}.numeric and .categories are not set and no table data set gave them; "
+                              "use data.dataset: tabular, or set both")
+        if self.numeric + len(self.categories) != in_shape[0]:
+            raise ShapeError(f"{self.type} expects {self.numeric} numeric inputs and {len(self.categories)} "
+                             f"category codes, but the row has {in_shape[0]} values. Fix: {TABLE_FIX}")
+        return self.numeric, list(self.categories)
+
+
+class TableEncoder(nn.Module):
+    def __init__(self, numeric: int, cards: list[int], onehot_max: int, dim: int) -> None:
+        super().__init__()
+        self.numeric = numeric
+        self.register_buffer("cards", torch.tensor(cards, dtype=torch.int64), persistent=False)
+        onehot = [i for i, c in enumerate(cards) if c <= onehot_max]
+        embedded = [i for i, c in enumerate(cards) if c > onehot_max]
+        self.register_buffer("onehot", torch.tensor(onehot, dtype=torch.int64), persistent=False)
+        self.register_buffer("embedded", torch.tensor(embedded, dtype=torch.int64), persistent=False)
+        self.register_buffer("onehot_start", _offsets([cards[i] for i in onehot]), persistent=False)
+        self.register_buffer("embed_start", _offsets([cards[i] for i in embedded]), persistent=False)
+        self.onehot_width = sum(cards[i] for i in onehot)
+        self.embedding = nn.Embedding(sum(cards[i] for i in embedded), dim) if embedded else None
+
+    def forward(self, x):  # (B, numeric + n_cat) -> (B, numeric + onehot_width + n_embedded * dim)
+        codes = category_codes(x, self.numeric, self.cards)
+        parts = [x[:, :self.numeric]]
+        if self.onehot_width:
+            hot = F.one_hot(codes[:, self.onehot] + self.onehot_start, self.onehot_width)  # (B, n_onehot, width)
+            parts.append(hot.sum(1).to(x.dtype))
+        if self.embedding is not None:
+            parts.append(self.embedding(codes[:, self.embedded] + self.embed_start).flatten(1))
+        return torch.cat(parts, dim=1)
+
+
+@BLOCKS.register("tabular_encoder")
+class TabularEncoder(_TableSpec):
+    """A preprocessed table row to one vector: numeric inputs as they are, then each categorical column one-hot
+    (at most ``onehot_max`` categories) or as a learned embedding of ``embed_dim`` values."""
+
+    type: Literal["tabular_encoder"] = "tabular_encoder"
+    onehot_max: NonNegativeInt = 12  # categories (unknown included) up to which a column is one-hot
+    embed_dim: PositiveInt = 8
+
+    example: ClassVar[dict] = {"numeric": 3, "categories": [3, 14], "onehot_max": 4, "embed_dim": 2}
+
+    def build(self, in_shape: Shape) -> Built:
+        numeric, cards = self.layout(in_shape)
+        module = TableEncoder(numeric, cards, self.onehot_max, self.embed_dim)
+        width = numeric + module.onehot_width + sum(c > self.onehot_max for c in cards) * self.embed_dim
+        return Built(module, (width,), 0)
+
+
+class FeatureTokens(nn.Module):
+    """One token per column plus a learned [CLS] token at the end (FT-Transformer's feature tokenizer)."""
+
+    def __init__(self, numeric: int, cards: list[int], width: int) -> None:
+        super().__init__()
+        self.numeric = numeric
+        bound = 1 / math.sqrt(width)  # the FT-Transformer initialisation: uniform in +-1/sqrt(width)
+
+        def table(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+        self.register_buffer("cards", torch.tensor(cards, dtype=torch.int64), persistent=False)
+        self.register_buffer("start", _offsets(cards), persistent=False)
+        self.num_weight = table(numeric, width) if numeric else None
+        self.num_bias = table(numeric, width) if numeric else None
+        self.embedding = nn.Embedding(sum(cards), width) if cards else None
+        if self.embedding is not None:
+            nn.init.uniform_(self.embedding.weight, -bound, bound)
+        self.cat_bias = table(len(cards), width) if cards else None
+        self.cls = table(width)
+
+    def forward(self, x):  # (B, numeric + n_cat) -> (B, numeric + n_cat + 1, width)
+        tokens = []
+        if self.num_weight is not None:
+            tokens.append(x[:, :self.numeric, None] * self.num_weight + self.num_bias)  # (B, numeric, width)
+        if self.embedding is not None:
+            codes = category_codes(x, self.numeric, self.cards)
+            tokens.append(self.embedding(codes + self.start) + self.cat_bias)  # (B, n_cat, width)
+        tokens.append(self.cls.expand(x.shape[0], 1, -1))
+        return torch.cat(tokens, dim=1)
+
+
+@BLOCKS.register("feature_tokenizer")
+class FeatureTokenizer(_TableSpec):
+    """A preprocessed table row to a sequence: one ``width``-wide token per column (numeric: value times a
+    learned vector plus a bias; categorical: an embedding) and a learned summary token last. Follow it with
+    `transformer_encoder` blocks and `seq_pool` (mode: last) for an FT-Transformer."""
+
+    type: Literal["feature_tokenizer"] = "feature_tokenizer"
+    width: PositiveInt = 32
+
+    example: ClassVar[dict] = {"numeric": 3, "categories": [3, 4], "width": 8}
+
+    def build(self, in_shape: Shape) -> Built:
+        numeric, cards = self.layout(in_shape)
+        steps = numeric + len(cards) + 1
+        return Built(FeatureTokens(numeric, cards, self.width), (steps, self.width), numeric * self.width)
+
+
+@BLOCKS.register("regressor")
+class Regressor(BlockSpec):
+    """Linear layer to one predicted value (regression tasks; the target is standardised in training)."""
+
+    type: Literal["regressor"] = "regressor"
+
+    example_input: ClassVar[Shape] = (6,)
+
+    def build(self, in_shape: Shape) -> Built:
+        expect("regressor", in_shape, ("vector",),
+               "reduce to a vector first: `seq_pool` after a sequence, `flatten` after an image")
+        return Built(nn.Linear(in_shape[0], 1), (1,), in_shape[0])
