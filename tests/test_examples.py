@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
+from benchmarks.plain_seed import PlainSeedHybrid
 from kiln.config import load_config
 from kiln.summary import model_of
 
@@ -21,24 +21,6 @@ def test_example_loads_and_builds(path):
     model = model_of(cfg)
     out = model(torch.rand(2, *model.input_shape))
     assert out.shape == (2, *model.output_shape) and model.output_shape[0] in (2, 10)
-
-
-class PlainSeedHybrid(nn.Module):
-    """DESIGN.md's seed_hybrid written directly in PyTorch, to check kiln builds the same model."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 32, 3)
-        self.dense = nn.Linear(13 * 32, 64)
-        self.lstm = nn.LSTM(64, 50, batch_first=True)
-        self.encoder = nn.TransformerEncoderLayer(50, 2, 100, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(50, 10)
-
-    def forward(self, x):
-        x = torch.max_pool2d(torch.relu(self.conv(x)), 2)  # (B, 32, 13, 13)
-        x = x.permute(0, 2, 3, 1).flatten(2)  # (B, 13, 416)
-        x, _ = self.lstm(torch.relu(self.dense(x)))
-        return self.head(self.encoder(x).mean(1))
 
 
 def test_seed_model_matches_design_and_plain_pytorch():

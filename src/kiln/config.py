@@ -132,6 +132,7 @@ class TrainConfig(StrictModel):
     grad_clip: PositiveFloat | None = None  # largest global gradient norm
     early_stopping: EarlyStoppingConfig | None = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    fuse: Literal["auto", "on", "off"] = "auto"  # faster kernels for block patterns (kiln.nn.fuse); auto: on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: PositiveInt | None = None  # CPU threads; default: PyTorch's choice
     eval_batch_size: PositiveInt = 1024

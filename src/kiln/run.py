@@ -33,8 +33,10 @@ from kiln.data.tabular import PREPROCESSING, Tabular
 from kiln.errors import KilnError, RunDirError
 from kiln.fsutil import atomic_write_text
 from kiln.nn import KilnModel, build_model
+from kiln.nn.fuse import fuse
 from kiln.train.checkpoint import load_weights
 from kiln.train.metrics import model_outputs, probabilities, task_metrics
+from kiln.train.precision import pick_fuse
 
 
 class RunDir:
@@ -140,6 +142,8 @@ class Run:
                 f"`kiln train {run_dir / RunDir.CONFIG} --out {run_dir.path} --resume`"
             )
         load_weights(weights, model)
+        if pick_fuse(config.train.fuse, device)[0]:
+            fuse(model)
         model.eval()
         return cls(run_dir, config, model, device, dataset)
 

@@ -26,7 +26,8 @@ from kiln.run import Run, RunDir
 from kiln.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from kiln.train.metrics import TASK_METRICS, choose_threshold, model_outputs, task_metrics
 from kiln.train.optim import make_optimizer, make_scheduler
-from kiln.train.precision import Precision, pick_device, pick_precision
+from kiln.nn.fuse import fuse
+from kiln.train.precision import Precision, pick_device, pick_fuse, pick_precision
 from kiln.train.progress import TrainProgress
 
 
@@ -252,7 +253,8 @@ def headline(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
-def _manifest(cfg: Config, data: Splits, device: torch.device, precision: Precision, model: KilnModel) -> dict:
+def _manifest(cfg: Config, data: Splits, device: torch.device, precision: Precision, model: KilnModel,
+              execution: dict) -> dict:
     return {
         "kiln": kiln.__version__,
         "torch": torch.__version__,
@@ -264,6 +266,7 @@ def _manifest(cfg: Config, data: Splits, device: torch.device, precision: Precis
         "threads": torch.get_num_threads(),
         "precision": precision.name,
         "precision_reason": precision.reason,
+        "execution": execution,
         "parameters": sum(p.numel() for p in model.parameters()),
         "data_checksums": data.checksums,
         "samples": {"train": len(data.train_x), "val": len(data.val_x), "test": len(data.test_x)},
@@ -306,6 +309,8 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     _check_task_settings(cfg, dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.blocks, dataset.input_shape).to(device)
+    use_fuse, fuse_reason = pick_fuse(cfg.train.fuse, device)
+    execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
     if resume:
         _check_resumable(run_dir, cfg)
     else:
@@ -321,7 +326,7 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
         dataset.save(run_dir.path)
     for line in dataset.report():
         display.log(line)
-    manifest = _manifest(cfg, data, device, precision, model)
+    manifest = _manifest(cfg, data, device, precision, model, execution)
     run_dir.write_json(RunDir.MANIFEST, manifest)
     trainer = Trainer(cfg, run_dir, dataset, data, model, device, precision, display)
     if resume:
@@ -330,6 +335,8 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
         display.log(f"resuming {run_dir.path} at epoch {trainer.state.epoch + 1}, step {trainer.state.global_step}")
     display.log(f"training {cfg.name}: {manifest['parameters']:,} parameters, {len(data.train_x):,} train / "
                 f"{len(data.val_x):,} val samples, device {device}, precision {precision.name} ({precision.reason})")
+    for line in execution["fuse"]:
+        display.log(f"fused {line} ({fuse_reason})")
     try:
         trainer.fit()
     except KeyboardInterrupt:

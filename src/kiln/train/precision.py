@@ -48,3 +48,13 @@ def pick_precision(requested: str, device: torch.device) -> Precision:
         return Precision("fp16", "auto: CUDA device without bf16; fp16 with loss scaling", "cuda")
     # Measured on this project's CPUs: eager bf16 autocast is slower than fp32 for small models.
     return Precision("fp32", "auto: CPU, where eager bf16 autocast measured slower than fp32", device.type)
+
+
+def pick_fuse(requested: str, device: torch.device) -> tuple[bool, str]:
+    """Whether to apply kiln.nn.fuse, and why. Its rewrites were measured faster on CPU only; on CUDA,
+    cuDNN's convolutions are left alone."""
+    if requested != "auto":
+        return requested == "on", "set in the config"
+    if device.type == "cpu":
+        return True, "auto: CPU, where the fused kernels measured faster"
+    return False, f"auto: {device.type}, where the fused kernels were not measured"

@@ -1,0 +1,183 @@
+"""Training speed of the seed_hybrid model, side by side: kiln vs a plain eager PyTorch loop vs Keras 3.
+
+Same work for all: 1 epoch (by default) of MNIST's 54,000 training images (kiln's seed-0 split), batch
+64, Adam 1e-3, fp32, then test accuracy on the 10,000 test images. Systems run alternately in fresh
+processes, --reps times each; the table gives min / median / max training-loop seconds per epoch and
+the median ratios. Keras needs benchmarks/setup_keras.sh first (it is skipped, with a note, without it).
+
+    KILN_DATA=../shared/data .venv/bin/python benchmarks/bench_mnist_speed.py --reps 3
+
+Results also go to benchmarks/results/mnist_speed-<timestamp>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+KERAS_PYTHON = HERE / ".venv-keras" / "bin" / "python"
+TRAIN_SAMPLES = 54_000
+
+
+# ---- workers: each runs in its own process and prints one JSON line ----------------------------
+
+def worker_kiln(epochs: int, overrides: list[str]) -> dict:
+    import torch
+
+    import kiln
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = kiln.train(ROOT / "examples" / "mnist_seed.yaml", [f"train.epochs={epochs}", *overrides],
+                         out=Path(tmp) / "run", live=False)
+        m = run.metrics
+        return {"train_seconds": m["train_seconds"], "test_accuracy": m["test"]["accuracy"],
+                "parameters": run.manifest["parameters"], "choices": run.manifest.get("execution", {}),
+                "versions": {"torch": torch.__version__, "kiln": kiln.__version__}}
+
+
+def worker_eager(epochs: int, data_path: str) -> dict:
+    """The loop most PyTorch tutorials write: float tensors, DataLoader, .item() every step."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from benchmarks.plain_seed import PlainSeedHybrid
+
+    data = np.load(data_path)
+    torch.manual_seed(0)
+    model = PlainSeedHybrid()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.from_numpy(data["train_x"]).float().div(255).unsqueeze(1)
+    loader = DataLoader(TensorDataset(x, torch.from_numpy(data["train_y"]).long()), batch_size=64, shuffle=True)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        total = 0.0
+        for xb, yb in loader:
+            loss = torch.nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+    seconds = time.perf_counter() - t0
+    model.eval()
+    with torch.no_grad():
+        tx = torch.from_numpy(data["test_x"]).float().div(255).unsqueeze(1)
+        pred = torch.cat([model(tx[i:i + 1000]).argmax(1) for i in range(0, len(tx), 1000)])
+    acc = (pred == torch.from_numpy(data["test_y"]).long()).float().mean().item()
+    return {"train_seconds": seconds, "test_accuracy": acc, "parameters": sum(p.numel() for p in model.parameters()),
+            "versions": {"torch": torch.__version__}}
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+def hardware() -> dict:
+    info = {"machine": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+        info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def export_data(path: Path) -> None:
+    """The kiln seed-0 split as uint8 arrays, so every system trains on exactly the same samples."""
+    import numpy as np
+
+    from kiln.config import load_config
+    from kiln.data.datasets import get_dataset
+
+    cfg = load_config(ROOT / "examples" / "mnist_seed.yaml")
+    s = get_dataset("mnist").load(cfg.data, cfg.seed)
+    np.savez(path, train_x=s.train_x[:, 0].numpy(), train_y=s.train_y.numpy(),
+             test_x=s.test_x[:, 0].numpy(), test_y=s.test_y.numpy())
+
+
+def run_worker(system: str, epochs: int, data_path: Path, overrides: list[str]) -> dict:
+    if system == "keras":
+        cmd = [str(KERAS_PYTHON), str(HERE / "keras_seed.py"), str(data_path), str(epochs)]
+    else:
+        cmd = [sys.executable, __file__, "--worker", system, "--epochs", str(epochs), "--data", str(data_path),
+               *[a for o in overrides for a in ("--set", o)]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{system} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--systems", default="kiln,eager,keras")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="kiln config override")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        result = worker_kiln(args.epochs, args.overrides) if args.worker == "kiln" else worker_eager(args.epochs, args.data)
+        print(json.dumps(result))
+        return
+
+    systems = args.systems.split(",")
+    if "keras" in systems and not KERAS_PYTHON.exists():
+        print("note: Keras skipped; run benchmarks/setup_keras.sh to include it", file=sys.stderr)
+        systems.remove("keras")
+    results: dict[str, list[dict]] = {s: [] for s in systems}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "mnist_split.npz"
+        export_data(data_path)
+        for rep in range(args.reps):
+            for system in systems:
+                r = run_worker(system, args.epochs, data_path, args.overrides)
+                results[system].append(r)
+                print(f"rep {rep + 1}/{args.reps} {system:6s} {r['train_seconds'] / args.epochs:7.2f} s/epoch  "
+                      f"test acc {r['test_accuracy'] * 100:.2f}%", flush=True)
+
+    hw = hardware()
+    print(f"\nhardware: {hw}")
+    print(f"config: seed_hybrid, {args.epochs} epoch(s) x {TRAIN_SAMPLES:,} samples, batch 64, Adam 1e-3, fp32; "
+          f"kiln overrides: {args.overrides or 'none'}")
+    for system, rs in results.items():
+        print(f"versions[{system}]: {rs[0]['versions']}" + (f"  kiln chose: {rs[0]['choices']}" if rs[0].get("choices") else ""))
+    print(f"\n{'system':8s} {'min s':>7s} {'median s':>9s} {'max s':>7s} {'samples/s':>10s} {'test acc (median)':>18s}")
+    summary = {}
+    for system, rs in results.items():
+        secs = sorted(r["train_seconds"] / args.epochs for r in rs)
+        med = statistics.median(secs)
+        acc = statistics.median(r["test_accuracy"] for r in rs)
+        summary[system] = {"seconds_per_epoch": secs, "median": med, "samples_per_s": TRAIN_SAMPLES / med,
+                           "test_accuracy_median": acc}
+        print(f"{system:8s} {secs[0]:7.2f} {med:9.2f} {secs[-1]:7.2f} {TRAIN_SAMPLES / med:10.0f} {acc * 100:17.2f}%")
+    if "kiln" in summary:
+        for other in summary:
+            if other != "kiln":
+                ratio = summary[other]["median"] / summary["kiln"]["median"]
+                print(f"kiln is {ratio:.2f}x faster than {other} (median epoch time)")
+                summary[f"speedup_vs_{other}"] = ratio
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = out_dir / f"mnist_speed-{stamp}.json"
+    out.write_text(json.dumps({"hardware": hw, "args": vars(args), "results": results, "summary": summary}, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Faster execution of a built model, applied from outside (model code stays plain).
+
+The rewrite keeps every parameter and state-dict key, so weights load either way, and computes
+the same function up to float rounding.
+
+- conv2d (+ReLU) followed by max-pooling, where the convolution sees few values per output
+  (a first layer on grey images: 1 channel x 3 x 3), runs as one matrix multiply over image patches
+  that writes channels-last output; max-pooling reads that layout directly, and the ReLU runs after
+  the pool (max-pooling and ReLU commute) on a quarter of the elements. On this project's 2-core
+  CPUs this front end of the seed model is about 2x faster forward and backward than
+  conv2d -> ReLU -> max_pool2d, mostly from avoiding layout copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.nn.blocks.conv import ConvBlock
+
+MAX_PATCH = 32  # values per convolution output (C * kh * kw) up to which the patch matmul wins
+
+
+class ConvPool(nn.Module):
+    """conv2d (+ReLU) and max-pool as patch matmul -> channels-last max-pool -> ReLU."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool, pool: nn.MaxPool2d) -> None:
+        super().__init__()
+        self.conv = conv  # the same module and name as in ConvBlock: state-dict keys are unchanged
+        self.relu = relu
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, F, H'', W''), channels-last
+        b, c, h, w = x.shape
+        kh, kw = self.conv.kernel_size
+        oh, ow = h - kh + 1, w - kw + 1
+        x = x.contiguous()
+        patches = x.as_strided((b, oh, ow, c, kh, kw), (c * h * w, w, 1, h * w, w, 1))
+        weight = self.conv.weight.reshape(self.conv.out_channels, c * kh * kw)
+        flat = patches.reshape(b * oh * ow, c * kh * kw)
+        y = torch.addmm(self.conv.bias, flat, weight.t()) if self.conv.bias is not None else flat @ weight.t()
+        y = y.view(b, oh, ow, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        y = F.max_pool2d(y, self.pool.kernel_size, self.pool.stride)
+        return torch.relu(y) if self.relu else y
+
+
+def _fusable(conv_block: nn.Module, pool: nn.Module) -> bool:
+    if not isinstance(conv_block, ConvBlock) or not isinstance(pool, nn.MaxPool2d):
+        return False
+    conv = conv_block.conv
+    kh, kw = conv.kernel_size
+    return (
+        isinstance(conv_block.act, nn.ReLU | nn.Identity)
+        and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+        and conv.in_channels * kh * kw <= MAX_PATCH
+        and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+    )
+
+
+def fuse(model: nn.Module) -> list[str]:
+    """Rewrite ``model.blocks`` in place; return a line per rewrite, for the log and the manifest."""
+    done = []
+    blocks = model.blocks
+    for i in range(len(blocks) - 1):
+        if _fusable(blocks[i], blocks[i + 1]):
+            blocks[i] = ConvPool(blocks[i].conv, isinstance(blocks[i].act, nn.ReLU), blocks[i + 1])
+            blocks[i + 1] = nn.Identity()
+            done.append(f"blocks {i}-{i + 1}: conv2d+maxpool2d as patch matmul, channels-last pool, ReLU after pool")
+    return done
