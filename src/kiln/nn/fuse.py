@@ -37,9 +37,11 @@ class ConvPool(nn.Module):
         oh, ow = h - kh + 1, w - kw + 1
         x = x.contiguous()
         patches = x.as_strided((b, oh, ow, c, kh, kw), (c * h * w, w, 1, h * w, w, 1))
-        weight = self.conv.weight.reshape(self.conv.out_channels, c * kh * kw)
+        # A contiguous (C*kh*kw, F) copy of the weight makes autograd compute its gradient as
+        # patches^T @ grad, about 4x faster here than the transposed form it picks for a .t() view.
+        weight = self.conv.weight.reshape(self.conv.out_channels, c * kh * kw).t().contiguous()
         flat = patches.reshape(b * oh * ow, c * kh * kw)
-        y = torch.addmm(self.conv.bias, flat, weight.t()) if self.conv.bias is not None else flat @ weight.t()
+        y = torch.addmm(self.conv.bias, flat, weight) if self.conv.bias is not None else flat @ weight
         y = y.view(b, oh, ow, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         y = F.max_pool2d(y, self.pool.kernel_size, self.pool.stride)
         return torch.relu(y) if self.relu else y
