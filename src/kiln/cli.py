@@ -17,6 +17,8 @@ EXAMPLES = """examples:
   kiln train examples/german_credit.yaml --folds 5
   kiln predict runs/german_credit rows.csv --out predictions.csv
   kiln summary examples/mnist_seed.yaml
+  kiln serve runs/mnist_seed --port 8000
+  kiln export runs/mnist_seed --format onnx
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
 $KILN_CACHE or ~/.cache/kiln."""
 
@@ -60,7 +62,78 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("target", help="YAML config file or run directory")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value before building")
+    _add_serving_commands(sub)
     return p
+
+
+def _add_serving_commands(sub) -> None:
+    sv = sub.add_parser("serve", help="serve a run over HTTP (needs the serve extra)",
+                        description="Serve a trained run: POST /v1/predict, GET /v1/model, /healthz, /readyz, "
+                                    "/metrics, /openapi.json. Concurrent requests share micro-batches.")
+    sv.add_argument("run", help="run directory written by `kiln train`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default: 1)")
+    sv.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                    help="torch, or onnx (ONNX Runtime; run `kiln export RUN` first)")
+    sv.add_argument("--max-batch", type=int, default=64, help="most rows in one forward pass (default: 64)")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0,
+                    help="longest a request waits for others to share its batch (default: 2)")
+    sv.add_argument("--max-instances", type=int, default=256, help="most instances per request (default: 256)")
+    sv.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default: 8)")
+    sv.add_argument("--threads", type=int, default=1, help="intra-op threads of the backend (default: 1)")
+    sv.add_argument("--api-key-env", metavar="NAME",
+                    help="require the API key held in this environment variable (X-API-Key or Bearer)")
+
+    ex = sub.add_parser("export", help="export a run's model (ONNX), checked against PyTorch",
+                        description="Export the run's model to <run>/model.onnx; the file is kept only if its "
+                                    "outputs match PyTorch's on the check data (max abs difference <= tolerance).")
+    ex.add_argument("run", help="run directory written by `kiln train`")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
+    ex.add_argument("--out", help="output file (default: <run>/model.onnx)")
+    ex.add_argument("--check", choices=["test", "val", "train", "random"], default="test",
+                    help="data to compare outputs on (default: test)")
+    ex.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute difference (default: 1e-4)")
+
+    d = sub.add_parser("deploy", help="write a Docker build context and/or Kubernetes manifests",
+                       description="Write a Dockerfile (slim, non-root, HEALTHCHECK) with the run, and/or a "
+                                   "Kubernetes Deployment, Service and HorizontalPodAutoscaler.")
+    d.add_argument("run", help="run directory written by `kiln train`")
+    d.add_argument("--docker", metavar="DIR", help="write the Docker build context here")
+    d.add_argument("--k8s", metavar="DIR", help="write the Kubernetes manifests here")
+    d.add_argument("--image", help="image for the Deployment (default: <run name>:latest)")
+    d.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="serving backend in the image")
+    d.add_argument("--wheel", help="a kiln wheel to install in the image (default: kiln[serve] from the index)")
+
+
+def cmd_serve(args) -> None:
+    from kiln.serve import ServeSettings, serve
+
+    settings = ServeSettings(backend=args.backend, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                             max_instances=args.max_instances, max_body_bytes=int(args.max_body_mb * 2**20),
+                             api_key_env=args.api_key_env, threads=args.threads)
+    serve(args.run, settings, host=args.host, port=args.port, workers=args.workers)
+
+
+def cmd_export(args) -> None:
+    from kiln.export import export_run
+
+    r = export_run(args.run, args.format, out=args.out, check=args.check, tolerance=args.tolerance)
+    print(f"wrote {r['path']}: max abs difference from PyTorch {r['max_abs_diff']:.2e} on {r['samples']} "
+          f"{r['check']} samples (tolerance {r['tolerance']:g})")
+
+
+def cmd_deploy(args) -> None:
+    from kiln.deploy import deploy_docker, deploy_k8s
+
+    if not (args.docker or args.k8s):
+        raise KilnError("give --docker DIR and/or --k8s DIR")
+    if args.docker:
+        deploy_docker(args.run, args.docker, backend=args.backend, wheel=args.wheel)
+        print(f"wrote {args.docker}: docker build -t IMAGE {args.docker}")
+    if args.k8s:
+        deploy_k8s(args.run, args.k8s, image=args.image)
+        print(f"wrote {args.k8s}: kubectl apply -f {args.k8s}")
 
 
 def _version() -> str:
@@ -160,7 +233,8 @@ def cmd_summary(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary}[args.command](args)
+        {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary,
+         "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy}[args.command](args)
     except KilnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

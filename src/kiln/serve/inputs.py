@@ -1,0 +1,179 @@
+"""Request inputs to model batches, one adapter per kind of data set.
+
+An adapter turns what a client sends (JSON instances, uploaded files) into the array a backend
+predicts on, and publishes the JSON schema of one instance for ``/openapi.json``. Adapters are
+found by the run's data set name (``INPUTS``), so tabular and text runs plug in with their own.
+Every check happens here, at the boundary: a bad instance raises ``BadInput`` (answered as a 4xx).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
+
+from kiln.errors import KilnError
+
+
+class BadInput(Exception):
+    """A client's input is wrong; ``where`` names the instance or file, e.g. ``instances.3.pixels``."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+        self.message = message
+
+
+class InputAdapter(Protocol):
+    kind: str
+
+    def instance_model(self) -> type[BaseModel]:
+        """The pydantic model of one JSON instance; its schema goes in the OpenAPI document."""
+
+    def from_instances(self, instances: list[BaseModel]) -> np.ndarray:
+        """Validated instances to one batch for the backend."""
+
+    def from_files(self, files: list[tuple[str, bytes]]) -> np.ndarray:
+        """Uploaded (filename, content) pairs to one batch."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the model takes, for ``GET /v1/model``."""
+
+
+INPUTS: dict[str, Callable[[Any], InputAdapter]] = {}
+
+
+def register_inputs(*dataset_names: str):
+    def wrap(factory):
+        for name in dataset_names:
+            INPUTS[name] = factory
+        return factory
+
+    return wrap
+
+
+def inputs_for(dataset_name: str, dataset: Any) -> InputAdapter:
+    if dataset_name not in INPUTS:
+        raise KilnError(f"serving runs of the {dataset_name!r} data set is not supported yet; "
+                        f"servable data sets: {', '.join(sorted(INPUTS))}")
+    return INPUTS[dataset_name](dataset)
+
+
+# ---- images ------------------------------------------------------------------------------------
+
+MAX_IMAGE_SIDE = 4096  # pixels; larger uploads are refused before decoding (decompression bombs)
+IMAGE_FORMATS = ["PNG", "JPEG"]
+
+
+@register_inputs("mnist")
+class ImageInputs:
+    """Images: pixel arrays in the model's shape, or base64 PNG/JPEG, or uploaded PNG/JPEG files.
+
+    Pixel arrays are (H, W) for one-channel models or (C, H, W), values 0..255 (``scale: uint8``, the
+    default) or 0..1 (``scale: unit``). Encoded images are converted like ``kiln predict`` does: to the
+    model's channels, resized to (H, W), and inverted when the background is light.
+    """
+
+    kind = "image"
+
+    def __init__(self, dataset: Any) -> None:
+        self.shape = tuple(dataset.input_shape)  # (C, H, W)
+        c, h, w = self.shape
+        pixel = Annotated[float, Field(ge=0, le=255)]
+        row = Annotated[list[pixel], Field(min_length=w, max_length=w)]
+        plane = Annotated[list[row], Field(min_length=h, max_length=h)]
+        array = plane if c == 1 else Annotated[list[plane], Field(min_length=c, max_length=c)]
+        layout = f"({h}, {w})" if c == 1 else f"({c}, {h}, {w})"
+        strict = ConfigDict(extra="forbid")
+        self._pixels = create_model(
+            "PixelInstance", __config__=strict,
+            pixels=(array, Field(description=f"pixel values, nested {layout}")),
+            scale=(Literal["uint8", "unit"], Field("uint8", description="uint8: 0..255; unit: 0..1")),
+        )
+        self._encoded = create_model(
+            "EncodedImageInstance", __config__=strict,
+            image_base64=(str, Field(min_length=4, max_length=12 * 2**20, pattern=r"^[A-Za-z0-9+/]+={0,2}$",
+                                     description="a PNG or JPEG file, base64-encoded (standard alphabet)")),
+        )
+
+    def instance_model(self) -> Any:
+        def which(v: Any) -> str | None:
+            if isinstance(v, dict):
+                return "base64-instance" if "image_base64" in v else "pixels-instance"
+            return None
+
+        return Annotated[
+            Annotated[self._pixels, Tag("pixels-instance")] | Annotated[self._encoded, Tag("base64-instance")],
+            Discriminator(which, custom_error_type="instance_type",
+                          custom_error_message="each instance is an object with `pixels` or `image_base64`"),
+        ]
+
+    def from_instances(self, instances: list[BaseModel]) -> np.ndarray:
+        out = np.empty((len(instances), *self.shape), dtype=np.uint8)
+        for i, inst in enumerate(instances):
+            if hasattr(inst, "pixels"):
+                out[i] = self._from_pixels(inst.pixels, inst.scale, f"instances.{i}.pixels")
+            else:
+                out[i] = self._decode(self._b64(inst.image_base64, f"instances.{i}.image_base64"),
+                                      f"instances.{i}.image_base64")
+        return out
+
+    def from_files(self, files: list[tuple[str, bytes]]) -> np.ndarray:
+        out = np.empty((len(files), *self.shape), dtype=np.uint8)
+        for i, (name, data) in enumerate(files):
+            out[i] = self._decode(data, f"files.{i} ({name})")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        c, h, w = self.shape
+        return {"kind": "image", "shape": [c, h, w], "channels": c, "height": h, "width": w,
+                "json": ["pixels (0..255, or 0..1 with scale=unit)", "image_base64 (PNG/JPEG)"],
+                "multipart": "one or more PNG/JPEG files in the form field `files`"}
+
+    def _from_pixels(self, pixels: list, scale: str, where: str) -> np.ndarray:
+        arr = np.asarray(pixels, dtype=np.float64).reshape(self.shape)  # lengths checked by the schema
+        if not np.isfinite(arr).all():
+            raise BadInput(where, "pixel values must be finite numbers")
+        if scale == "unit":
+            if arr.max() > 1.0:
+                raise BadInput(where, f"with scale=unit pixels must be in [0, 1], got a maximum of {arr.max():g}")
+            arr = arr * 255.0
+        return np.rint(arr).astype(np.uint8)
+
+    @staticmethod
+    def _b64(text: str, where: str) -> bytes:
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadInput(where, "not valid base64 (standard alphabet, padded)") from None
+
+    def _decode(self, data: bytes, where: str) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        c, h, w = self.shape
+        try:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+                if max(img.size) > MAX_IMAGE_SIDE:
+                    raise BadInput(where, f"image is {img.size[0]}x{img.size[1]}; the largest side allowed is "
+                                          f"{MAX_IMAGE_SIDE} pixels")
+                img.load()
+                img = img.convert("L" if c == 1 else "RGB")
+                if img.size != (w, h):
+                    img = img.resize((w, h), Image.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+        except BadInput:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            reason = "unknown format" if isinstance(e, UnidentifiedImageError) else str(e)
+            raise BadInput(where, f"not a readable PNG or JPEG image ({reason})") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        # Models trained on MNIST expect a light digit on a dark background (as ``kiln predict`` does).
+        border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]], axis=None)
+        if border.mean() > 127:
+            arr = 255 - arr
+        return arr

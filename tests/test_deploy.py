@@ -1,0 +1,90 @@
+"""kiln deploy: a Dockerfile and Kubernetes manifests that validate against the Kubernetes schemas, and
+a container command that starts the server from the generated layout."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import httpx
+import pytest
+import yaml
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'kiln[serve]'")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+from test_serve_support import Server, free_port, serve_run  # noqa: E402,F401
+
+from kiln.cli import main  # noqa: E402
+from kiln.deploy import UID, k8s_manifests, k8s_name  # noqa: E402
+
+K8S_VERSION = "1.30.0"  # schemas shipped inside kubernetes-validate: no network needed
+
+
+def dockerfile_lines(path):
+    return [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_docker_context(serve_run, tmp_path, capsys):
+    out = tmp_path / "image"
+    assert main(["deploy", str(serve_run), "--docker", str(out)]) == 0
+    lines = dockerfile_lines(out / "Dockerfile")
+    assert lines[0] == "FROM python:3.11-slim"
+    assert f"USER {UID}" in lines and any(line.startswith("HEALTHCHECK") for line in lines)
+    assert any("/healthz" in line for line in lines)
+    copied = {p.name for p in (out / "run").iterdir()}  # model.onnx too when the run was exported
+    assert {"config.yaml", "manifest.json", "model.safetensors", "results.json"} <= copied <= {
+        "config.yaml", "manifest.json", "model.safetensors", "results.json", "model.onnx"}
+    assert "kiln[serve]" in (out / "Dockerfile").read_text()
+    # Never overwrites: a second deploy into the same place is refused.
+    assert main(["deploy", str(serve_run), "--docker", str(out)]) == 2
+    assert "already exist" in capsys.readouterr().err
+
+
+def test_k8s_manifests_validate_against_the_kubernetes_schemas(serve_run, tmp_path):
+    out = tmp_path / "k8s"
+    assert main(["deploy", str(serve_run), "--k8s", str(out), "--image", "registry.example/kiln:1"]) == 0
+    docs = {p.name: yaml.safe_load(p.read_text()) for p in out.glob("*.yaml")}
+    assert set(docs) == {"deployment.yaml", "service.yaml", "hpa.yaml"}
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any schema violation
+    pod = docs["deployment.yaml"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "registry.example/kiln:1"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    assert c["securityContext"]["runAsNonRoot"] and c["securityContext"]["runAsUser"] == UID
+    assert docs["hpa.yaml"]["spec"]["scaleTargetRef"]["name"] == docs["deployment.yaml"]["metadata"]["name"]
+    assert docs["service.yaml"]["spec"]["selector"] == docs["deployment.yaml"]["spec"]["selector"]["matchLabels"]
+
+
+def test_the_validator_catches_a_broken_manifest():
+    deployment = k8s_manifests("x", "img")["deployment.yaml"]
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    assert k8s_name("MNIST_seed.v2") == "mnist-seed-v2"
+
+
+def test_container_command_starts_the_server_from_the_generated_layout(serve_run, tmp_path):
+    out = tmp_path / "image"
+    assert main(["deploy", str(serve_run), "--docker", str(out)]) == 0
+    text = (out / "Dockerfile").read_text()
+    workdir = next(line.split()[1] for line in text.splitlines() if line.startswith("WORKDIR"))
+    assert workdir == "/app"
+    entrypoint = json.loads(next(line for line in text.splitlines() if line.startswith("ENTRYPOINT"))[11:])
+    assert entrypoint[:3] == ["kiln", "serve", "run"]
+    # Run the image's command with the build context standing in for /app, on a free loopback port.
+    port = free_port()
+    args = entrypoint[1:]
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--host") + 1] = "127.0.0.1"
+    server = Server(serve_run, command=[sys.executable, "-m", "kiln", *args], cwd=out)
+    server.port, server.url = port, f"http://127.0.0.1:{port}"
+    try:
+        server.wait_ready()
+        assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+        resp = httpx.post(server.url + "/v1/predict", json={"instances": [{"pixels": [[0] * 28] * 28}]})
+        assert resp.status_code == 200 and resp.json()["model"]["name"] == "mnist_seed"
+    finally:
+        server.stop()

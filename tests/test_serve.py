@@ -1,0 +1,278 @@
+"""kiln serve: the HTTP API on a real trained run, every bad-request class, batching, auth, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib
+import io
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'kiln[serve]'")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from test_serve_support import Server, exported_run, mnist_test_images, serve_run  # noqa: E402,F401
+
+import kiln  # noqa: E402
+from kiln.cli import main  # noqa: E402
+from kiln.serve import create_app  # noqa: E402
+from kiln.serve.batcher import MicroBatcher  # noqa: E402
+
+
+def png_bytes(image: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(serve_run):
+    with TestClient(create_app(serve_run, max_instances=64, max_body_bytes=2 * 2**20)) as c:
+        yield c
+
+
+def test_health_ready_model_and_metrics(client, serve_run):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    info = client.get("/v1/model").json()
+    assert info["name"] == "mnist_seed" and info["dataset"] == "mnist" and info["backend"] == "torch"
+    assert info["inputs"]["shape"] == [1, 28, 28] and info["outputs"]["classes"] == [str(d) for d in range(10)]
+    assert info["metrics"]["test"] == kiln.Run.load(serve_run).metrics["test"]
+    assert info["parameters"] == 71_268 and len(info["version"]) == 12
+    client.post("/v1/predict", json={"instances": [{"pixels": [[0] * 28] * 28}]})
+    text = client.get("/metrics").text
+    assert 'kiln_requests_total{code="200",route="/v1/predict"}' in text
+    assert "kiln_request_duration_seconds_bucket" in text and "kiln_batch_size_count" in text
+
+
+def test_openapi_schema_comes_from_the_run(client):
+    spec = client.get("/openapi.json").json()
+    pixels = spec["components"]["schemas"]["PixelInstance"]["properties"]["pixels"]
+    assert pixels["minItems"] == pixels["maxItems"] == 28
+    assert pixels["items"]["minItems"] == 28 and pixels["items"]["items"]["maximum"] == 255
+    body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+
+
+def test_predictions_match_run_predict_in_every_input_form(client, serve_run, mnist_root):
+    images, labels = mnist_test_images(32)
+    expected = kiln.Run.load(serve_run).predict(images).numpy()
+
+    def probs(resp):
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["model"]["name"] == "mnist_seed"
+        return np.array([[p["probabilities"][str(d)] for d in range(10)] for p in body["predictions"]])
+
+    as_uint8 = client.post("/v1/predict", json={"instances": [{"pixels": im.tolist()} for im in images]})
+    np.testing.assert_allclose(probs(as_uint8), expected, atol=2e-6)
+    as_unit = client.post("/v1/predict", json={"instances": [{"pixels": (im / 255).tolist(), "scale": "unit"}
+                                                             for im in images[:4]]})
+    np.testing.assert_allclose(probs(as_unit), expected[:4], atol=2e-6)
+    as_b64 = client.post("/v1/predict", json={"instances": [{"image_base64": base64.b64encode(png_bytes(im)).decode()}
+                                                            for im in images[:4]]})
+    np.testing.assert_allclose(probs(as_b64), expected[:4], atol=2e-6)
+    files = [("files", (f"d{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(images[:4])]
+    np.testing.assert_allclose(probs(client.post("/v1/predict", files=files)), expected[:4], atol=2e-6)
+    # A scanned-looking JPEG (dark digit on light paper, larger, colour) is converted like `kiln predict` does.
+    scan = np.stack([255 - np.asarray(Image.fromarray(images[0]).resize((84, 84)))] * 3, axis=-1)
+    jpeg = client.post("/v1/predict", files=[("files", ("scan.jpg", png_bytes(scan, "JPEG"), "image/jpeg"))])
+    assert jpeg.json()["predictions"][0]["index"] == int(expected[0].argmax())
+    top = [p["index"] for p in as_uint8.json()["predictions"]]
+    assert top == expected.argmax(1).tolist()
+
+
+GOOD = [[0] * 28] * 28
+
+
+def bad_requests(client):
+    """(name, response, expected status, expected error code) for each class of client mistake."""
+    big = client.app.state.kiln["settings"].max_body_bytes
+    post = client.post
+    yield "invalid JSON", post("/v1/predict", content=b'{"instances": [', headers={"content-type": "application/json"}), 400, "invalid_json"
+    yield "not an object", post("/v1/predict", json=[1, 2]), 422, "invalid_request"
+    yield "missing instances", post("/v1/predict", json={}), 422, "invalid_request"
+    yield "empty instances", post("/v1/predict", json={"instances": []}), 422, "invalid_request"
+    yield "unknown key", post("/v1/predict", json={"instances": [{"pixels": GOOD}], "x": 1}), 422, "invalid_request"
+    yield "instance not an object", post("/v1/predict", json={"instances": [7]}), 422, "invalid_request"
+    yield "wrong shape", post("/v1/predict", json={"instances": [{"pixels": [[0] * 27] * 28}]}), 422, "invalid_request"
+    yield "flat pixels", post("/v1/predict", json={"instances": [{"pixels": [0] * 784}]}), 422, "invalid_request"
+    yield "wrong type", post("/v1/predict", json={"instances": [{"pixels": [["a"] * 28] * 28}]}), 422, "invalid_request"
+    yield "pixel over 255", post("/v1/predict", json={"instances": [{"pixels": [[256] * 28] * 28}]}), 422, "invalid_request"
+    yield "negative pixel", post("/v1/predict", json={"instances": [{"pixels": [[-1] * 28] * 28}]}), 422, "invalid_request"
+    yield "unit scale over 1", post("/v1/predict", json={"instances": [{"pixels": [[2] * 28] * 28, "scale": "unit"}]}), 422, "invalid_input"
+    yield "unknown scale", post("/v1/predict", json={"instances": [{"pixels": GOOD, "scale": "big"}]}), 422, "invalid_request"
+    yield "not base64 characters", post("/v1/predict", json={"instances": [{"image_base64": "!!!!"}]}), 422, "invalid_request"
+    yield "bad base64 padding", post("/v1/predict", json={"instances": [{"image_base64": "abcde"}]}), 422, "invalid_input"
+    yield "base64 not an image", post("/v1/predict", json={"instances": [{"image_base64": base64.b64encode(b"hello").decode()}]}), 422, "invalid_input"
+    gif = io.BytesIO()
+    Image.new("L", (28, 28)).save(gif, format="GIF")
+    yield "GIF is not PNG/JPEG", post("/v1/predict", json={"instances": [{"image_base64": base64.b64encode(gif.getvalue()).decode()}]}), 422, "invalid_input"
+    huge = png_bytes(np.zeros((5000, 10), dtype=np.uint8))
+    yield "image too large", post("/v1/predict", files=[("files", ("h.png", huge, "image/png"))]), 422, "invalid_input"
+    truncated = png_bytes(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))[:200]
+    yield "truncated PNG upload", post("/v1/predict", files=[("files", ("t.png", truncated, "image/png"))]), 422, "invalid_input"
+    yield "too many instances", post("/v1/predict", json={"instances": [{"pixels": GOOD}] * 65}), 422, "too_many_instances"
+    yield "too many files", post("/v1/predict", files=[("files", (f"{i}.png", b"x", "image/png")) for i in range(65)]), 422, "too_many_instances"
+    yield "body too large", post("/v1/predict", content=b" " * (big + 1), headers={"content-type": "application/json"}), 413, "body_too_large"
+
+    def chunks():
+        for _ in range(big // 65536 + 2):
+            yield b" " * 65536
+    yield "chunked body too large", post("/v1/predict", content=chunks(), headers={"content-type": "application/json"}), 413, "body_too_large"
+    yield "no content type", post("/v1/predict", content=b"{}"), 415, "unsupported_media_type"
+    yield "text content type", post("/v1/predict", content=b"1", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"
+    form = {"content-type": "multipart/form-data; boundary=b"}
+    field = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\n1\r\n--b--\r\n'
+    yield "multipart without files", post("/v1/predict", content=field, headers=form), 422, "invalid_request"
+    yield "empty multipart", post("/v1/predict", content=b"--b--\r\n", headers=form), 422, "invalid_request"
+    yield "multipart text field as files", post("/v1/predict", data={"files": "abc"}, files=[("other", ("a", b"", "x/y"))]), 422, "invalid_request"
+    yield "broken multipart", post("/v1/predict", content=b"--b\r\nxx", headers={"content-type": "multipart/form-data"}), 400, "invalid_multipart"
+    yield "unknown route", client.get("/v2/nothing"), 404, "not_found"
+    yield "wrong method", client.get("/v1/predict"), 405, "method_not_allowed"
+
+
+def test_every_bad_request_is_a_4xx_json_error_and_the_server_keeps_serving(client):
+    seen = []
+    for name, resp, status, code in bad_requests(client):
+        assert resp.status_code == status, (name, resp.status_code, resp.text[:300])
+        err = resp.json()["error"]
+        assert err["code"] == code and err["message"], (name, err)
+        seen.append(name)
+        ok = client.post("/v1/predict", json={"instances": [{"pixels": GOOD}]})
+        assert ok.status_code == 200, f"after {name}: {ok.text[:200]}"
+    assert len(seen) == 31
+    assert "kiln_request_errors_total{code=\"internal\"}" not in client.get("/metrics").text
+
+
+def test_error_messages_say_what_is_wrong(client):
+    err = client.post("/v1/predict", json={"instances": [{"pixels": [[0] * 27] * 28}]}).json()["error"]
+    assert err["details"][0]["loc"] == "instances.0.pixels.0" and "28" in err["details"][0]["msg"]
+    err = client.post("/v1/predict", json={"instances": [{"image_base64": "aGk="}]}).json()["error"]
+    assert "instances.0.image_base64" in err["message"] and "PNG or JPEG" in err["message"]
+
+
+def test_api_key(serve_run, monkeypatch):
+    monkeypatch.setenv("KILN_TEST_KEY", "s3cret")
+    with TestClient(create_app(serve_run, api_key_env="KILN_TEST_KEY")) as c:
+        body = {"instances": [{"pixels": GOOD}]}
+        assert c.post("/v1/predict", json=body).status_code == 401
+        wrong = c.post("/v1/predict", json=body, headers={"x-api-key": "nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
+        assert c.post("/v1/predict", json=body, headers={"x-api-key": "s3cret"}).status_code == 200
+        assert c.get("/v1/model", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/v1/model").status_code == 401
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # probes stay open
+        assert "apiKey" in c.get("/openapi.json").json()["components"]["securitySchemes"]
+    monkeypatch.delenv("KILN_TEST_KEY")
+    with pytest.raises(kiln.KilnError, match="KILN_TEST_KEY"):
+        create_app(serve_run, api_key_env="KILN_TEST_KEY")
+
+
+def test_onnx_backend_matches_torch(tmp_path_factory, mnist_root):
+    run = exported_run(tmp_path_factory)
+    images, _ = mnist_test_images(16)
+    body = {"instances": [{"pixels": im.tolist()} for im in images]}
+    with TestClient(create_app(run, backend="onnx")) as c:
+        resp = c.post("/v1/predict", json=body).json()
+        assert resp["model"]["backend"] == "onnx"
+    got = np.array([[p["probabilities"][str(d)] for d in range(10)] for p in resp["predictions"]])
+    np.testing.assert_allclose(got, kiln.Run.load(run).predict(images).numpy(), atol=1e-5)
+
+
+class _SlowBackend:
+    def __init__(self):
+        self.batches = []
+
+    def start(self):
+        pass
+
+    def predict(self, x):
+        self.batches.append(len(x))
+        time.sleep(0.01)
+        return x.reshape(len(x), -1)[:, :2].astype(np.float32)
+
+
+def test_micro_batcher_groups_concurrent_requests_and_keeps_order():
+    backend = _SlowBackend()
+    batcher = MicroBatcher(backend, max_batch=16, max_wait_s=0.005)
+    batcher.start()
+
+    async def many():
+        reqs = [np.full((1 + i % 3, 1, 2, 2), i, dtype=np.uint8) for i in range(40)]
+        outs = await asyncio.gather(*(batcher.predict(r) for r in reqs))
+        for i, (r, o) in enumerate(zip(reqs, outs, strict=True)):
+            assert o.shape == (len(r), 2) and (o == i).all()
+
+    try:
+        asyncio.run(many())
+    finally:
+        batcher.stop()
+    assert sum(backend.batches) == sum(1 + i % 3 for i in range(40))
+    assert len(backend.batches) < 20 and max(backend.batches) <= 16 + 2  # grouped; one request is never split
+
+
+def test_batch_of_one_waits_at_most_max_wait():
+    backend = _SlowBackend()
+    batcher = MicroBatcher(backend, max_batch=64, max_wait_s=0.002)
+    batcher.start()
+    try:
+        start = time.perf_counter()
+        asyncio.run(batcher.predict(np.zeros((1, 1, 2, 2), dtype=np.uint8)))
+        assert time.perf_counter() - start < 0.01 + 0.002 + 0.05
+    finally:
+        batcher.stop()
+
+
+def test_real_server_batches_under_load_and_shuts_down_gracefully(serve_run):
+    import httpx
+
+    server = Server(serve_run, "--max-wait-ms", "1000", "--max-batch", "64").wait_ready()
+    try:
+        results = []
+
+        def call():
+            results.append(httpx.post(server.url + "/v1/predict", json={"instances": [{"pixels": GOOD}]},
+                                      timeout=30).status_code)
+
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while "kiln_queue_rows 8" not in httpx.get(server.url + "/metrics").text:
+            assert time.monotonic() < deadline, "the eight requests never queued together"
+            time.sleep(0.02)
+        code, out = server.stop()  # SIGTERM while all eight wait for their shared batch
+        for t in threads:
+            t.join(timeout=30)
+        assert results == [200] * 8, (results, out)
+        # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit status is the signal's.
+        assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out
+    finally:
+        server.stop()
+
+
+def test_serve_without_the_extra_says_how_to_install(monkeypatch):
+    for name in list(sys.modules):
+        if name == "kiln.serve" or name.startswith("kiln.serve."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(kiln.KilnError, match=r"pip install 'kiln\[serve\]'"):
+        importlib.import_module("kiln.serve")
+
+
+def test_cli_errors_are_one_line_exit_2(serve_run, tmp_path, capsys):
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "not a kiln run directory" in capsys.readouterr().err
+    assert main(["serve", str(serve_run), "--backend", "onnx", "--port", "1", "--max-batch", "0"]) == 2
+    assert "max_batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--max-wait-ms" in capsys.readouterr().out
