@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,11 +35,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---- the plain baseline server (run as a subprocess: --plain-server RUN PORT) ------------------
 
 
+class PlainInstance(BaseModel):
+    pixels: list[list[float]]
+
+
+class PlainRequest(BaseModel):  # at module level: FastAPI resolves the (string) annotation from here
+    instances: list[PlainInstance]
+
+
 def plain_server(run_dir: str, port: int) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
-    from pydantic import BaseModel
 
     import kiln
 
@@ -46,14 +54,8 @@ def plain_server(run_dir: str, port: int) -> None:
     run = kiln.Run.load(run_dir)
     app = FastAPI()
 
-    class Instance(BaseModel):
-        pixels: list[list[float]]
-
-    class Request(BaseModel):
-        instances: list[Instance]
-
     @app.post("/v1/predict")
-    def predict(req: Request):  # sync: FastAPI runs it on its thread pool, one model call per request
+    def predict(req: PlainRequest):  # sync: FastAPI runs it on its thread pool, one model call per request
         x = torch.tensor([inst.pixels for inst in req.instances], dtype=torch.float32).round().to(torch.uint8)
         probs = run.predict(x)
         return {"predictions": [{"index": int(p.argmax()), "probabilities": p.tolist()} for p in probs]}
