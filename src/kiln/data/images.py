@@ -39,13 +39,26 @@ def augment(x: torch.Tensor, shift: float, rotate: float, scale: float, gen: tor
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def read_image_file(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """An image file (PNG/JPEG/...) or a .npy array, as uint8 (C, H, W) in the model's input shape.
+def fit_image(img, shape: tuple[int, int, int]) -> np.ndarray:
+    """A decoded PIL image as uint8 (C, H, W) in the model's input shape.
 
-    Colour images are converted to grey for 1-channel models and resized to (H, W). MNIST-style models
-    expect a light digit on a dark background: an image whose border is mostly light is inverted.
+    Colour images become grey for 1-channel models and every image is resized to (H, W). MNIST-style
+    models expect a light digit on a dark background: an image whose border is mostly light is inverted.
     """
+    from PIL import Image
+
     c, h, w = shape
+    img = img.convert("L" if c == 1 else "RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]], axis=None)
+    return 255 - arr if border.mean() > 127 else np.ascontiguousarray(arr)
+
+
+def read_image_file(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
+    """An image file (PNG/JPEG/...) or a .npy array, as uint8 (C, H, W) in the model's input shape."""
     if path.suffix.lower() == ".npy":
         return _read_npy(path, shape)
     from PIL import Image, UnidentifiedImageError
@@ -53,18 +66,11 @@ def read_image_file(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             img.load()
-            img = img.convert("L" if c == 1 else "RGB")
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = fit_image(img, shape)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{path} is not a readable image (PNG, JPEG, ...) or .npy array: {e}") from None
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]], axis=None)
-    if border.mean() > 127:
-        arr = 255 - arr
     return torch.from_numpy(arr.copy())
 
 

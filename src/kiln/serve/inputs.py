@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
+from kiln.data.images import fit_image
 from kiln.errors import KilnError
 
 
@@ -155,25 +156,15 @@ class ImageInputs:
     def _decode(self, data: bytes, where: str) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
-        c, h, w = self.shape
         try:
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
                 if max(img.size) > MAX_IMAGE_SIDE:
                     raise BadInput(where, f"image is {img.size[0]}x{img.size[1]}; the largest side allowed is "
                                           f"{MAX_IMAGE_SIDE} pixels")
                 img.load()
-                img = img.convert("L" if c == 1 else "RGB")
-                if img.size != (w, h):
-                    img = img.resize((w, h), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
+                return fit_image(img, self.shape)  # the same conversion as `kiln predict`
         except BadInput:
             raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             reason = "unknown format" if isinstance(e, UnidentifiedImageError) else str(e)
             raise BadInput(where, f"not a readable PNG or JPEG image ({reason})") from None
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-        # Models trained on MNIST expect a light digit on a dark background (as ``kiln predict`` does).
-        border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]], axis=None)
-        if border.mean() > 127:
-            arr = 255 - arr
-        return arr
