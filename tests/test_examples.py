@@ -8,9 +8,18 @@ import torch
 
 from benchmarks.plain_seed import PlainSeedHybrid
 from kiln.config import load_config
+from kiln.data.text import TEXT_DATASETS, find_text
+from kiln.errors import DataError
 from kiln.summary import model_of
 
 EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
+
+
+def find_text_or_none(path, root):
+    try:
+        return find_text(path, root)
+    except DataError:
+        return None
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -18,6 +27,13 @@ def test_example_loads_and_builds(path):
     cfg = load_config(path)
     if cfg.data.dataset == "tabular" and not (Path(os.environ.get("KILN_DATA", "/nonexistent")) / cfg.data.path).is_file():
         pytest.skip(f"{path.name}: its table {cfg.data.path} is not under $KILN_DATA (the model's shape comes from it)")
+    if cfg.data.dataset in TEXT_DATASETS:
+        if not find_text_or_none(cfg.data.path, cfg.data.root):
+            pytest.skip(f"{path.name}: its text {cfg.data.path} is not found (the vocabulary comes from it)")
+        model = model_of(cfg)
+        out = model(torch.randint(0, 2, (2, *model.input_shape)))
+        assert out.shape == (2, *model.output_shape)
+        return
     model = model_of(cfg)
     out = model(torch.rand(2, *model.input_shape))
     assert out.shape == (2, *model.output_shape) and model.output_shape[0] in (2, 10)

@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   kiln train examples/german_credit.yaml --folds 5
   kiln predict runs/german_credit rows.csv --out predictions.csv
   kiln summary examples/mnist_seed.yaml
+  kiln generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 1
   kiln serve runs/mnist_seed --port 8000
   kiln export runs/mnist_seed --format onnx
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
@@ -55,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("files", nargs="+", help="image or .npy files; for a table run, CSV or Parquet files of rows")
     pr.add_argument("--out", help="table runs: write the rows with prediction columns to this CSV (default: stdout)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    g = sub.add_parser("generate", help="continue a prompt with a language-model run",
+                       description="Generate text after a prompt with a run trained on data.dataset: text. "
+                                   "Decoding is incremental (key/value cache) unless --no-cache.")
+    g.add_argument("run", help="run directory written by `kiln train`")
+    g.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default: 200)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy; higher: more random (default: 1)")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    g.add_argument("--top-p", type=float, help="sample among the most likely tokens that sum to this probability")
+    g.add_argument("--stop", action="append", default=[], help="end the text before this string (repeatable)")
+    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    g.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     s = sub.add_parser("summary", help="table of blocks, output shapes, parameters and multiply-adds",
                        description="Print the model's blocks with output shapes, parameters and multiply-adds "
@@ -142,6 +157,20 @@ def _version() -> str:
     return __version__
 
 
+def cmd_generate(args) -> None:
+    from kiln.run import Run
+
+    text = Run.load(args.run).generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
+                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                       cache=not args.no_cache)
+    print(json.dumps({"prompt": args.prompt, "text": text}) if args.json else args.prompt + text)
+
+
+def _text_line(metrics: dict) -> str:
+    shown = [f"{k} {metrics[k]:.4f}" for k in ("loss", "perplexity", "token_accuracy", "exact_match") if k in metrics]
+    return "  ".join(shown)
+
+
 def cmd_train(args) -> None:
     import kiln
 
@@ -152,6 +181,8 @@ def cmd_train(args) -> None:
     test = run.metrics["test"]
     if args.json:
         print(json.dumps({"run": str(run.path), **run.metrics}, indent=2))
+    elif "perplexity" in test:
+        print(f"test {_text_line(test)}  run {run.path}")
     elif "accuracy" in test:
         print(f"test accuracy {test['accuracy'] * 100:.2f}%  test loss {test['loss']:.4f}  run {run.path}")
     else:
@@ -179,6 +210,8 @@ def cmd_evaluate(args) -> None:
     metrics = Run.load(args.run).evaluate(args.split)
     if args.json:
         print(json.dumps({"split": args.split, **metrics}))
+    elif "perplexity" in metrics:
+        print(f"{args.split}: {_text_line(metrics)}")
     elif "accuracy" in metrics:
         print(f"{args.split}: accuracy {metrics['accuracy'] * 100:.2f}%  loss {metrics['loss']:.4f}  "
               f"({metrics['samples']} samples)")
@@ -194,6 +227,11 @@ def cmd_predict(args) -> None:
     if run.config.data.dataset == "tabular":
         _predict_tables(run, args)
         return
+    if run.config.data.dataset == "text":
+        raise KilnError(f"{args.run} is a language model; continue text with `kiln generate {args.run} --prompt ...`")
+    if run.config.data.dataset == "text_pairs":
+        _predict_pairs(run, args)
+        return
     results = run.predict_files(args.files)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -201,6 +239,22 @@ def cmd_predict(args) -> None:
     for r in results:
         probs = "  ".join(f"{k}:{v:.3f}" for k, v in r["probabilities"].items())
         print(f"{r['file']}: {r['class']} ({r['probability'] * 100:.1f}%)  {probs}")
+
+
+def _predict_pairs(run, args) -> None:
+    """Each line of each file is a source (a TSV line's first column); prints source<TAB>target."""
+    sources = []
+    for f in args.files:
+        try:
+            lines = Path(f).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise KilnError(f"{f}: cannot read it as UTF-8 text ({e})") from None
+        sources += [line.split("\t", 1)[0] for line in lines if line.strip()]
+    targets = run.translate(sources)
+    if args.json:
+        print(json.dumps([{"source": s, "target": t} for s, t in zip(sources, targets, strict=True)], indent=2))
+    else:
+        sys.stdout.write("".join(f"{s}\t{t}\n" for s, t in zip(sources, targets, strict=True)))
 
 
 def _predict_tables(run, args) -> None:
@@ -234,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary,
-         "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy}[args.command](args)
+         "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy,
+         "generate": cmd_generate}[args.command](args)
     except KilnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ def _registered(registry, value: str) -> str:
     # Registries of datasets, optimizers and schedules fill on import of their modules.
     import kiln.data.datasets  # noqa: F401
     import kiln.data.tabular  # noqa: F401
+    import kiln.data.text  # noqa: F401
     import kiln.train.optim  # noqa: F401
 
     if value not in registry:
@@ -57,6 +58,10 @@ class DataConfig(StrictModel):
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # held out for testing (stratified), unless folds
     folds: int | None = Field(default=None, ge=2)  # k-fold cross-validation: test on fold `fold` of `folds`
     fold: int = Field(default=0, ge=0)
+    # Text (dataset: text or text_pairs). path: a text file or folder, or a TSV of source<TAB>target lines.
+    tokenizer: Literal["char", "byte", "bpe"] = "char"  # bpe: byte-level BPE trained on the data (kiln[text])
+    vocab_size: PositiveInt = 1024  # bpe only: tokens including the 256 bytes
+    context: PositiveInt = 256  # text: tokens a language model reads at once (its window)
 
     @field_validator("dataset")
     @classmethod
@@ -138,6 +143,10 @@ class TrainConfig(StrictModel):
     eval_batch_size: PositiveInt = 1024
     log_every: PositiveInt = 50  # steps between progress updates (each one waits for the device)
     checkpoint_every: PositiveInt = 200  # steps between crash-safe checkpoints within an epoch
+    # Text data trains for a number of steps on random batches instead of epochs.
+    steps: PositiveInt = 2000  # text: optimisation steps
+    eval_every: PositiveInt = 250  # text: steps between held-out evaluations (also at the first and last step)
+    eval_batches: PositiveInt = 20  # text: random batches per split in each of those evaluations
 
     @field_validator("device")
     @classmethod

@@ -30,6 +30,7 @@ from kiln.data.datasets import Dataset, open_dataset
 from kiln.data.images import PIXEL_SCALE, read_image_file
 from kiln.data.table import Table, read_table, rows_to_table
 from kiln.data.tabular import PREPROCESSING, Tabular
+from kiln.data.text import Text, TextPairs, TokenData
 from kiln.errors import KilnError, RunDirError
 from kiln.fsutil import atomic_write_text
 from kiln.nn import KilnModel, build_model
@@ -175,6 +176,11 @@ class Run:
         x, y = self.dataset.load().split(split)
         if len(x) == 0:
             raise KilnError(f"the {split} split of this run is empty (data.val_fraction is 0?)")
+        if isinstance(self.dataset, TokenData):
+            from kiln.train.text_loop import evaluate_split
+
+            return evaluate_split(self.model, self.dataset, x, y, batch_size or self.config.train.batch_size,
+                                  self.device)
         outputs = model_outputs(self.model, x, self.dataset.to_input,
                                 batch_size=batch_size or self.config.train.eval_batch_size, device=self.device)
         threshold = self.threshold if self.dataset.task == "binary" else 0.5
@@ -223,6 +229,30 @@ class Run:
              "probabilities": {n: round(float(v), 6) for n, v in zip(names, row, strict=True)}}
             for p, row in zip(paths, probs, strict=True)
         ]
+
+    # ---- text ------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
+                 cache: bool = True) -> str:
+        """Text a language-model run writes after ``prompt`` (without the prompt). ``temperature=0`` is greedy;
+        ``stop`` strings end the text before the first of them; ``cache=False`` recomputes every step."""
+        from kiln.generate import Sampling, generate_text
+
+        if not isinstance(self.dataset, Text):
+            raise KilnError(f"{self.path} was not trained as a language model (data.dataset: text); "
+                            + ("use predict for source -> target runs" if isinstance(self.dataset, TokenData) else
+                               "generate needs a text run"))
+        sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed, list(stop))
+        return generate_text(self.model, self.dataset.tokenizer, prompt, sampling, cache)
+
+    def translate(self, sources: list[str], cache: bool = True) -> list[str]:
+        """Greedy targets for source texts (a ``text_pairs`` run)."""
+        from kiln.generate import translate
+
+        if not isinstance(self.dataset, TextPairs):
+            raise KilnError(f"{self.path} was not trained on source/target pairs (data.dataset: text_pairs)")
+        return translate(self.model, self.dataset, list(sources), self.config.train.eval_batch_size, cache)
 
     # ---- tables ------------------------------------------------------------------------------------
 

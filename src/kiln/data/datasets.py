@@ -130,5 +130,6 @@ class Mnist(Dataset):
 def open_dataset(data_cfg, seed: int, run_path: Path | None = None) -> Dataset:
     """The data set ``data_cfg.dataset`` names; ``run_path`` reopens it as a finished run saved it."""
     import kiln.data.tabular  # noqa: F401  (registers "tabular")
+    import kiln.data.text  # noqa: F401  (registers "text" and "text_pairs")
 
     return DATASETS.get(data_cfg.dataset)(data_cfg, seed, run_path)

@@ -73,6 +73,7 @@ class BlockSpec(StrictModel):
     # For the registry-wide test harness: an input shape and fields that build this block.
     example_input: ClassVar[Shape] = (8, 16)
     example: ClassVar[dict[str, Any]] = {}
+    example_tokens: ClassVar[int | None] = None  # the block reads token ids below this, not floats
 
     def build(self, in_shape: Shape) -> Built:
         raise NotImplementedError

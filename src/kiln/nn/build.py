@@ -55,4 +55,10 @@ def build_model(specs: list[BlockSpec], input_shape: Shape) -> KilnModel:
         modules.append(built.module)
         layers.append(LayerInfo(i, spec.type, built.out_shape, count_params(built.module), built.macs))
         shape = built.out_shape
+    for i, module in enumerate(modules):
+        if hasattr(module, "link"):  # a block that shares weights with one before it (lm_head's tying)
+            try:
+                module.link(modules[:i])
+            except ConfigError as e:
+                raise type(e)(f"model.blocks.{i} ({specs[i].type}): {e}") from None
     return KilnModel(modules, input_shape, layers)

@@ -19,6 +19,7 @@ import kiln
 from kiln.config import HIGHER_IS_BETTER, Config, load_config
 from kiln.data.datasets import Dataset, Splits, open_dataset
 from kiln.data.images import augment
+from kiln.data.text import TEXT_DATASETS
 from kiln.errors import ConfigError, RunDirError
 from kiln.fsutil import atomic_write_text
 from kiln.nn import KilnModel, build_model
@@ -300,6 +301,10 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     """
     cfg = load_config(config, overrides)
     run_dir = RunDir(out or Path("runs") / cfg.name)
+    if cfg.data.dataset in TEXT_DATASETS:  # step-based training on random batches
+        from kiln.train.text_loop import train_text
+
+        return train_text(cfg, run_dir, resume, live)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)

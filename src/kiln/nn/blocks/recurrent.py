@@ -37,6 +37,13 @@ class Recurrent(nn.Module):
             return torch.cat([h[-2], h[-1]], dim=-1)
         return h[-1]
 
+    def decode(self, x, cache: dict, pos: int):  # new steps (B, t, F), carrying the state between calls
+        if self.rnn.bidirectional or self.steps != "all":
+            raise ConfigError(f"{type(self.rnn).__name__.lower()}: generating step by step needs steps: all and "
+                              "bidirectional: false")
+        out, cache["state"] = self.rnn(x, cache.get("state"))
+        return out
+
 
 class _RecurrentSpec(BlockSpec):
     units: PositiveInt

@@ -91,6 +91,9 @@ class SinusoidalPosition(nn.Module):
     def forward(self, x):  # (B, T, C)
         return x + self.table[: x.shape[1]]
 
+    def decode(self, x, cache: dict, pos: int):  # new steps (B, t, C) at positions pos..pos+t-1
+        return x + self.table[pos: pos + x.shape[1]]
+
 
 class LearnedPosition(nn.Module):
     def __init__(self, steps: int, width: int) -> None:
@@ -99,6 +102,9 @@ class LearnedPosition(nn.Module):
 
     def forward(self, x):  # (B, T, C)
         return x + self.table[: x.shape[1]]
+
+    def decode(self, x, cache: dict, pos: int):  # new steps (B, t, C) at positions pos..pos+t-1
+        return x + self.table[pos: pos + x.shape[1]]
 
 
 @BLOCKS.register("positional_encoding")
