@@ -1,6 +1,6 @@
 """Keras 3 (TensorFlow backend) side of bench_mnist_speed.py: the seed_hybrid model, 1 epoch.
 
-Runs in benchmarks/.venv-keras (benchmarks/setup_keras.sh). Usage: keras_seed.py DATA.npz EPOCHS
+Runs in benchmarks/.venv-keras (benchmarks/setup_keras.sh). Usage: keras_seed.py DATA.npz EPOCHS SEED
 Prints one JSON line: train seconds, test accuracy, versions.
 """
 
@@ -36,7 +36,11 @@ def seed_hybrid() -> keras.Model:
 def main() -> None:
     data = np.load(sys.argv[1])
     epochs = int(sys.argv[2])
-    keras.utils.set_random_seed(0)
+    threads = int(os.environ.get("KILN_BENCH_THREADS", "0"))
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    keras.utils.set_random_seed(int(sys.argv[3]))
     model = seed_hybrid()
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])

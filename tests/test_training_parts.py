@@ -33,3 +33,18 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     cpu = torch.device("cpu")
     assert torch.equal(epoch_order(50, 1, 2, cpu), epoch_order(50, 1, 2, cpu))
     assert not torch.equal(epoch_order(50, 1, 2, cpu), epoch_order(50, 1, 3, cpu))
+
+
+def test_split_seed_fixes_the_split_while_the_run_seed_varies(mnist_root):
+    from kiln.config import load_config
+    from kiln.data.datasets import open_dataset
+
+    def val_images(seed, data):
+        cfg = load_config({"model": {"blocks": [{"type": "flatten"}, {"type": "classifier"}]}, "seed": seed,
+                           "data": {"limit_train": 500, "limit_test": 10, **data}})
+        return open_dataset(cfg.data, cfg.seed).load().val_x
+
+    fixed = val_images(1, {"split_seed": 7})
+    assert torch.equal(fixed, val_images(2, {"split_seed": 7}))
+    assert torch.equal(fixed, val_images(7, {}))
+    assert not torch.equal(val_images(1, {}), val_images(2, {}))

@@ -46,6 +46,7 @@ class DataConfig(StrictModel):
     root: str | None = None  # folder with the data files; default: $KILN_DATA, else the download cache
     download: bool = True  # fetch missing files from public mirrors (checksums verified)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)  # of the training set, held out for validation
+    split_seed: int | None = None  # seed of the train/val/test split; default: the run's seed
     limit_train: PositiveInt | None = None  # use only the first N training samples (quick experiments)
     limit_test: PositiveInt | None = None
     augment: AugmentConfig = AugmentConfig()

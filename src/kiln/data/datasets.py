@@ -128,8 +128,12 @@ class Mnist(Dataset):
 
 
 def open_dataset(data_cfg, seed: int, run_path: Path | None = None) -> Dataset:
-    """The data set ``data_cfg.dataset`` names; ``run_path`` reopens it as a finished run saved it."""
+    """The data set ``data_cfg.dataset`` names; ``run_path`` reopens it as a finished run saved it.
+
+    Its splits use ``data.split_seed`` when set, else the run's seed: varying the seed alone then
+    varies initialisation and order while every run keeps the same validation samples."""
     import kiln.data.tabular  # noqa: F401  (registers "tabular")
     import kiln.data.text  # noqa: F401  (registers "text" and "text_pairs")
 
-    return DATASETS.get(data_cfg.dataset)(data_cfg, seed, run_path)
+    split_seed = seed if data_cfg.split_seed is None else data_cfg.split_seed
+    return DATASETS.get(data_cfg.dataset)(data_cfg, split_seed, run_path)
