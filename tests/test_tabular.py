@@ -103,6 +103,9 @@ def test_preprocessing_saved_and_reapplied_identically(table_csv: Path, tmp_path
     assert got[0, 1] == 0.0 and got[0, 3] == 1.0 and got[0, 4] == 0.0
     csv_row = write_csv(tmp_path / "one.csv", [["x", 40, "", "Zurich", "yes", "DE", ""]])
     assert torch.equal(reloaded.transform(read_table(csv_row)), got)
+    # A boolean value never seen in training is imputed like a missing one, not read as false.
+    no, maybe = (reloaded.transform(rows_to_table([{**row, "member": m}]))[0, 2] for m in ("no", "maybe"))
+    assert maybe == 0.0 and no < 0.0 < got[0, 2]
 
 
 # ---- malformed input ----------------------------------------------------------------------------------

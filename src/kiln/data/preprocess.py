@@ -74,6 +74,7 @@ class Column:
     std: float = 1.0
     indicator: bool = False  # an is-missing input exists (missing values were seen in training)
     true_value: str | None = None  # boolean: the lowercased text meaning true
+    false_value: str | None = None  # boolean: the lowercased text meaning false
     categories: list[str | None] = field(default_factory=list)  # categorical: training vocabulary
 
 
@@ -263,6 +264,7 @@ def _fit_column(c: Column, table: Table) -> Column:
         if c.type == "boolean":
             distinct = sorted({v.lower() for v in table.columns[c.name] if v is not None})
             c.true_value = next((t for t in ("true", "yes", "y", "t", "1") if t in distinct), distinct[-1])
+            c.false_value = next((v for v in distinct if v != c.true_value), None)
         x = _numbers(c, table)
         present = x[~np.isnan(x)]
         c.mean = float(present.mean()) if len(present) else 0.0
@@ -281,7 +283,10 @@ def _numbers(c: Column, table: Table) -> np.ndarray:
         if v is None:
             out[i] = np.nan
         elif c.type == "boolean":
-            out[i] = 1.0 if v.lower() == c.true_value else 0.0
+            # A value first seen after training is neither: it counts as missing (imputed), like an
+            # unknown category, rather than silently as false.
+            text = v.lower()
+            out[i] = 1.0 if text == c.true_value else 0.0 if text == c.false_value else np.nan
         else:
             number = as_number(v)
             if number is None:
