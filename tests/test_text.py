@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import kiln
 from kiln.cli import main
@@ -199,6 +200,14 @@ def test_train_reload_and_generate_identical_text(tmp_path, tokenizer, capsys):
     assert capsys.readouterr().out == "First" + text + "\n"
     assert main(["evaluate", str(tmp_path / "run"), "--split", "val"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_trains_a_language_model_without_held_out_text(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    config = tmp_path / "lm.yaml"
+    config.write_text(yaml.safe_dump(lm_config(tmp_path / "corpus.txt", steps=4, eval_every=2)))
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--set", "data.val_fraction=0"]) == 0
+    assert "no held-out text" in capsys.readouterr().out
 
 
 def test_stop_sequences_end_the_text(tmp_path):

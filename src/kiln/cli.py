@@ -181,8 +181,8 @@ def cmd_train(args) -> None:
     test = run.metrics["test"]
     if args.json:
         print(json.dumps({"run": str(run.path), **run.metrics}, indent=2))
-    elif "perplexity" in test:
-        print(f"test {_text_line(test)}  run {run.path}")
+    elif run.metrics.get("task") in ("lm", "seq2seq"):
+        print(f"test {_text_line(test) or '(no held-out text: data.val_fraction is 0)'}  run {run.path}")
     elif "accuracy" in test:
         print(f"test accuracy {test['accuracy'] * 100:.2f}%  test loss {test['loss']:.4f}  run {run.path}")
     else:
