@@ -26,7 +26,7 @@ from kiln.nn import KilnModel, build_model
 from kiln.run import Run, RunDir
 from kiln.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from kiln.train.metrics import TASK_METRICS, choose_threshold, model_outputs, task_metrics
-from kiln.train.optim import make_optimizer, make_scheduler
+from kiln.train.optim import backward_and_step, make_optimizer, make_scheduler
 from kiln.nn.fuse import fuse
 from kiln.train.precision import Precision, pick_device, pick_fuse, pick_precision
 from kiln.train.progress import TrainProgress
@@ -138,21 +138,8 @@ class Trainer:
         else:
             loss = F.cross_entropy(logits.float(), y, weight=self.class_weight, label_smoothing=self.t.label_smoothing)
             correct = (logits.detach().argmax(1) == y).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        total = loss + self.penalty()
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
-        if self.t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        backward_and_step(loss + self.penalty(), self.model, self.optimizer, self.scheduler, self.scaler,
+                          self.t.grad_clip)
         return loss.detach() * len(idx), correct
 
     # ---- epochs --------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from kiln.nn import KilnModel, build_model
 from kiln.registry import OPTIMIZERS
 from kiln.run import Run, RunDir
 from kiln.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
-from kiln.train.optim import make_scheduler
+from kiln.train.optim import backward_and_step, make_scheduler
 from kiln.train.precision import Precision, pick_device, pick_precision
 from kiln.train.progress import TrainProgress
 
@@ -74,20 +74,7 @@ class TextTrainer:
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
         x, y = self.batch("train", gen, self.t.batch_size)
         logits, loss = self.logits_loss(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        if self.t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
+        backward_and_step(loss, self.model, self.optimizer, self.scheduler, self.scaler, self.t.grad_clip)
         return loss.detach(), logits.detach(), y
 
     # ---- evaluation ------------------------------------------------------------------------------
