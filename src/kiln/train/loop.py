@@ -279,6 +279,16 @@ def _check_resumable(run_dir: RunDir, cfg: Config) -> None:
                           f"(sections: {', '.join(diff)}); only train.epochs may change on resume")
 
 
+def setup(cfg: Config, run_dir: RunDir, resume: bool) -> tuple[Config, Dataset, torch.device, Precision]:
+    """The start every training path shares: threads, device, precision, the data set, the resolved config."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    precision = pick_precision(cfg.train.precision, device)
+    dataset = open_dataset(cfg.data, cfg.seed, run_dir.path if resume else None)
+    return resolve(cfg, dataset), dataset, device, precision
+
+
 def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] | list[str] | None = None, *,
           out: str | os.PathLike | None = None, resume: bool = False, live: bool | None = None) -> Run:
     """Train a model from a config and return the finished :class:`Run`.
@@ -292,12 +302,7 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
         from kiln.train.text_loop import train_text
 
         return train_text(cfg, run_dir, resume, live)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
-    dataset = open_dataset(cfg.data, cfg.seed, run_dir.path if resume else None)
-    cfg = resolve(cfg, dataset)
+    cfg, dataset, device, precision = setup(cfg, run_dir, resume)
     _check_task_settings(cfg, dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.blocks, dataset.input_shape).to(device)

@@ -26,7 +26,7 @@ from kiln.registry import OPTIMIZERS
 from kiln.run import Run, RunDir
 from kiln.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
 from kiln.train.optim import backward_and_step, make_scheduler
-from kiln.train.precision import Precision, pick_device, pick_precision
+from kiln.train.precision import Precision
 from kiln.train.progress import TrainProgress
 
 
@@ -199,15 +199,9 @@ def exact_matches(model: KilnModel, dataset: TextPairs, x: torch.Tensor, y: torc
 
 def train_text(cfg: Config, run_dir: RunDir, resume: bool, live: bool | None) -> Run:
     """:func:`kiln.train` for text data sets."""
-    from kiln.data.datasets import open_dataset
-    from kiln.train.loop import _check_resumable, _manifest, resolve
+    from kiln.train.loop import _check_resumable, _manifest, setup
 
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = pick_device(cfg.train.device)
-    precision = pick_precision(cfg.train.precision, device)
-    dataset = open_dataset(cfg.data, cfg.seed, run_dir.path if resume else None)
-    cfg = resolve(cfg, dataset)
+    cfg, dataset, device, precision = setup(cfg, run_dir, resume)
     check_left_to_right(cfg.blocks)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.blocks, dataset.input_shape).to(device)
