@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import TypeAdapter
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'kiln[serve]'")
 
@@ -191,7 +192,7 @@ class _SlowBackend:
     def __init__(self):
         self.batches = []
 
-    def start(self):
+    def start(self, example=None):
         pass
 
     def predict(self, x):
@@ -231,11 +232,91 @@ def test_batch_of_one_waits_at_most_max_wait():
         batcher.stop()
 
 
+def test_a_lone_request_does_not_wait_but_an_arriving_one_is_waited_for():
+    backend = _SlowBackend()
+    batcher = MicroBatcher(backend, max_batch=64, max_wait_s=0.5)
+    batcher.start()
+
+    async def lone():
+        start = time.perf_counter()
+        await batcher.predict(np.zeros((1, 1, 2, 2), dtype=np.uint8))
+        return time.perf_counter() - start
+
+    async def two():  # the second request is still being read when the first is queued
+        async def second():
+            with batcher.arriving():
+                await asyncio.sleep(0.05)
+                batch = np.ones((1, 1, 2, 2), dtype=np.uint8)
+            return await batcher.predict(batch)
+
+        task = asyncio.create_task(second())
+        await asyncio.sleep(0.01)  # `second` has announced itself
+        return await asyncio.gather(batcher.predict(np.zeros((1, 1, 2, 2), dtype=np.uint8)), task)
+
+    try:
+        assert asyncio.run(lone()) < 0.2  # max_wait is 0.5 s: nobody else was coming
+        backend.batches.clear()
+        first, second = asyncio.run(two())
+        assert (first == 0).all() and (second == 1).all()
+        assert backend.batches == [2]  # one forward pass for both
+    finally:
+        batcher.stop()
+
+
+def test_torch_backend_serves_a_frozen_copy_equal_to_the_run(serve_run):
+    from kiln.serve.backends import TorchBackend
+
+    run = kiln.Run.load(serve_run)
+    backend = TorchBackend(run, threads=1)
+    backend.start(np.zeros((1, 1, 28, 28), dtype=np.uint8))
+    assert backend.mode.startswith("torchscript")
+    images, _ = mnist_test_images(29)
+    np.testing.assert_allclose(backend.predict(images[:, None]), run.predict(images).numpy(), atol=1e-5)
+
+
+def test_models_that_do_not_trace_faithfully_are_served_eager():
+    import torch
+
+    from kiln.inference import freeze_for_inference
+
+    class BatchDependent(torch.nn.Module):  # tracing bakes in the branch of the traced batch size
+        def forward(self, x):
+            return x.float() * 2 if x.shape[0] > 4 else x.float() * 3
+
+    module = BatchDependent()
+    forward, mode = freeze_for_inference(module, torch.zeros((1, 3), dtype=torch.uint8))
+    assert forward is module and mode.startswith("eager (the traced model differed")
+
+
+def test_fast_json_path_gives_the_schema_paths_batch(serve_run):
+    from kiln.serve.inputs import inputs_for
+
+    run = kiln.Run.load(serve_run)
+    adapter = inputs_for(run.config.data.dataset, run.dataset)
+    images, _ = mnist_test_images(3)
+    raw = [{"pixels": images[0].tolist()}, {"pixels": (images[1] / 255.0).tolist(), "scale": "unit"},
+           {"pixels": (images[2] * 0.99 + 0.4).tolist(), "scale": "uint8"}]
+    model = adapter.instance_model()
+    checked = TypeAdapter(list[model]).validate_python(raw)
+    np.testing.assert_array_equal(adapter.from_json(raw), adapter.from_instances(checked))
+    for bad in ({"pixels": images[0].tolist(), "extra": 1}, {"pixels": [[True] * 28] * 28},
+                {"pixels": images[0][:27].tolist()}, {"pixels": (images[0] * 2.0).tolist()},
+                {"pixels": images[0].tolist(), "scale": "percent"}, {"image_base64": "AAAA"}):
+        assert adapter.from_json([raw[0], bad]) is None  # left to the schema, which names the fault
+
+
 def test_real_server_batches_under_load_and_shuts_down_gracefully(serve_run):
+    import socket
+
     import httpx
 
     server = Server(serve_run, "--max-wait-ms", "1000", "--max-batch", "64").wait_ready()
     try:
+        # A slow client: its body is still arriving, so the batch worker waits (up to max-wait) for it.
+        body = json_body({"instances": [{"pixels": GOOD}]})
+        slow = socket.create_connection(("127.0.0.1", server.port))
+        slow.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body[:100])
         results = []
 
         def call():
@@ -249,14 +330,26 @@ def test_real_server_batches_under_load_and_shuts_down_gracefully(serve_run):
         while "kiln_queue_rows 8" not in httpx.get(server.url + "/metrics").text:
             assert time.monotonic() < deadline, "the eight requests never queued together"
             time.sleep(0.02)
-        code, out = server.stop()  # SIGTERM while all eight wait for their shared batch
+        server.proc.send_signal(signal.SIGTERM)  # while all eight wait for their shared batch
+        time.sleep(0.2)
+        slow.sendall(body[100:])  # the slow request, in flight at the signal, finishes too
+        slow_reply = slow.makefile("rb").read()
+        code, out = server.stop()
         for t in threads:
             t.join(timeout=30)
         assert results == [200] * 8, (results, out)
+        assert slow_reply.startswith(b"HTTP/1.1 200"), slow_reply[:200]
         # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit status is the signal's.
         assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out
+        assert "kiln: serving" in out and "torchscript" in out  # the log says how the model runs
     finally:
         server.stop()
+
+
+def json_body(doc) -> bytes:
+    import json
+
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def test_serve_without_the_extra_says_how_to_install(monkeypatch):

@@ -90,10 +90,12 @@ def _add_serving_commands(sub) -> None:
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default: 1)")
     sv.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                    help="torch, or onnx (ONNX Runtime; run `kiln export RUN` first)")
+                    help="torch (a traced, frozen TorchScript copy of the model when it matches the eager one), "
+                         "or onnx (ONNX Runtime; run `kiln export RUN` first)")
     sv.add_argument("--max-batch", type=int, default=64, help="most rows in one forward pass (default: 64)")
     sv.add_argument("--max-wait-ms", type=float, default=2.0,
-                    help="longest a request waits for others to share its batch (default: 2)")
+                    help="longest a request waits for others that are still arriving to share its batch; "
+                         "a lone request never waits (default: 2)")
     sv.add_argument("--max-instances", type=int, default=256, help="most instances per request (default: 256)")
     sv.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default: 8)")
     sv.add_argument("--threads", type=int, default=1, help="intra-op threads of the backend (default: 1)")

@@ -200,7 +200,10 @@ class Run:
             x = x[None]
         if tuple(x.shape[1:]) != tuple(shape):
             raise KilnError(f"predict expects input of shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
-        outputs = self.outputs(x)
+        return self.from_outputs(self.outputs(x))
+
+    def from_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Model outputs to what :meth:`predict` returns: class probabilities, or values in the target's units."""
         if self.dataset.task == "regression":
             mean, std = self.dataset.target_scale
             return outputs[:, 0] * std + mean

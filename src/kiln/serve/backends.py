@@ -11,23 +11,35 @@ import numpy as np
 import torch
 
 from kiln.errors import KilnError
+from kiln.inference import StoredInput, freeze_for_inference
 from kiln.run import Run
 
 
 class TorchBackend:
+    """The run's PyTorch model; a traced, frozen TorchScript copy when it equals the eager one (see
+    :mod:`kiln.inference`: the copy runs without taking Python's lock between operators)."""
+
     name = "torch"
 
     def __init__(self, run: Run, threads: int | None = None) -> None:
         self.run = run
         self.threads = threads
+        self.mode = "not started"
+        self._forward = None
 
-    def start(self) -> None:
-        """Called on the worker thread before the first batch."""
+    def start(self, example: np.ndarray | None = None) -> None:
+        """Called on the worker thread before the first batch; ``example`` is one stored input batch."""
         if self.threads:
             torch.set_num_threads(self.threads)
+        module = StoredInput(self.run.model, self.run.dataset.to_input, self.run.from_outputs)
+        if example is None:
+            self._forward, self.mode = module.eval(), "eager (no example input to trace with)"
+        else:
+            self._forward, self.mode = freeze_for_inference(module, torch.from_numpy(example))
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return self.run.predict(torch.from_numpy(batch)).numpy()
+        with torch.inference_mode():
+            return self._forward(torch.from_numpy(batch)).numpy()  # one call: the lock is taken once
 
 
 class OnnxBackend:
@@ -46,8 +58,9 @@ class OnnxBackend:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.mode = f"onnxruntime {ort.__version__} ({model_path.name})"
 
-    def start(self) -> None:
+    def start(self, example: np.ndarray | None = None) -> None:
         pass
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

@@ -1,15 +1,18 @@
 """Micro-batching: concurrent requests are grouped into one forward pass on a worker thread.
 
 The worker owns the backend. It takes the oldest waiting request, then everything else already
-waiting (up to ``max_batch`` rows), and waits for more only until ``max_wait`` after the oldest one
-arrived. Under no load a request runs at once (plus at most ``max_wait``); under load the queue
-fills while the model runs, so batches grow and throughput rises.
+waiting (up to ``max_batch`` rows). It waits for more, until ``max_wait`` after the oldest one
+arrived, only while other requests are on their way (the server announces each request it is
+reading with :meth:`MicroBatcher.arriving`). So a lone request runs at once, and under load the
+queue fills while the model runs: batches grow and throughput rises.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +34,7 @@ class _Item:
 
 
 _STOP = object()
+SWITCH_INTERVAL_S = 0.0005
 
 
 class MicroBatcher:
@@ -47,6 +51,7 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self._arriving = 0  # requests being read and checked that will be queued soon
 
     @property
     def waiting_rows(self) -> int:
@@ -54,6 +59,9 @@ class MicroBatcher:
 
     def start(self, warmup: np.ndarray | None = None) -> None:
         """Start the worker; it runs ``warmup`` once so the first request pays no first-call cost."""
+        # The worker takes Python's lock only at the edges of a batch, but each time it asked, the event
+        # loop kept the lock for up to the default switch interval (5 ms): most of a small batch's time.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._thread = threading.Thread(target=self._run, args=(warmup,), name="kiln-batcher", daemon=True)
         self._thread.start()
         self._started.wait()
@@ -66,6 +74,17 @@ class MicroBatcher:
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around reading and checking a request: tells the worker that waiting for it is worth it."""
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
 
     async def predict(self, batch: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -81,7 +100,7 @@ class MicroBatcher:
 
     def _run(self, warmup: np.ndarray | None) -> None:
         try:
-            self.backend.start()
+            self.backend.start(warmup)
             if warmup is not None:
                 self.backend.predict(warmup)
         except BaseException as e:  # reported to start(), which raises it in the caller
@@ -98,7 +117,10 @@ class MicroBatcher:
             deadline = first.arrived + self.max_wait_s
             while rows < self.max_batch:
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                    if self._arriving or not self._queue.empty():
+                        nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                    else:
+                        nxt = self._queue.get_nowait()  # nobody else is coming: run now
                 except queue.Empty:
                     break
                 if nxt is _STOP:

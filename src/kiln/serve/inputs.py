@@ -39,6 +39,10 @@ class InputAdapter(Protocol):
     def from_instances(self, instances: list[BaseModel]) -> np.ndarray:
         """Validated instances to one batch for the backend."""
 
+    def from_json(self, instances: list[Any]) -> np.ndarray | None:
+        """A fast path for parsed JSON instances that are plainly valid; ``None`` sends them through
+        the schema instead (which names what is wrong)."""
+
     def from_files(self, files: list[tuple[str, bytes]]) -> np.ndarray:
         """Uploaded (filename, content) pairs to one batch."""
 
@@ -122,6 +126,28 @@ class ImageInputs:
             else:
                 out[i] = self._decode(self._b64(inst.image_base64, f"instances.{i}.image_base64"),
                                       f"instances.{i}.image_base64")
+        return out
+
+    def from_json(self, instances: list[Any]) -> np.ndarray | None:
+        """The batch for parsed JSON instances when every one is a plain, valid pixel array; ``None``
+        otherwise, and the schema path then checks them and names what is wrong. Numpy checks 784
+        numbers much faster than validating them one by one."""
+        grey = self.shape[0] == 1
+        out = np.empty((len(instances), *self.shape), dtype=np.uint8)
+        for i, inst in enumerate(instances):
+            if not isinstance(inst, dict) or "pixels" not in inst or not inst.keys() <= {"pixels", "scale"}:
+                return None
+            scale = inst.get("scale", "uint8")
+            try:
+                arr = np.array(inst["pixels"])
+            except (ValueError, TypeError):  # ragged nesting
+                return None
+            if arr.dtype.kind not in "iuf" or arr.shape != (self.shape[1:] if grey else self.shape):
+                return None  # booleans, strings, objects, wrong shape
+            top = 1.0 if scale == "unit" else 255.0 if scale == "uint8" else None
+            if top is None or arr.size == 0 or not (arr.min() >= 0 and arr.max() <= top):  # NaN fails too
+                return None
+            out[i] = np.rint(arr * (255.0 / top) if top != 255.0 else arr).reshape(self.shape)
         return out
 
     def from_files(self, files: list[tuple[str, bytes]]) -> np.ndarray:
