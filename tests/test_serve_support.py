@@ -37,7 +37,7 @@ def exported_run(tmp_path_factory) -> Path:
     if "export" not in _cache:
         from kiln.export import export_run
 
-        _cache["export"] = export_run(run)
+        _cache["export"] = export_run(run, "onnx")
     return run
 
 

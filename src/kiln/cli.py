@@ -19,7 +19,8 @@ EXAMPLES = """examples:
   kiln summary examples/mnist_seed.yaml
   kiln generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 1
   kiln serve runs/mnist_seed --port 8000
-  kiln export runs/mnist_seed --format onnx
+  kiln export runs/mnist_seed
+  kiln export runs/german_credit --format torch-export --check random
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
 $KILN_CACHE or ~/.cache/kiln."""
 
@@ -102,12 +103,17 @@ def _add_serving_commands(sub) -> None:
     sv.add_argument("--api-key-env", metavar="NAME",
                     help="require the API key held in this environment variable (X-API-Key or Bearer)")
 
-    ex = sub.add_parser("export", help="export a run's model (ONNX), checked against PyTorch",
-                        description="Export the run's model to <run>/model.onnx; the file is kept only if its "
-                                    "outputs match PyTorch's on the check data (max abs difference <= tolerance).")
+    ex = sub.add_parser("export", help="export a run's model (ONNX, else torch.export), checked against PyTorch",
+                        description="Export the run's model to <run>/model.onnx (ONNX) or <run>/model.pt2 "
+                                    "(torch.export); the file is kept only if its outputs match PyTorch's on the "
+                                    "check data (max abs difference <= tolerance). The default, auto, writes ONNX "
+                                    "and falls back to torch.export when ONNX fails for this model, saying why.")
     ex.add_argument("run", help="run directory written by `kiln train`")
-    ex.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default: onnx)")
-    ex.add_argument("--out", help="output file (default: <run>/model.onnx)")
+    ex.add_argument("--format", choices=["auto", "onnx", "torch-export"], default="auto",
+                    help="auto: onnx, else torch-export when ONNX fails for this model; onnx: model.onnx for ONNX "
+                         "Runtime; torch-export: model.pt2 for torch.export.load (default: auto)")
+    ex.add_argument("--out", help="output file (default: <run>/model.onnx or <run>/model.pt2); with auto, a name "
+                                  "ending in .onnx or .pt2 picks that format")
     ex.add_argument("--check", choices=["test", "val", "train", "random"], default="test",
                     help="data to compare outputs on (default: test)")
     ex.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute difference (default: 1e-4)")
@@ -136,8 +142,10 @@ def cmd_export(args) -> None:
     from kiln.export import export_run
 
     r = export_run(args.run, args.format, out=args.out, check=args.check, tolerance=args.tolerance)
-    print(f"wrote {r['path']}: max abs difference from PyTorch {r['max_abs_diff']:.2e} on {r['samples']} "
-          f"{r['check']} samples (tolerance {r['tolerance']:g})")
+    print(f"wrote {r['path']} ({r['format']}): max abs difference from PyTorch {r['max_abs_diff']:.2e} on "
+          f"{r['samples']} {r['check']} samples (tolerance {r['tolerance']:g})")
+    if "fallback_reason" in r:
+        print(f"ONNX was not used: {r['fallback_reason']}")
 
 
 def cmd_deploy(args) -> None:
