@@ -40,6 +40,7 @@ from kiln.data.tabular import Tabular
 from kiln.data.text import Text, TokenData
 from kiln.errors import DataError, KilnError
 from kiln.fsutil import atomic_write
+from kiln.inference import StoredInput
 from kiln.run import Run
 
 FILES = {"onnx": "model.onnx", "torch-export": "model.pt2"}
@@ -52,18 +53,6 @@ OPSET = 18
 RANDOM_SAMPLES = 512
 
 Predict = Callable[[torch.Tensor], np.ndarray]
-
-
-class _StoredInput(torch.nn.Module):
-    """The model behind the data set's own input conversion (for images: uint8 (B, C, H, W) scaled to [0, 1])."""
-
-    def __init__(self, model: torch.nn.Module, to_input) -> None:
-        super().__init__()
-        self.model = model
-        self.to_input = to_input
-
-    def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return self.model(self.to_input(stored))
 
 
 def run_kind(run: Run) -> str:
@@ -226,7 +215,7 @@ def export_run(run_dir: str | Path, format: str = "auto", out: str | Path | None
         raise KilnError(f"--check must be test, val, train or random, not {check!r}")
     run = Run.load(run_dir)
     kind = run_kind(run)
-    wrapped = _StoredInput(run.model, run.dataset.to_input).eval()
+    wrapped = StoredInput(run.model, run.dataset.to_input).eval()
     x = _check_inputs(run, kind, check)
 
     def attempt(name: str) -> dict[str, Any]:
