@@ -44,8 +44,83 @@ def worker_kiln(epochs: int, seed: int, overrides: list[str]) -> dict:
         run = kiln.train(ROOT / "examples" / "mnist_seed.yaml", overrides, out=Path(tmp) / "run", live=False)
         m = run.metrics
         return {"train_seconds": m["train_seconds"], "test_accuracy": m["test"]["accuracy"],
-                "parameters": run.manifest["parameters"], "choices": run.manifest.get("execution", {}),
+                "train_samples": run.manifest["samples"]["train"], "parameters": run.manifest["parameters"], "choices": run.manifest.get("execution", {}),
+                "inference": inference_speed(run), "train_flop_per_sample": train_flop_per_sample(run),
+                "peak_gflops": peak_gflops(),
                 "versions": {"torch": torch.__version__, "kiln": kiln.__version__}}
+
+
+def inference_speed(run) -> dict:
+    """Evaluation (test split, metrics included) and prediction throughput, and batch-1 latency."""
+    import torch
+
+    test_x, _ = run.dataset.load().split("test")
+    start = time.perf_counter()
+    run.evaluate("test")
+    evaluate_s = time.perf_counter() - start
+    start = time.perf_counter()
+    run.predict(test_x)
+    predict_s = time.perf_counter() - start
+    one = test_x[:1]
+    latencies = []
+    for i in range(220):
+        start = time.perf_counter()
+        run.predict(one)
+        if i >= 20:  # after warm-up
+            latencies.append(time.perf_counter() - start)
+    latencies.sort()
+    return {"evaluate_samples_per_s": len(test_x) / evaluate_s, "predict_samples_per_s": len(test_x) / predict_s,
+            "batch1_latency_ms_p50": latencies[len(latencies) // 2] * 1000,
+            "batch1_latency_ms_p99": latencies[int(len(latencies) * 0.99)] * 1000, "threads": torch.get_num_threads()}
+
+
+def train_flop_per_sample(run) -> float:
+    """FLOPs of one training sample (forward and backward), counted by torch's FlopCounterMode on a batch."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = run.dataset.load().split("test")
+    model = run.model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(model(run.dataset.to_input(x[:64])), y[:64]).backward()
+    model.eval()
+    return (counter.get_total_flops() + lstm_train_flops(model, run.dataset.to_input(x[:64]))) / 64
+
+
+def lstm_train_flops(model, x) -> float:
+    """FlopCounterMode does not see the fused CPU LSTM kernel: count its matrix multiplies here,
+    2 * 4H(I + H) per sample and step forward, and twice that backward."""
+    import torch
+
+    shapes = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: shapes.append((m, inp[0].shape)))
+             for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    total = 0.0
+    for m, (b, steps, _) in shapes:  # batch_first
+        per_step = sum(2 * 4 * m.hidden_size * (getattr(m, f"weight_ih_l{k}").shape[1] + m.hidden_size)
+                       for k in range(m.num_layers))
+        total += 3 * per_step * steps * b
+    return total
+
+
+def peak_gflops() -> float:
+    """The machine's fp32 peak as this process's threads see it: the best of a few 2048^3 matrix multiplies."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best / 1e9
 
 
 def worker_eager(epochs: int, seed: int, data_path: str) -> dict:
@@ -178,6 +253,20 @@ def main() -> None:
                            "test_accuracy_median": acc}
         print(f"{system:8s} {secs[0]:7.2f} {med:9.2f} {secs[-1]:7.2f} {TRAIN_SAMPLES / med:10.0f} {acc * 100:17.2f}%")
     ratios = {}
+    if "kiln" in results:
+        rs = results["kiln"]
+        flops = rs[0]["train_flop_per_sample"]
+        achieved = [flops * r["train_samples"] * args.epochs / r["train_seconds"] / 1e9 for r in rs]
+        peaks = [r["peak_gflops"] for r in rs]
+        print(f"\nkiln training: {flops / 1e6:.2f} MFLOP per sample (forward + backward: FlopCounterMode, plus the LSTM), "
+              f"{flops * TRAIN_SAMPLES / 1e12:.3f} TFLOP per epoch; median {statistics.median(achieved):.1f} GFLOP/s "
+              f"= {statistics.median(a / p for a, p in zip(achieved, peaks, strict=True)) * 100:.1f}% of the measured "
+              f"fp32 peak ({statistics.median(peaks):.0f} GFLOP/s, 2048^3 matmul, same threads)")
+        inf = {k: statistics.median(r["inference"][k] for r in rs) for k in rs[0]["inference"]}
+        print(f"kiln inference (median over reps, {inf['threads']:.0f} threads): evaluate {inf['evaluate_samples_per_s']:,.0f} "
+              f"samples/s, predict {inf['predict_samples_per_s']:,.0f} samples/s, batch-1 latency "
+              f"p50 {inf['batch1_latency_ms_p50']:.2f} ms / p99 {inf['batch1_latency_ms_p99']:.2f} ms")
+        summary["kiln"]["inference"] = inf
     if "kiln" in summary:
         for other in [s for s in summary if s != "kiln"]:
             ratios[other] = summary[other]["median"] / summary["kiln"]["median"]

@@ -185,7 +185,7 @@ class Trainer:
 
     def end_epoch(self, train_loss: float, train_acc: float) -> None:
         s = self.state
-        val = self.evaluate("val")
+        val = self.evaluate("val") if len(self.data.val_x) else {}  # data.val_fraction 0: no val split
         record = {"kind": "epoch", "epoch": s.epoch + 1, "step": s.global_step, "train_loss": train_loss,
                   "train_accuracy": train_acc,
                   **{f"val_{k}": v for k, v in val.items() if k in TASK_METRICS[self.dataset.task]},
@@ -193,7 +193,7 @@ class Trainer:
         s.history.append(record)
         self.run_dir.append_metrics(record)
         self.display.end_epoch(f"epoch {s.epoch + 1}/{self.t.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}"
-                               f"  val {headline(val)}")
+                               + (f"  val {headline(val)}" if val else ""))
         self.track_best(record)
         s.epoch, s.step_in_epoch, s.loss_sum, s.correct, s.seen = s.epoch + 1, 0, 0.0, 0, 0
         self.save()
