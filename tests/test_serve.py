@@ -44,6 +44,7 @@ def test_health_ready_model_and_metrics(client, serve_run):
     assert client.get("/readyz").json() == {"status": "ready"}
     info = client.get("/v1/model").json()
     assert info["name"] == "mnist_seed" and info["dataset"] == "mnist" and info["backend"] == "torch"
+    assert info["task"] == "multiclass" and info["outputs"]["kind"] == "class probabilities"
     assert info["inputs"]["shape"] == [1, 28, 28] and info["outputs"]["classes"] == [str(d) for d in range(10)]
     assert info["metrics"]["test"] == kiln.Run.load(serve_run).metrics["test"]
     assert info["parameters"] == 71_268 and len(info["version"]) == 12

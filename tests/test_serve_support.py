@@ -1,4 +1,5 @@
-"""Shared by the serve, export and deploy tests: one small trained MNIST run per session, a live server.
+"""Shared by the serve, export and deploy tests: one small trained MNIST run and one table run per session,
+a live server.
 
 Kept in a module (not a fixture in each file) so the run is trained once however many files use it.
 """
@@ -29,6 +30,21 @@ def trained_run(tmp_path_factory) -> Path:
         kiln.train(ROOT / "examples" / "mnist_seed.yaml", SMALL, out=out, live=False)
         _cache["run"] = out
     return _cache["run"]  # type: ignore[return-value]
+
+
+def trained_table_run(tmp_path_factory) -> Path:
+    """Path of a small binary table run (synthetic loans: numeric, partly missing, categorical and boolean
+    columns; about 2 s to train, once per session). Its decision threshold is chosen for F1 on validation."""
+    if "table" not in _cache:
+        import kiln
+        from test_tabular import synthetic_rows, tabular_config, write_csv
+
+        root = tmp_path_factory.mktemp("serve-table")
+        data = write_csv(root / "loans.csv", synthetic_rows())
+        cfg = tabular_config(data, class_weights="auto", threshold_metric="f1", threads=1)
+        kiln.train(cfg, out=root / "loans", live=False)
+        _cache["table"] = root / "loans"
+    return _cache["table"]  # type: ignore[return-value]
 
 
 def exported_run(tmp_path_factory) -> Path:
@@ -102,3 +118,8 @@ class Server:
 @pytest.fixture(scope="session")
 def serve_run(mnist_root, tmp_path_factory) -> Path:
     return trained_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def table_run(tmp_path_factory) -> Path:
+    return trained_table_run(tmp_path_factory)

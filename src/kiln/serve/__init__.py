@@ -1,7 +1,8 @@
 """``kiln serve``: a trained run as an HTTP microservice (FastAPI + uvicorn).
 
 Needs the ``serve`` extra (``pip install 'kiln[serve]'``). Everything is read from the run directory:
-the model, its input shape and classes, and the request schema published at ``/openapi.json``.
+the model, its inputs (image shape, table columns, text limits) and outputs, and the request schema
+published at ``/openapi.json``.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from kiln.serve.backends import make_backend
 from kiln.serve.batcher import MicroBatcher, Overloaded
 from kiln.serve.inputs import BadInput, inputs_for
 from kiln.serve.metrics import ServeMetrics
+from kiln.serve.outputs import answers_for
 
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
@@ -87,18 +88,6 @@ class ModelRef(BaseModel):
     backend: str
 
 
-class Prediction(BaseModel):
-    label: str
-    index: int
-    probability: float
-    probabilities: dict[str, float]
-
-
-class PredictResponse(BaseModel):
-    model: ModelRef
-    predictions: list[Prediction]
-
-
 def _error_response(err: ApiError) -> JSONResponse:
     body: dict[str, Any] = {"code": err.code, "message": err.message}
     if err.details is not None:
@@ -121,9 +110,15 @@ def _weights_version(run: Run) -> str:
 
 def _validation_details(e: ValidationError) -> list[dict[str, Any]]:
     errors = e.errors(include_url=False, include_context=False, include_input=False)
-    # Union members appear in locations by their tag ("pixels-instance"); users know only the fields.
-    return [{"loc": ".".join(str(p) for p in err["loc"] if not str(p).endswith("-instance")) or "(body)",
-             "type": err["type"], "msg": err["msg"]} for err in errors[:20]]
+    return [{"loc": _location(err["loc"]), "type": err["type"], "msg": err["msg"]} for err in errors[:20]]
+
+
+def _location(loc: tuple) -> str:
+    """``instances.3.age``. Pydantic names union members in locations: by their tag ("pixels-instance"), and
+    below an instance's field by their type ("bool", "constrained-str": a boolean column takes true/false or a
+    string). Users know only the fields, and below a field only list positions (``pixels.0.27``)."""
+    parts = [str(p) for p in loc if not str(p).endswith("-instance")]
+    return ".".join(p for k, p in enumerate(parts) if k < 3 or p.isdigit()) or "(body)"
 
 
 class _Metered:
@@ -174,16 +169,20 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
 
     run = Run.load(run_dir)
     adapter = inputs_for(run.config.data.dataset, run.dataset)
-    backend = make_backend(settings.backend, run, settings.threads)
+    answers = answers_for(run)
+    example = adapter.example()
+    backend = make_backend(settings.backend, run, settings.threads, example)
     version = _weights_version(run)
     model_ref = {"name": run.config.name, "version": version, "backend": backend.name}
-    class_names = run.class_names
     instance = adapter.instance_model()
     request_model = create_model(
         "PredictRequest", __config__=ConfigDict(extra="forbid"),
         instances=(list[instance], Field(min_length=1, max_length=settings.max_instances,
                                          description=f"1 to {settings.max_instances} inputs")),
     )
+    response_model = create_model("PredictResponse", model=(ModelRef, ...),
+                                  predictions=(list[answers.prediction], Field(description="one per instance")))
+    media_types = (JSON_TYPE, MULTIPART_TYPE) if adapter.accepts_files else (JSON_TYPE,)
     state = {"ready": False}
     metrics = ServeMetrics(lambda: batcher.waiting_rows)
     batcher = MicroBatcher(backend, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue_rows,
@@ -191,8 +190,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        c, h, w = adapter.shape if hasattr(adapter, "shape") else (None, None, None)
-        batcher.start(warmup=np.zeros((1, c, h, w), dtype=np.uint8) if c else None)
+        batcher.start(warmup=example)
         model_info["serving"]["runtime"] = backend.mode
         logging.getLogger("uvicorn.error").info("kiln: serving %s with %s", run.config.name, backend.mode)
         state["ready"] = True
@@ -204,7 +202,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
 
     app = FastAPI(title=f"kiln: {run.config.name}", version=version, lifespan=lifespan,
                   description=f"Predictions of the kiln run `{run.config.name}` ({run.config.data.dataset}, "
-                              f"{len(class_names)} classes).")
+                              f"{run.dataset.task}).")
     direct: dict = {}  # filled below, before the first request builds the middleware
     app.add_middleware(_Metered, metrics=metrics, direct=direct)
 
@@ -294,19 +292,17 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
             raise ApiError(422, "too_many_instances", f"{len(files)} files; at most {settings.max_instances}")
         return files
 
-    predict_body = {
-        "required": True,
-        "content": {
-            JSON_TYPE: {"schema": request_model.model_json_schema(ref_template="#/components/schemas/{model}")},
-            MULTIPART_TYPE: {"schema": {
-                "type": "object", "required": ["files"], "additionalProperties": False,
-                "properties": {"files": {"type": "array", "minItems": 1, "maxItems": settings.max_instances,
-                                         "items": {"type": "string", "format": "binary"}}}}},
-        },
-    }
-    defs = predict_body["content"][JSON_TYPE]["schema"].pop("$defs", {})
+    content: dict[str, Any] = {
+        JSON_TYPE: {"schema": request_model.model_json_schema(ref_template="#/components/schemas/{model}")}}
+    if adapter.accepts_files:
+        content[MULTIPART_TYPE] = {"schema": {
+            "type": "object", "required": ["files"], "additionalProperties": False,
+            "properties": {"files": {"type": "array", "minItems": 1, "maxItems": settings.max_instances,
+                                     "items": {"type": "string", "format": "binary"}}}}}
+    predict_body = {"required": True, "content": content}
+    defs = content[JSON_TYPE]["schema"].pop("$defs", {})
 
-    @app.post("/v1/predict", response_model=PredictResponse, summary="Predict classes",
+    @app.post("/v1/predict", response_model=response_model, summary=answers.summary,
               responses=_error_docs(400, 401, 413, 415, 422, 503),
               openapi_extra={"requestBody": predict_body})
     async def predict(request: Request):
@@ -314,22 +310,20 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
         if not state["ready"]:
             raise ApiError(503, "not_ready", "the model is not loaded yet", headers={"Retry-After": "1"})
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype not in (JSON_TYPE, MULTIPART_TYPE):
+        if ctype not in media_types:
             raise ApiError(415, "unsupported_media_type",
-                           f"content type {ctype or '(none)'!r}: send {JSON_TYPE} or {MULTIPART_TYPE}")
+                           f"content type {ctype or '(none)'!r}: send {' or '.join(media_types)}")
         with batcher.arriving():
             batch = await read_batch(request, ctype)
         try:
-            probs = await batcher.predict(batch)
+            results = await batcher.predict(batch)
         except Overloaded as e:
             raise ApiError(503, "overloaded", f"the server is busy ({e}); retry later",
                            headers={"Retry-After": "1"}) from None
-        best = probs.argmax(axis=1)
-        predictions = [
-            {"label": class_names[k], "index": int(k), "probability": round(float(row[k]), 6),
-             "probabilities": {n: round(float(v), 6) for n, v in zip(class_names, row.tolist(), strict=True)}}
-            for row, k in zip(probs, best, strict=True)
-        ]
+        try:
+            predictions = answers.answer(results)
+        except BadInput as e:
+            raise ApiError(422, "invalid_input", str(e), [{"loc": e.where, "msg": e.message}]) from None
         return Response(orjson.dumps({"model": model_ref, "predictions": predictions}), media_type=JSON_TYPE)
 
     direct[("POST", "/v1/predict")] = lambda request: answer_directly(predict, request)
@@ -361,8 +355,9 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
                     if any(d["loc"] == "instances" and d["type"] == "too_long" for d in details):
                         raise ApiError(422, "too_many_instances", f"at most {settings.max_instances} instances "
                                                                   "per request", details) from None
-                    raise ApiError(422, "invalid_request", "the request does not match the schema",
-                                   details) from None
+                    first = details[0]
+                    raise ApiError(422, "invalid_request", f"the request does not match the schema: "
+                                                           f"{first['loc']}: {first['msg']}", details) from None
                 return adapter.from_instances(req.instances)
             return adapter.from_files(await read_files(request, body))
         except BadInput as e:
@@ -373,9 +368,9 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
     except KilnError:
         metrics_at_training = {}
     model_info = {
-        **model_ref, "dataset": run.config.data.dataset, "task": "classification",
+        **model_ref, "dataset": run.config.data.dataset, "task": run.dataset.task,
         "inputs": adapter.describe(),
-        "outputs": {"kind": "class probabilities", "classes": class_names},
+        "outputs": answers.describe(),
         "metrics": metrics_at_training,
         "parameters": run.manifest.get("parameters"),
         "serving": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,

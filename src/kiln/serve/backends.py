@@ -1,4 +1,5 @@
-"""Backends that turn one input batch into class probabilities: PyTorch, or ONNX Runtime.
+"""Backends that turn one input batch into the run's predictions: class probabilities (N, classes), values
+(N,) in the target's units, or texts (N,). PyTorch for every run; ONNX Runtime for image and table runs.
 
 A backend is used from one thread only (the batch worker owns it).
 """
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kiln.data.text import TextPairs, TokenData
 from kiln.errors import KilnError
 from kiln.inference import StoredInput, freeze_for_inference
 from kiln.run import Run
+from kiln.serve.text_inputs import objects
 
 
 class TorchBackend:
@@ -42,10 +45,43 @@ class TorchBackend:
             return self._forward(torch.from_numpy(batch)).numpy()  # one call: the lock is taken once
 
 
+class _TextBackend:
+    """A text run's own eager decoding (nothing to trace: each step's shapes differ)."""
+
+    name = "torch"
+
+    def __init__(self, run: Run, threads: int | None = None) -> None:
+        self.run, self.threads = run, threads
+
+    def start(self, example: np.ndarray | None = None) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+
+class TranslateBackend(_TextBackend):
+    """A ``text_pairs`` run: greedy targets of a batch of source texts (``Run.translate``)."""
+
+    mode = "eager (greedy decoding with a key/value cache)"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return objects(self.run.translate(batch.tolist()))
+
+
+class GenerateBackend(_TextBackend):
+    """A ``text`` run: each prompt with its own sampling settings (``Run.generate`` keyword arguments)."""
+
+    mode = "eager (sampling with a key/value cache)"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return objects([self.run.generate(**request) for request in batch])
+
+
 class OnnxBackend:
     name = "onnx"
+    DTYPES = {np.dtype(np.uint8): "tensor(uint8)", np.dtype(np.float32): "tensor(float)"}
 
-    def __init__(self, model_path: Path, threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, run: Run, threads: int | None = None,
+                 example: np.ndarray | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -57,24 +93,43 @@ class OnnxBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        if example is not None:
+            want = (self.DTYPES.get(example.dtype), list(example.shape[1:]))
+            if (graph_input.type, list(graph_input.shape[1:])) != want:
+                raise KilnError(f"{model_path} takes {graph_input.type} inputs of shape {graph_input.shape[1:]} per "
+                                f"row, but this run's inputs are {want[0]} of shape {want[1]}: the file belongs "
+                                f"to another model. Export this run again: kiln export {model_path.parent}")
+        self.regression = run.dataset.task == "regression"
+        self.target_scale = run.dataset.target_scale
         self.mode = f"onnxruntime {ort.__version__} ({model_path.name})"
 
     def start(self, example: np.ndarray | None = None) -> None:
         pass
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.session.run(None, {self.input_name: batch})[0].astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
+        """What ``Run.from_outputs`` makes of the model's outputs: values, or softmax probabilities."""
+        outputs = self.session.run(None, {self.input_name: batch})[0].astype(np.float64)
+        if self.regression:
+            mean, std = self.target_scale
+            return (outputs[:, 0] * std + mean).astype(np.float32)
+        outputs -= outputs.max(axis=1, keepdims=True)
+        e = np.exp(outputs)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def make_backend(name: str, run: Run, threads: int | None = None):
+def make_backend(name: str, run: Run, threads: int | None = None, example: np.ndarray | None = None):
+    """The backend ``name`` for ``run``; ``example`` (one stored input batch) checks an ONNX file's input."""
+    if isinstance(run.dataset, TokenData):
+        if name != "torch":
+            raise KilnError(f"the {name} backend serves image and table runs; {run.path} is a text run "
+                            f"(data.dataset: {run.config.data.dataset}): serve it with --backend torch")
+        return TranslateBackend(run, threads) if isinstance(run.dataset, TextPairs) else GenerateBackend(run, threads)
     if name == "torch":
         return TorchBackend(run, threads)
     if name == "onnx":
         from kiln.export import ONNX_FILE
 
-        return OnnxBackend(run.path / ONNX_FILE, threads)
+        return OnnxBackend(run.path / ONNX_FILE, run, threads, example)
     raise KilnError(f"backend must be torch or onnx, not {name!r}")

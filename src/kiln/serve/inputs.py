@@ -2,8 +2,9 @@
 
 An adapter turns what a client sends (JSON instances, uploaded files) into the array a backend
 predicts on, and publishes the JSON schema of one instance for ``/openapi.json``. Adapters are
-found by the run's data set name (``INPUTS``), so tabular and text runs plug in with their own.
-Every check happens here, at the boundary: a bad instance raises ``BadInput`` (answered as a 4xx).
+found by the run's data set name (``INPUTS``): images here, tables in :mod:`kiln.serve.table_inputs`,
+texts in :mod:`kiln.serve.text_inputs`. Every check happens at this boundary: a bad instance raises
+``BadInput`` (answered as a 4xx).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class BadInput(Exception):
 
 class InputAdapter(Protocol):
     kind: str
+    accepts_files: bool  # multipart uploads (``from_files``) besides JSON instances
 
     def instance_model(self) -> type[BaseModel]:
         """The pydantic model of one JSON instance; its schema goes in the OpenAPI document."""
@@ -44,7 +46,10 @@ class InputAdapter(Protocol):
         the schema instead (which names what is wrong)."""
 
     def from_files(self, files: list[tuple[str, bytes]]) -> np.ndarray:
-        """Uploaded (filename, content) pairs to one batch."""
+        """Uploaded (filename, content) pairs to one batch (only where ``accepts_files``)."""
+
+    def example(self) -> np.ndarray | None:
+        """One typical input batch, to trace and warm the backend with; ``None`` where there is nothing to trace."""
 
     def describe(self) -> dict[str, Any]:
         """What the model takes, for ``GET /v1/model``."""
@@ -63,6 +68,9 @@ def register_inputs(*dataset_names: str):
 
 
 def inputs_for(dataset_name: str, dataset: Any) -> InputAdapter:
+    import kiln.serve.table_inputs  # noqa: F401  (registers "tabular")
+    import kiln.serve.text_inputs  # noqa: F401  (registers "text" and "text_pairs")
+
     if dataset_name not in INPUTS:
         raise KilnError(f"serving runs of the {dataset_name!r} data set is not supported yet; "
                         f"servable data sets: {', '.join(sorted(INPUTS))}")
@@ -85,6 +93,7 @@ class ImageInputs:
     """
 
     kind = "image"
+    accepts_files = True
 
     def __init__(self, dataset: Any) -> None:
         self.shape = tuple(dataset.input_shape)  # (C, H, W)
@@ -155,6 +164,9 @@ class ImageInputs:
         for i, (name, data) in enumerate(files):
             out[i] = self._decode(data, f"files.{i} ({name})")
         return out
+
+    def example(self) -> np.ndarray:
+        return np.zeros((1, *self.shape), dtype=np.uint8)
 
     def describe(self) -> dict[str, Any]:
         c, h, w = self.shape

@@ -1,0 +1,109 @@
+"""What ``POST /v1/predict`` answers for each instance, by the run's task.
+
+The backend gives one result per instance: class probabilities (classification), a value in the
+target's units (regression), or a text (language and sequence-to-sequence runs). An answerer turns
+them into the JSON of each prediction and publishes that prediction's schema for ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from kiln.run import Run
+from kiln.serve.inputs import BadInput
+
+NOT_FINITE = ("the model's output is not a finite number; an input value is probably far outside the range "
+              "of the training data")
+
+
+class ClassPrediction(BaseModel):
+    label: str
+    index: int = Field(description="the label's index in the model's classes")
+    probability: float = Field(description="the label's probability")
+    probabilities: dict[str, float]
+
+
+class ValuePrediction(BaseModel):
+    value: float = Field(description="the predicted value, in the target column's units")
+
+
+class TextPrediction(BaseModel):
+    text: str = Field(description="the text the model wrote (without the prompt or source)")
+
+
+class ClassAnswers:
+    """Classes with probabilities. A binary run picks its positive class when that class's probability
+    reaches the decision threshold chosen on validation in training (as ``Run.predict_rows`` does)."""
+
+    prediction = ClassPrediction
+    summary = "Predict classes"
+
+    def __init__(self, run: Run) -> None:
+        self.task = run.dataset.task
+        self.names = run.class_names
+        self.threshold = run.threshold if self.task == "binary" else None
+
+    def answer(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        _check_finite(probs.reshape(len(probs), -1))
+        if self.threshold is None:
+            chosen = probs.argmax(axis=1)
+        else:
+            chosen = (probs[:, 1] >= self.threshold).astype(np.int64)
+        names = self.names
+        return [{"label": names[k], "index": int(k), "probability": round(float(row[k]), 6),
+                 "probabilities": {n: round(float(v), 6) for n, v in zip(names, row.tolist(), strict=True)}}
+                for row, k in zip(probs, chosen, strict=True)]
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"kind": "class probabilities", "classes": self.names}
+        if self.threshold is not None:
+            info |= {"positive": self.names[1], "threshold": self.threshold}
+        return info
+
+
+class ValueAnswers:
+    prediction = ValuePrediction
+    summary = "Predict values"
+
+    def __init__(self, run: Run) -> None:
+        self.task = "regression"
+        self.target = run.dataset.prep.target.name
+
+    def answer(self, values: np.ndarray) -> list[dict[str, Any]]:
+        _check_finite(values.reshape(len(values), -1))
+        return [{"value": float(v)} for v in values.tolist()]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "value", "target": self.target}
+
+
+class TextAnswers:
+    prediction = TextPrediction
+
+    def __init__(self, run: Run) -> None:
+        self.task = run.dataset.task  # lm | seq2seq
+        self.summary = "Generate text" if self.task == "lm" else "Translate text"
+
+    def answer(self, texts: np.ndarray) -> list[dict[str, Any]]:
+        return [{"text": str(t)} for t in texts]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "text", "meaning": "text after the prompt" if self.task == "lm" else "the target text"}
+
+
+def answers_for(run: Run) -> ClassAnswers | ValueAnswers | TextAnswers:
+    task = run.dataset.task
+    if task == "regression":
+        return ValueAnswers(run)
+    if task in ("lm", "seq2seq"):
+        return TextAnswers(run)
+    return ClassAnswers(run)
+
+
+def _check_finite(results: np.ndarray) -> None:
+    bad = np.flatnonzero(~np.isfinite(results).all(axis=1))
+    if len(bad):
+        raise BadInput(f"instances.{int(bad[0])}", NOT_FINITE)
