@@ -188,7 +188,7 @@ def main() -> None:
                    choices=["kiln-torch", "kiln-onnx", "plain-fastapi"])
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
-    p.add_argument("--out", default="bench_serve.json", help="JSON results (default: bench_serve.json)")
+    p.add_argument("--out", help="JSON results (default: benchmarks/results/serve-<UTC time>.json)")
     p.add_argument("--plain-server", nargs=2, metavar=("RUN", "PORT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.plain_server:
@@ -235,8 +235,11 @@ def main() -> None:
             if (name, top) in by and by[("plain-fastapi", top)]["rps"]:
                 print(f"{name} / plain at c={top}: {by[(name, top)]['rps'] / by[('plain-fastapi', top)]['rps']:.1f}x "
                       "requests/s")
-    Path(args.out).write_text(json.dumps({"environment": env, "settings": settings, "results": results}, indent=1))
-    print(f"wrote {args.out}")
+    out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results" /
+                                           f"serve-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": env, "settings": settings, "results": results}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
