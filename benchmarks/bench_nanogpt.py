@@ -200,11 +200,60 @@ def run_worker(name: str, seed: int, threads: int | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def compute_floor(threads: int | None) -> dict:
+    """The least time this configuration can take here: its FLOPs (counted by FlopCounterMode on kiln's
+    model: one training step forward and backward, and one evaluation forward pass) over the machine's
+    best measured fp32 matrix-multiply rate at the same thread count. No implementation beats it in fp32."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kiln.config import load_config
+    from kiln.nn import build_model
+    from kiln.run import RunDir
+    from kiln.train.loop import setup
+
+    if threads:
+        torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, dataset, _, _ = setup(load_config(CONFIG), RunDir(Path(tmp) / "floor"), False)
+    model = build_model(cfg.blocks, dataset.input_shape)
+    x = torch.randint(0, dataset.tokenizer.vocab_size, (BATCH, BLOCK))
+    train = FlopCounterMode(display=False)
+    with train:
+        F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+    evaluate = FlopCounterMode(display=False)
+    with evaluate, torch.no_grad():
+        model(x)
+    evals = ITERS // EVAL_EVERY + 1
+    total = ITERS * train.get_total_flops() + evals * 2 * EVAL_ITERS * evaluate.get_total_flops()
+    rates = {}
+    for m, k, n in ((2048, 2048, 2048), (BATCH * BLOCK, N_EMBD, 4 * N_EMBD), (BATCH * BLOCK, 4 * N_EMBD, N_EMBD)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        reps = max(3, int(2e10 / (2 * m * k * n)))
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best = min(best, (time.perf_counter() - start) / reps)
+        rates[f"{m}x{k}x{n}"] = 2 * m * k * n / best / 1e9
+    a16 = torch.randn(1024, 1024, dtype=torch.bfloat16)
+    start = time.perf_counter()
+    a16 @ a16
+    bf16 = 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+    peak = max(rates.values())
+    return {"tflop": total / 1e12, "train_gflop_per_step": train.get_total_flops() / 1e9, "fp32_gflops": rates,
+            "bf16_gflops_1024": bf16, "floor_seconds": total / (peak * 1e9), "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=2, help="runs of each system, alternating (default 2)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: PyTorch's)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--floor", action="store_true", help="only print the compute floor of the configuration")
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -221,6 +270,14 @@ def main() -> None:
     print(f"config: {N_LAYER} layers, {N_HEAD} heads, width {N_EMBD}, context {BLOCK}, batch {BATCH}, {ITERS} iterations, "
           f"AdamW {LR} -> {MIN_LR} (warm-up {WARMUP}), wd {WD}, clip {CLIP}, eval {EVAL_ITERS} batches/split every "
           f"{EVAL_EVERY}")
+    floor = compute_floor(args.threads)
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in floor["fp32_gflops"].items())
+    print(f"compute floor: {floor['tflop']:.2f} TFLOP in all ({floor['train_gflop_per_step']:.2f} GFLOP per training "
+          f"step, evaluations included); fp32 matmul GFLOP/s at {floor['threads']} threads: {rates}; bf16 "
+          f"{floor['bf16_gflops_1024']:.1f}; so at least {floor['floor_seconds']:.0f} s at the best fp32 rate",
+          flush=True)
+    if args.floor:
+        return
     results: dict[str, list[dict]] = {"plain": [], "kiln": []}
     for rep in range(args.reps):
         for name in ("plain", "kiln"):
@@ -240,7 +297,8 @@ def main() -> None:
     print("\nkiln sample (temperature 0.8, top-k 40, seed 1):\n" + results["kiln"][-1]["sample"])
     out = HERE / "results" / f"nanogpt-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "results": results}, indent=2))
+    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "compute_floor": floor,
+                               "results": results}, indent=2))
     print(f"\nwrote {out}")
 
 
