@@ -48,3 +48,16 @@ def test_split_seed_fixes_the_split_while_the_run_seed_varies(mnist_root):
     assert torch.equal(fixed, val_images(2, {"split_seed": 7}))
     assert torch.equal(fixed, val_images(7, {}))
     assert not torch.equal(val_images(1, {}), val_images(2, {}))
+
+
+def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch):
+    from kiln.train import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
+    chosen = precision.pick_precision("auto", cpu)
+    assert chosen.name == "fp32" and "without AVX-512 BF16 or AMX" in chosen.reason
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "avx512f", "amx_bf16", "amx_tile"})
+    chosen = precision.pick_precision("auto", cpu)
+    assert chosen.name == "bf16" and "amx_bf16" in chosen.reason
+    assert precision.pick_precision("fp32", cpu).reason == "set in the config"  # a config forces either way

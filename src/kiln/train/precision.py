@@ -46,8 +46,28 @@ def pick_precision(requested: str, device: torch.device) -> Precision:
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", "auto: CUDA device with bf16 support", "cuda")
         return Precision("fp16", "auto: CUDA device without bf16; fp16 with loss scaling", "cuda")
-    # Measured on this project's CPUs: eager bf16 autocast is slower than fp32 for small models.
-    return Precision("fp32", "auto: CPU, where eager bf16 autocast measured slower than fp32", device.type)
+    bf16_flags = sorted(cpu_flags() & BF16_CPU_FLAGS)
+    if bf16_flags:
+        return Precision("bf16", f"auto: CPU with native bf16 matrix units ({', '.join(bf16_flags)})", device.type)
+    # Without them bf16 matrix multiplies fall back to slow paths: 0.3 to 1 GFLOP/s against about 110 GFLOP/s
+    # in fp32 on this project's 2-core AVX2 CPUs.
+    return Precision("fp32", "auto: CPU without AVX-512 BF16 or AMX, where bf16 measured far slower than fp32",
+                     device.type)
+
+
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo names of native bf16 dot products / tiles
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def pick_fuse(requested: str, device: torch.device) -> tuple[bool, str]:
