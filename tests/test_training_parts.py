@@ -61,3 +61,16 @@ def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch):
     chosen = precision.pick_precision("auto", cpu)
     assert chosen.name == "bf16" and "amx_bf16" in chosen.reason
     assert precision.pick_precision("fp32", cpu).reason == "set in the config"  # a config forces either way
+
+
+def test_weight_decay_spares_biases_and_norm_scales():
+    from types import SimpleNamespace
+
+    from kiln.train.optim import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Embedding(5, 3))
+    cfg = SimpleNamespace(name="adamw", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    groups = make_optimizer(model, cfg, torch.device("cpu")).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert decayed == {id(model[0].weight), id(model[2].weight)}  # matrices and embeddings only
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

@@ -34,7 +34,17 @@ def sgd(params, cfg, device):
 
 
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.name)(model.parameters(), cfg, device)
+    return OPTIMIZERS.get(cfg.name)(param_groups(model, cfg.weight_decay), cfg, device)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings only, not on biases and normalisation scales (as GPT-2 and
+    nanoGPT train): pulling those towards zero does not regularise, it only shrinks the layer's output."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 # A schedule maps (step, total_steps, cfg) to a multiplier of the base learning rate.

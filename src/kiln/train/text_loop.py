@@ -22,10 +22,9 @@ from kiln.errors import RunDirError
 from kiln.fsutil import atomic_write_text
 from kiln.generate import check_left_to_right, translate_ids
 from kiln.nn import KilnModel, build_model
-from kiln.registry import OPTIMIZERS
 from kiln.run import Run, RunDir
 from kiln.train.checkpoint import load_checkpoint, save_checkpoint, save_weights
-from kiln.train.optim import backward_and_step, make_scheduler
+from kiln.train.optim import backward_and_step, make_optimizer, make_scheduler
 from kiln.train.precision import Precision
 from kiln.train.progress import TrainProgress
 
@@ -46,11 +45,7 @@ class TextTrainer:
         self.model, self.device, self.precision, self.display = model, device, precision, display
         self.pairs = isinstance(dataset, TextPairs)
         self.splits = {name: tuple(part.to(device) for part in data.split(name)) for name in ("train", "val")}
-        # Weight decay on matrices and embeddings only, not on biases and norm scales (as GPT-2 and nanoGPT).
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2]},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = OPTIMIZERS.get(self.t.optimizer.name)(groups, self.t.optimizer, device)
+        self.optimizer = make_optimizer(model, self.t.optimizer, device)
         self.scheduler = make_scheduler(self.optimizer, self.t.schedule, self.t.steps)
         self.scaler = precision.grad_scaler()
         self.step, self.train_seconds, self.history = 0, 0.0, []
