@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.errors import ConfigError
+from kiln.hardware import cpu_flags
 
 
 def pick_device(requested: str) -> torch.device:
@@ -56,18 +57,6 @@ def pick_precision(requested: str, device: torch.device) -> Precision:
 
 
 BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo names of native bf16 dot products / tiles
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def pick_fuse(requested: str, device: torch.device) -> tuple[bool, str]:
