@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.nn import native
 from kiln.nn.blocks.conv import ConvBlock
 
 MAX_PATCH = 32  # values per convolution output (C * kh * kw) up to which the patch matmul wins
@@ -32,6 +33,10 @@ class ConvPool(nn.Module):
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, F, H'', W''), channels-last
+        if _native_applies(x, self.pool):
+            y = NativeConvPool.apply(x.contiguous(), self.conv.weight, self.conv.bias, _pair(self.pool.kernel_size)[0])
+            y = y.permute(0, 3, 1, 2)
+            return torch.relu(y) if self.relu else y
         b, c, h, w = x.shape
         kh, kw = self.conv.kernel_size
         oh, ow = h - kh + 1, w - kw + 1
@@ -45,6 +50,54 @@ class ConvPool(nn.Module):
         y = y.view(b, oh, ow, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         y = F.max_pool2d(y, self.pool.kernel_size, self.pool.stride)
         return torch.relu(y) if self.relu else y
+
+
+def _native_applies(x: torch.Tensor, pool: nn.MaxPool2d) -> bool:
+    """The C kernel covers CPU float32 inputs that need no gradient (a first layer), with the pool's
+    stride equal to its size; everything else takes the PyTorch path."""
+    size, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and size == stride
+            and size[0] == size[1] and native.load()[0] is not None and not torch.is_autocast_enabled("cpu"))
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class NativeConvPool(torch.autograd.Function):
+    """conv2d (stride 1, no padding) then max-pool (stride = size) with the C kernel of ``kiln.nn.native``;
+    gives the pooled map channels-last (B, H'', W'', F), before any ReLU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
+        lib, _ = native.load()
+        b, c, h, w = x.shape
+        f, _, kh, kw = weight.shape
+        ctx.p = p
+        ph, pw = (h - kh + 1) // p, (w - kw + 1) // p
+        wt = weight.detach().reshape(f, c * kh * kw).t().contiguous().float()
+        bias_t = bias.detach().contiguous().float() if bias is not None else None
+        out = torch.empty(b, ph, pw, f)
+        arg = torch.empty(b, ph, pw, f, dtype=torch.uint8)
+        lib.convpool_forward(x.data_ptr(), wt.data_ptr(), bias_t.data_ptr() if bias_t is not None else None,
+                             out.data_ptr(), arg.data_ptr(), b, c, h, w, kh, kw, f, p,
+                             torch.get_num_threads())
+        ctx.save_for_backward(x, arg)
+        ctx.weight_shape, ctx.has_bias = weight.shape, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        lib, _ = native.load()
+        x, arg = ctx.saved_tensors
+        b, c, h, w = x.shape
+        f, _, kh, kw = ctx.weight_shape
+        g = grad.contiguous().float()
+        dw = torch.empty(c * kh * kw, f)
+        db = torch.empty(f)
+        lib.convpool_backward(x.data_ptr(), g.data_ptr(), arg.data_ptr(), dw.data_ptr(), db.data_ptr(),
+                              b, c, h, w, kh, kw, f, ctx.p, torch.get_num_threads())
+        return None, dw.t().reshape(ctx.weight_shape), db if ctx.has_bias else None, None
 
 
 def _fusable(conv_block: nn.Module, pool: nn.Module) -> bool:
