@@ -76,11 +76,10 @@ def inference_speed(run) -> dict:
 
 def train_flop_per_sample(run) -> float:
     """FLOPs of one training sample (forward and backward), counted by torch's FlopCounterMode on a batch."""
-    import torch
+    from unittest import mock
+
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
-
-    from unittest import mock
 
     from kiln.nn import fuse
 

@@ -57,15 +57,22 @@ class ConvPool(nn.Module):
 
 
 def _native_applies(x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d) -> bool:
-    """The C kernel covers CPU float32 inputs that need no gradient (a first layer), with a square pool
-    whose stride is its size; everything else takes the PyTorch path."""
+    """The C kernel covers CPU float32 inputs that need no gradient (a first layer); everything else
+    takes the PyTorch path."""
     if type(x) is not torch.Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False  # exporters and tracers record PyTorch operators; they cannot see into the C kernel
-    size, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and size == stride
-            and size[0] == size[1] and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+            and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
         return False
-    return native.load(conv.in_channels, *conv.kernel_size, conv.out_channels, size[0])[0] is not None
+    return _native_kernel(conv, pool)[0] is not None
+
+
+def _native_kernel(conv: nn.Conv2d, pool: nn.MaxPool2d):
+    """(library or None, how) for this layer pair: the kernel covers square pools whose stride is their size."""
+    size, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    if size != stride or size[0] != size[1]:
+        return None, "no native kernel for overlapping or non-square pools"
+    return native.load(conv.in_channels, *conv.kernel_size, conv.out_channels, size[0])
 
 
 def _pair(v) -> tuple[int, int]:
@@ -127,9 +134,7 @@ def fuse(model: nn.Module) -> list[str]:
             conv, pool = blocks[i].conv, blocks[i + 1]
             blocks[i] = ConvPool(conv, isinstance(blocks[i].act, nn.ReLU), pool)
             blocks[i + 1] = nn.Identity()
-            size, stride = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
-            how = (native.load(conv.in_channels, *conv.kernel_size, conv.out_channels, size[0])[1]
-                   if size == stride and size[0] == size[1] else "no native kernel for overlapping pools")
+            how = _native_kernel(conv, pool)[1]
             done.append(f"blocks {i}-{i + 1}: conv2d+maxpool2d fused; first-layer training steps in one pass "
                         f"of a C kernel where available ({how}), else patch matmul, channels-last pool, "
                         "ReLU after pool")

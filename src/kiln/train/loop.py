@@ -289,6 +289,29 @@ def setup(cfg: Config, run_dir: RunDir, resume: bool) -> tuple[Config, Dataset, 
     return resolve(cfg, dataset), dataset, device, precision
 
 
+def check_run_dir(run_dir: RunDir, cfg: Config, resume: bool) -> None:
+    """Before anything is written: a new run needs a free directory, a resumed one a matching config."""
+    if resume:
+        _check_resumable(run_dir, cfg)
+    else:
+        run_dir.check_new()
+
+
+def start_run_dir(run_dir: RunDir, cfg: Config, dataset: Dataset, data, device: torch.device, precision: Precision,
+                  model: KilnModel, execution: dict[str, Any], resume: bool, display: TrainProgress) -> dict:
+    """Write what every run starts with (config and data set files when new, the manifest), log the data
+    set's report, and return the manifest."""
+    if not resume:
+        run_dir.create()
+        atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())
+        dataset.save(run_dir.path)
+    for line in dataset.report():
+        display.log(line)
+    manifest = _manifest(cfg, data, device, precision, model, execution)
+    run_dir.write_json(RunDir.MANIFEST, manifest)
+    return manifest
+
+
 def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] | list[str] | None = None, *,
           out: str | os.PathLike | None = None, resume: bool = False, live: bool | None = None) -> Run:
     """Train a model from a config and return the finished :class:`Run`.
@@ -308,23 +331,12 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     model = build_model(cfg.blocks, dataset.input_shape).to(device)
     use_fuse, fuse_reason = pick_fuse(cfg.train.fuse, device)
     execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
-    if resume:
-        _check_resumable(run_dir, cfg)
-    else:
-        run_dir.check_new()
+    check_run_dir(run_dir, cfg, resume)
     display = TrainProgress(cfg.train.epochs, live=live)
     data = dataset.load(progress=display.log)
     if len(data.train_x) == 0:
         raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
-
-    if not resume:
-        run_dir.create()
-        atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())
-        dataset.save(run_dir.path)
-    for line in dataset.report():
-        display.log(line)
-    manifest = _manifest(cfg, data, device, precision, model, execution)
-    run_dir.write_json(RunDir.MANIFEST, manifest)
+    manifest = start_run_dir(run_dir, cfg, dataset, data, device, precision, model, execution, resume, display)
     trainer = Trainer(cfg, run_dir, dataset, data, model, device, precision, display)
     if resume:
         trainer.restore()

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from kiln.config import Config
 from kiln.data.text import IGNORE, TextPairs, TokenData
 from kiln.errors import RunDirError
-from kiln.fsutil import atomic_write_text
 from kiln.generate import check_left_to_right, translate_ids
 from kiln.nn import KilnModel, build_model
 from kiln.run import Run, RunDir
@@ -194,26 +193,17 @@ def exact_matches(model: KilnModel, dataset: TextPairs, x: torch.Tensor, y: torc
 
 def train_text(cfg: Config, run_dir: RunDir, resume: bool, live: bool | None) -> Run:
     """:func:`kiln.train` for text data sets."""
-    from kiln.train.loop import _check_resumable, _manifest, setup
+    from kiln.train.loop import check_run_dir, setup, start_run_dir
 
     cfg, dataset, device, precision = setup(cfg, run_dir, resume)
     check_left_to_right(cfg.blocks)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.blocks, dataset.input_shape).to(device)
-    if resume:
-        _check_resumable(run_dir, cfg)
-    else:
-        run_dir.check_new()
+    check_run_dir(run_dir, cfg, resume)
     display = TrainProgress(1, live=live)
     data = dataset.load(progress=display.log)
-    if not resume:
-        run_dir.create()
-        atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())
-        dataset.save(run_dir.path)
-    for line in dataset.report():
-        display.log(line)
-    manifest = _manifest(cfg, data, device, precision, model, {"fuse": [], "fuse_reason": "not used for text"})
-    run_dir.write_json(RunDir.MANIFEST, manifest)
+    manifest = start_run_dir(run_dir, cfg, dataset, data, device, precision, model,
+                             {"fuse": [], "fuse_reason": "not used for text"}, resume, display)
     trainer = TextTrainer(cfg, run_dir, dataset, data, model, device, precision, display)
     if resume:
         trainer.restore()
