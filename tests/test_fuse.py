@@ -96,3 +96,83 @@ def test_tracing_takes_the_pytorch_operators(fresh_native):
         traced = torch.jit.trace(fused, x)  # would record nothing of a C call
         other = torch.rand(7, 1, 28, 28)
         assert torch.allclose(traced(other), fused(other), atol=1e-5)
+
+
+def _encoder_pair(dropout=0.0, steps=13, heads=2):
+    from kiln.nn.blocks.transformer import TransformerEncoder
+
+    torch.manual_seed(0)
+    plain = build_model([TransformerEncoder(heads=heads, ff=24, dropout=dropout)], (steps, 10))
+    return plain, copy.deepcopy(plain)
+
+
+@pytest.mark.parametrize(("steps", "heads"), [(13, 2), (5, 1), (9, 5)])
+def test_native_attention_matches_plain_encoder(fresh_native, steps, heads):
+    from kiln.nn.fuse import NativeSelfAttention
+    from kiln.nn.native_attention import load
+
+    plain, fused = _encoder_pair(steps=steps, heads=heads)
+    assert any("attention" in line for line in fuse(fused))
+    assert isinstance(fused.blocks[0].attn, NativeSelfAttention)
+    assert plain.state_dict().keys() == fused.state_dict().keys()
+    assert load(steps, heads, 10 // heads)[0] is not None
+    x = torch.randn(6, steps, 10) * 3  # peaked softmax rows as well as flat ones
+    g = torch.randn(6, steps, 10)
+    (plain(x) * g).sum().backward()
+    out = fused(x)
+    (out * g).sum().backward()
+    assert torch.allclose(plain(x), out, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), name
+
+
+def test_native_attention_leaves_dropout_long_sequences_and_tracing_to_pytorch(fresh_native, monkeypatch):
+    from kiln.nn import native_attention
+
+    calls = []
+    apply = native_attention.NativeAttention.apply
+    monkeypatch.setattr(native_attention.NativeAttention, "apply", lambda *a: calls.append(a) or apply(*a))
+    _, dropped = _encoder_pair(dropout=0.2)
+    fuse(dropped)
+    dropped(torch.randn(2, 13, 10))  # dropout in training: the kernel has none
+    _, long = _encoder_pair(steps=native_attention.MAX_STEPS + 1)
+    fuse(long)
+    long(torch.randn(2, native_attention.MAX_STEPS + 1, 10))
+    _, traced = _encoder_pair()
+    fuse(traced)
+    with torch.no_grad():
+        graph = torch.jit.trace(traced.eval(), torch.randn(2, 13, 10), check_trace=False).inlined_graph
+    assert calls == []
+    assert "scaled_dot_product_attention" in str(graph)
+    dropped.eval()(torch.randn(2, 13, 10))  # evaluation: no dropout, so the kernel runs
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(("units", "steps"), [(50, "all"), (6, "last"), (16, "all")])
+def test_native_lstm_matches_pytorch_lstm(fresh_native, units, steps):
+    from kiln.nn.blocks.recurrent import LSTM
+    from kiln.nn.fuse import NativeRecurrent
+    from kiln.nn.native_lstm import load
+
+    torch.manual_seed(0)
+    plain = build_model([LSTM(units=units, steps=steps)], (9, 7))
+    fused = copy.deepcopy(plain)
+    assert any("LSTM" in line for line in fuse(fused))
+    assert isinstance(fused.blocks[0], NativeRecurrent) and load(units)[0] is not None
+    assert plain.state_dict().keys() == fused.state_dict().keys()
+    x = torch.randn(5, 9, 7) * 2  # saturating gates as well as linear ones
+    g = torch.randn(5, *plain.output_shape)
+    (plain(x) * g).sum().backward()
+    out = fused(x)
+    (out * g).sum().backward()
+    assert torch.allclose(plain(x), out, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), name
+
+
+def test_native_lstm_leaves_stacked_and_bidirectional_lstms_alone():
+    from kiln.nn.blocks.recurrent import LSTM
+
+    for spec in (LSTM(units=4, layers=2), LSTM(units=4, bidirectional=True)):
+        model = build_model([spec], (9, 7))
+        assert not any("LSTM" in line for line in fuse(model))

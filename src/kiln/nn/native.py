@@ -1,17 +1,19 @@
-"""A small C kernel for the fused conv2d + max-pool front end, compiled here with the system's C compiler.
+"""Small C kernels, compiled here with the system's C compiler, for the parts of a training step that
+PyTorch runs as many small, memory-bound operators.
 
-The front end of the seed model (a 3x3 convolution of a grey image, then a 2x2 max-pool) is the
-largest part of a training step when written with PyTorch operators: the full-resolution convolution
-output (B, 26, 26, 32) is written, read by the pool, and zero-filled and scattered into again for the
-backward pass, all memory-bound. This kernel computes, per pooling window, the convolution at each of
-the window's positions in registers and keeps only the maximum and which position gave it (first
-position on ties, as ``max_pool2d`` does). The backward pass then needs only that position's input
-patch for the weight gradient. Neither pass materialises the full-resolution map.
+- ``convpool``: the fused conv2d + max-pool front end of the seed model (a 3x3 convolution of a grey
+  image, then a 2x2 max-pool). Written with PyTorch operators, the full-resolution convolution output
+  (B, 26, 26, 32) is written, read by the pool, and zero-filled and scattered into again for the
+  backward pass. This kernel computes, per pooling window, the convolution at each of the window's
+  positions in registers and keeps only the maximum and which position gave it (first position on
+  ties, as ``max_pool2d`` does). The backward pass then needs only that position's input value for the
+  weight gradient. Neither pass materialises the full-resolution map.
+- ``attention``: see ``kiln.nn.native_attention``.
 
-The source is compiled once per machine into the kiln cache (``-O3 -march=native``: the machine that
-compiles is the one that runs it) and loaded with ctypes, which releases Python's lock during a call.
-Where there is no C compiler, or compiling fails, ``load()`` returns ``None`` with the reason and
-callers keep the PyTorch path.
+Each source is compiled once per machine and shape into the kiln cache (``-O3 -march=native``: the
+machine that compiles is the one that runs it; the shape is a compile-time constant, so loops unroll)
+and loaded with ctypes, which releases Python's lock during a call. Where there is no C compiler, or
+compiling fails, the loaders return ``None`` with the reason and callers keep the PyTorch path.
 """
 
 from __future__ import annotations
@@ -27,60 +29,86 @@ from pathlib import Path
 
 from kiln.hardware import cpu_flags
 
-SOURCE = r"""
+CONVPOOL_SOURCE = r"""
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-/* Compiled once per layer shape: NC input channels, KH x KW kernel, NF filters, NP x NP pooling (-D flags),
-   so that the compiler unrolls the patch and keeps a position's NF sums in vector registers. */
+/* Compiled once per layer shape: NC input channels, KH x KW kernel, NF filters, NP x NP pooling (-D flags).
+   Filters are handled eight at a time in GCC vector types (one AVX register, two SSE or NEON ones), so
+   that a position's sums stay in registers and each input value is loaded once and broadcast. */
 #define K (NC * KH * KW)
+#define NV ((NF + 7) / 8)  /* filter vectors; the last one is zero-padded when NF is not a multiple of 8 */
 
-/* x: (B, NC, H, W) float32; w: (K, NF), rows in (c, ky, kx) order; bias: (NF).
-   out: (B, PH, PW, NF) = max over each NP x NP window of the stride-1 valid convolution; arg: the window
-   position (dy * NP + dx) of that maximum, the first one on ties (NaN wins, as in max_pool2d).
-   Images are split over `threads` OpenMP threads; each output is computed by one thread alone. */
-void convpool_forward(const float *restrict x, const float *restrict w, const float *restrict bias,
-                      float *restrict out, unsigned char *restrict arg, int B, int H, int W, int threads) {
-    const int PH = (H - KH + 1) / NP, PW = (W - KW + 1) / NP;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; b++)
-        for (int i = 0; i < PH; i++)
-            for (int j = 0; j < PW; j++) {
-                float best[NF];
-                unsigned char pos[NF];
-                for (int q = 0; q < NP * NP; q++) {
-                    const int y = i * NP + q / NP, xx = j * NP + q % NP;
-                    float patch[K], acc[NF];
-                    int k = 0;
-                    for (int c = 0; c < NC; c++)
-                        for (int ky = 0; ky < KH; ky++)
-                            for (int kx = 0; kx < KW; kx++)
-                                patch[k++] = x[(((long)b * NC + c) * H + y + ky) * W + xx + kx];
-                    for (int f = 0; f < NF; f++) acc[f] = bias[f];
-                    for (k = 0; k < K; k++)
-                        for (int f = 0; f < NF; f++) acc[f] += patch[k] * w[k * NF + f];
-                    for (int f = 0; f < NF; f++) {  /* branch-free, so that it vectorises */
-                        const float v = acc[f], m = best[f];
-                        const int better = (q == 0) | (v > m) | ((v != v) & (m == m));
-                        best[f] = better ? v : m;
-                        pos[f] = better ? (unsigned char)q : pos[f];
-                    }
-                }
-                const long o = (((long)b * PH + i) * PW + j) * NF;
-                memcpy(out + o, best, sizeof(best));
-                memcpy(arg + o, pos, sizeof(pos));
-            }
+typedef float vf __attribute__((vector_size(32)));
+typedef int vi __attribute__((vector_size(32)));
+typedef unsigned char vb __attribute__((vector_size(8)));
+
+static inline vf load_filters(const float *p, int v) {  /* NF floats from p, as vector v, zero-padded */
+    vf r = {0};
+    memcpy(&r, p + v * 8, (v * 8 + 8 <= NF ? 8 : NF - v * 8) * sizeof(float));
+    return r;
 }
 
-/* g: (B, PH, PW, NF) gradient of out. dw: (K, NF) and db: (NF) are overwritten. Each thread sums a fixed
-   range of images in its own buffer and the buffers are added in thread order: one thread count, one result. */
-void convpool_backward(const float *restrict x, const float *restrict g, const unsigned char *restrict arg,
-                       float *restrict dw, float *restrict db, int B, int H, int W, int threads) {
+static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* x: (B, NC, H, W) float32; w: (K, NF), rows in (c, ky, kx) order; bias: (NF).
+   out: (B, PH, PW, NF) = max over each NP x NP window of the stride-1 valid convolution, then ReLU if `relu`;
+   arg: the window position (dy * NP + dx) of that maximum, the first one on ties (NaN wins, as in max_pool2d).
+   Images are split over `threads` OpenMP threads; each output is computed by one thread alone. */
+void convpool_forward(const float *restrict x, const float *restrict w, const float *restrict bias,
+                      float *restrict out, unsigned char *restrict arg, int B, int H, int W, int threads, int relu) {
     const int PH = (H - KH + 1) / NP, PW = (W - KW + 1) / NP;
-    float part[threads][(K + 1) * NF];
-    memset(part, 0, sizeof(part));
+    vf wv[K * NV], bv[NV];
+    for (int k = 0; k < K; k++)
+        for (int v = 0; v < NV; v++) wv[k * NV + v] = load_filters(w + k * NF, v);
+    for (int v = 0; v < NV; v++) bv[v] = load_filters(bias, v);
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (long)b * NC * H * W;
+        for (int i = 0; i < PH; i++)
+            for (int j = 0; j < PW; j++) {
+                const float *xw = xb + i * NP * W + j * NP;
+                const long o = (((long)b * PH + i) * PW + j) * NF;
+                float bo[NV * 8];
+                for (int v = 0; v < NV; v++) {
+                    vf acc[NP * NP];  /* the window's positions, for filter vector v */
+                    for (int q = 0; q < NP * NP; q++) acc[q] = bv[v];
+                    for (int c = 0; c < NC; c++)
+                        for (int ky = 0; ky < KH; ky++)
+                            for (int kx = 0; kx < KW; kx++) {
+                                const vf wk = wv[((c * KH + ky) * KW + kx) * NV + v];
+                                const float *xk = xw + (c * H + ky) * W + kx;
+                                for (int q = 0; q < NP * NP; q++) acc[q] += xk[(q / NP) * W + q % NP] * wk;
+                            }
+                    vf best = acc[0];
+                    vi pos = {0};
+                    for (int q = 1; q < NP * NP; q++) {
+                        const vi better = (acc[q] > best) | ((acc[q] != acc[q]) & (best == best));
+                        best = select(better, acc[q], best);
+                        pos = (pos & ~better) | (better & q);
+                    }
+                    if (relu) best = select(best < 0.0f, (vf){0}, best);  /* NaN stays NaN */
+                    memcpy(bo + v * 8, &best, sizeof(best));
+                    const vb pb = __builtin_convertvector(pos, vb);
+                    memcpy(arg + o + v * 8, &pb, v * 8 + 8 <= NF ? 8 : NF - v * 8);
+                }
+                memcpy(out + o, bo, NF * sizeof(float));
+            }
+    }
+}
+
+/* g: (B, PH, PW, NF) gradient of out; with `relu`, only where out > 0 counts. dw: (K, NF) and db: (NF) are
+   overwritten. Per filter vector, the K
+   weight-gradient sums stay in registers over a thread's images: at each window position, the gradient of
+   the filters whose maximum was there, times that position's input value. Each thread sums a fixed range of
+   images in its own buffer and the buffers are added in thread order: one thread count, one result. */
+void convpool_backward(const float *restrict x, const float *restrict g, const unsigned char *restrict arg,
+                       const float *restrict out, float *restrict dw, float *restrict db, int B, int H, int W,
+                       int threads, int relu) {
+    const int PH = (H - KH + 1) / NP, PW = (W - KW + 1) / NP;
+    vf part[threads][(K + 1) * NV];
     #pragma omp parallel num_threads(threads)
     {
         int t = 0, nt = 1;
@@ -88,56 +116,93 @@ void convpool_backward(const float *restrict x, const float *restrict g, const u
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        float dwt[K * NF], dbt[NF];
-        memset(dwt, 0, sizeof(dwt));
-        memset(dbt, 0, sizeof(dbt));
         const int lo = (int)((long)B * t / nt), hi = (int)((long)B * (t + 1) / nt);
-        for (int b = lo; b < hi; b++)
-            for (int i = 0; i < PH; i++)
-                for (int j = 0; j < PW; j++) {
-                    const long o = (((long)b * PH + i) * PW + j) * NF;
-                    for (int f = 0; f < NF; f++) dbt[f] += g[o + f];
-                    for (int q = 0; q < NP * NP; q++) {
-                        const int y = i * NP + q / NP, xx = j * NP + q % NP;
-                        float patch[K], gq[NF];
-                        for (int f = 0; f < NF; f++) gq[f] = arg[o + f] == q ? g[o + f] : 0.0f;
-                        int k = 0;
-                        for (int c = 0; c < NC; c++)
-                            for (int ky = 0; ky < KH; ky++)
-                                for (int kx = 0; kx < KW; kx++)
-                                    patch[k++] = x[(((long)b * NC + c) * H + y + ky) * W + xx + kx];
-                        for (k = 0; k < K; k++)
-                            for (int f = 0; f < NF; f++) dwt[k * NF + f] += patch[k] * gq[f];
+        for (int v = 0; v < NV; v++) {
+            vf acc[K], accb = {0};
+            for (int k = 0; k < K; k++) acc[k] = (vf){0};
+            for (int b = lo; b < hi; b++) {
+                const float *xb = x + (long)b * NC * H * W;
+                for (int i = 0; i < PH; i++)
+                    for (int j = 0; j < PW; j++) {
+                        const long o = (((long)b * PH + i) * PW + j) * NF;
+                        vf gv = load_filters(g + o, v);
+                        if (relu) gv = select(load_filters(out + o, v) > 0.0f, gv, (vf){0});
+                        vb ab = {0};
+                        memcpy(&ab, arg + o + v * 8, v * 8 + 8 <= NF ? 8 : NF - v * 8);
+                        const vi av = __builtin_convertvector(ab, vi);
+                        accb += gv;
+                        for (int q = 0; q < NP * NP; q++) {
+                            const vf gq = (vf)((vi)gv & (av == q));
+                            const float *xq = xb + (i * NP + q / NP) * W + j * NP + q % NP;
+                            for (int c = 0; c < NC; c++)
+                                for (int ky = 0; ky < KH; ky++)
+                                    for (int kx = 0; kx < KW; kx++)
+                                        acc[(c * KH + ky) * KW + kx] += xq[(c * H + ky) * W + kx] * gq;
+                        }
                     }
-                }
-        memcpy(part[t], dwt, sizeof(dwt));
-        memcpy(part[t] + K * NF, dbt, sizeof(dbt));
+            }
+            for (int k = 0; k < K; k++) part[t][k * NV + v] = acc[k];
+            part[t][K * NV + v] = accb;
+        }
     }
-    memset(dw, 0, sizeof(float) * K * NF);
-    memset(db, 0, sizeof(float) * NF);
+    float sum[(K + 1) * NV * 8];
+    memset(sum, 0, sizeof(sum));
     for (int t = 0; t < threads; t++) {
-        for (int e = 0; e < K * NF; e++) dw[e] += part[t][e];
-        for (int f = 0; f < NF; f++) db[f] += part[t][K * NF + f];
+        float pt[(K + 1) * NV * 8];
+        memcpy(pt, part[t], sizeof(pt));
+        for (int e = 0; e < (K + 1) * NV * 8; e++) sum[e] += pt[e];
     }
+    for (int k = 0; k < K; k++) memcpy(dw + k * NF, sum + k * NV * 8, NF * sizeof(float));
+    memcpy(db, sum + K * NV * 8, NF * sizeof(float));
 }
 """
 
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu99", "-fopenmp"]
-_loaded: dict[tuple[int, ...], tuple[ctypes.CDLL | None, str]] = {}
+# -fno-math-errno: math functions need not set errno, so that loops calling expf can be vectorised.
+# Vector math for the kernels, in GCC vector types of eight floats (one AVX register; two SSE or NEON ones):
+# glibc's vector expf needs -ffast-math, which would also drop NaN handling. exp is Cephes' expf polynomial
+# with the power of two set in the exponent bits: within 2 ulp of expf on [-87, 88], saturating beyond;
+# NaN in gives NaN out. tanh(x) = 1 - 2 / (exp(2x) + 1).
+MATH_C = r"""
+#include <stdint.h>
+#include <string.h>
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vf vexp(vf x) {
+    const vf xc = vsel(x < -87.0f, x * 0.0f - 87.0f, vsel(x > 88.0f, x * 0.0f + 88.0f, x));
+    const vf y = xc * 1.44269504088896341f + 0.5f;
+    vi ni = __builtin_convertvector(y, vi);  /* toward zero */
+    ni += (vi)(__builtin_convertvector(ni, vf) > y);  /* -1 where that rounded up: floor */
+    const vf n = __builtin_convertvector(ni, vf);
+    const vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (vf)((ni + 127) << 23);
+}
+static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+static inline vf vtanh(vf x) { return 1.0f - 2.0f / (vexp(2.0f * x) + 1.0f); }
+"""
+
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-fopenmp", "-fno-math-errno"]
+_loaded: dict[tuple, tuple[ctypes.CDLL | None, str]] = {}
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln") / "native"
 
 
-def _compile(target: Path, defines: list[str]) -> None:
+def _compile(target: Path, source: str, defines: list[str]) -> None:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "convpool.c"
-        src.write_text(SOURCE)
+        src = Path(tmp) / "kernel.c"
+        src.write_text(source)
         out = Path(tmp) / target.name
         done = subprocess.run([compiler, *FLAGS, *defines, str(src), "-o", str(out)], capture_output=True,
                               text=True, timeout=120)
@@ -146,35 +211,42 @@ def _compile(target: Path, defines: list[str]) -> None:
         os.replace(out, target)  # atomic: a concurrent process sees the whole library or none
 
 
+def build(kind: str, source: str, defines: dict[str, int],
+          functions: dict[str, tuple[int, int]]) -> tuple[ctypes.CDLL | None, str]:
+    """(library, how) for one kernel source and shape, built once per machine and loaded once per process.
+    ``functions`` maps each exported function to its (pointer, int) argument counts, pointers first. The
+    library is None when it cannot be built here, and ``how`` says why."""
+    spec = (kind, tuple(sorted(defines.items())))
+    if spec not in _loaded:
+        _loaded[spec] = _build(kind, source, [f"-D{k}={v}" for k, v in defines.items()], functions)
+    return _loaded[spec]
+
+
+def _build(kind: str, source: str, defines: list[str], functions: dict[str, tuple[int, int]]) -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("KILN_NATIVE", "1") == "0":
+        return None, "native kernels turned off (KILN_NATIVE=0)"
+    # -march=native code is for this CPU only: its flags are part of the name, as is the shape.
+    key = source + " ".join(FLAGS + defines) + " ".join(sorted(cpu_flags())) + platform.machine()
+    target = cache_dir() / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    try:
+        if not target.is_file():
+            _compile(target, source, defines)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        return None, f"native kernel unavailable ({e})"
+    for name, (pointers, ints) in functions.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
+        fn.restype = None
+    return lib, f"native C kernel ({target.name})"
+
+
 MAX_FILTERS = 256  # the kernel keeps a position's sums on the stack
 
 
 def load(channels: int, kh: int, kw: int, filters: int, pool: int) -> tuple[ctypes.CDLL | None, str]:
-    """(library, how) for one layer shape, built once per machine and loaded once per process; the library
-    is None when it cannot be built here, and ``how`` says why."""
-    spec = (channels, kh, kw, filters, pool)
-    if spec not in _loaded:
-        _loaded[spec] = _load(*spec)
-    return _loaded[spec]
-
-
-def _load(channels: int, kh: int, kw: int, filters: int, pool: int) -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("KILN_NATIVE", "1") == "0":
-        return None, "native kernels turned off (KILN_NATIVE=0)"
+    """(library, how) of the convpool kernel for one layer shape."""
     if filters > MAX_FILTERS or pool > 16:
         return None, f"no native kernel for {filters} filters and {pool}x{pool} pooling"
-    defines = [f"-DNC={channels}", f"-DKH={kh}", f"-DKW={kw}", f"-DNF={filters}", f"-DNP={pool}"]
-    # -march=native code is for this CPU only: its flags are part of the name, as is the layer shape.
-    key = SOURCE + " ".join(FLAGS + defines) + " ".join(sorted(cpu_flags())) + platform.machine()
-    target = cache_dir() / f"convpool-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-    try:
-        if not target.is_file():
-            _compile(target, defines)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"native kernel unavailable ({e})"
-    ptr, i = ctypes.c_void_p, ctypes.c_int
-    for fn in (lib.convpool_forward, lib.convpool_backward):
-        fn.argtypes = [ptr] * 5 + [i] * 4
-        fn.restype = None
-    return lib, f"native C kernel ({target.name})"
+    return build("convpool", CONVPOOL_SOURCE, {"NC": channels, "KH": kh, "KW": kw, "NF": filters, "NP": pool},
+                 {"convpool_forward": (5, 5), "convpool_backward": (6, 5)})

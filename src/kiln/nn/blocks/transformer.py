@@ -26,11 +26,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x):  # (B, T, C)
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
+        return self.proj(self.mix(self.qkv(x)))
+
+    def mix(self, qkv):  # (B, T, 3C) -> (B, T, C): each head's attention, heads side by side
+        b, t, c = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(c, dim=2)
         q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))  # (B, h, T, d)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return y.transpose(1, 2).reshape(b, t, c)
 
 
 class EncoderLayer(nn.Module):
