@@ -81,16 +81,20 @@ def train_flop_per_sample(run) -> float:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kiln.nn import fuse
+    from kiln.nn import fuse, native_attention, native_lstm
 
     x, y = run.dataset.load().split("test")
     model = run.model.train()
     counter = FlopCounterMode(display=False)
-    # The C kernel of the fused front end is opaque to the counter: count the same work as PyTorch operators.
-    with counter, mock.patch.object(fuse, "_native_applies", lambda *args: False):
-        F.cross_entropy(model(run.dataset.to_input(x[:64])), y[:64]).backward()
+    # The C kernels are opaque to the counter: count the same work as PyTorch operators.
+    with mock.patch.object(fuse, "_native_applies", lambda *args: False), \
+            mock.patch.object(native_attention, "applies", lambda *args: False), \
+            mock.patch.object(native_lstm, "applies", lambda *args: False):
+        with counter:
+            F.cross_entropy(model(run.dataset.to_input(x[:64])), y[:64]).backward()
+        lstm = lstm_train_flops(model, run.dataset.to_input(x[:64]))
     model.eval()
-    return (counter.get_total_flops() + lstm_train_flops(model, run.dataset.to_input(x[:64]))) / 64
+    return (counter.get_total_flops() + lstm) / 64
 
 
 def lstm_train_flops(model, x) -> float:

@@ -43,43 +43,53 @@ static inline void store_gates(float *dst, const vf *src) {
     for (int k = 0; k < 4; k++) memcpy(dst + k * H, (const float *)src + k * HP, H * sizeof(float));
 }
 
+/* Sequences run in pairs: each weight vector loaded serves both, and the two sets of accumulators are
+   independent chains for the FMA units. An odd last sequence is paired with itself (same values twice). */
+#define PAIR(p) {2 * (p), 2 * (p) + 1 < B ? 2 * (p) + 1 : 2 * (p)}
+
 /* xp: (B, T, G) input projection with both biases. whh_t: (H, 4, HP) weight_hh transposed and padded.
    hs: (B, T, H) outputs; acts: (B, T, G) gate activations and cs: (B, T, H) cell states, for backward. */
 void lstm_forward(const float *restrict xp, const float *restrict whh_t, float *restrict hs, float *restrict acts,
                   float *restrict cs, int B, int T, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; b++) {
-        vf h[NV], c[NV], gt[4 * NV];
-        float hb[HP];
-        for (int v = 0; v < NV; v++) h[v] = c[v] = (vf){0};
+    for (int p = 0; p < (B + 1) / 2; p++) {
+        const int bs[2] = PAIR(p);
+        vf h[2][NV], c[2][NV], gt[2][4 * NV];
+        float hb[2][HP];
+        memset(h, 0, sizeof(h));
+        memset(c, 0, sizeof(c));
         for (int t = 0; t < T; t++) {
-            const long row = (long)b * T + t;
-            load_gates(gt, xp + row * G);
+            for (int s = 0; s < 2; s++) load_gates(gt[s], xp + ((long)bs[s] * T + t) * G);
             if (t > 0) {
                 memcpy(hb, h, sizeof(hb));
                 for (int v = 0; v < 4 * NV; v += 4) {  /* 4 * NV is a multiple of 4: named registers */
-                    vf a0 = gt[v], a1 = gt[v + 1], a2 = gt[v + 2], a3 = gt[v + 3];
+                    vf a0 = gt[0][v], a1 = gt[0][v + 1], a2 = gt[0][v + 2], a3 = gt[0][v + 3];
+                    vf b0 = gt[1][v], b1 = gt[1][v + 1], b2 = gt[1][v + 2], b3 = gt[1][v + 3];
                     for (int k = 0; k < H; k++) {
                         const vf *w = (const vf *)(whh_t + (long)k * 4 * HP) + v;
-                        a0 += hb[k] * w[0];
-                        a1 += hb[k] * w[1];
-                        a2 += hb[k] * w[2];
-                        a3 += hb[k] * w[3];
+                        const float x0 = hb[0][k], x1 = hb[1][k];
+                        a0 += x0 * w[0], a1 += x0 * w[1], a2 += x0 * w[2], a3 += x0 * w[3];
+                        b0 += x1 * w[0], b1 += x1 * w[1], b2 += x1 * w[2], b3 += x1 * w[3];
                     }
-                    gt[v] = a0, gt[v + 1] = a1, gt[v + 2] = a2, gt[v + 3] = a3;
+                    gt[0][v] = a0, gt[0][v + 1] = a1, gt[0][v + 2] = a2, gt[0][v + 3] = a3;
+                    gt[1][v] = b0, gt[1][v + 1] = b1, gt[1][v + 2] = b2, gt[1][v + 3] = b3;
                 }
             }
-            for (int v = 0; v < NV; v++) {
-                gt[v] = vsigmoid(gt[v]);
-                gt[NV + v] = vsigmoid(gt[NV + v]);
-                gt[2 * NV + v] = vtanh(gt[2 * NV + v]);
-                gt[3 * NV + v] = vsigmoid(gt[3 * NV + v]);
-                c[v] = gt[NV + v] * c[v] + gt[v] * gt[2 * NV + v];
-                h[v] = gt[3 * NV + v] * vtanh(c[v]);
+            for (int s = 0; s < 2; s++) {
+                vf *g = gt[s];
+                for (int v = 0; v < NV; v++) {
+                    g[v] = vsigmoid(g[v]);
+                    g[NV + v] = vsigmoid(g[NV + v]);
+                    g[2 * NV + v] = vtanh(g[2 * NV + v]);
+                    g[3 * NV + v] = vsigmoid(g[3 * NV + v]);
+                    c[s][v] = g[NV + v] * c[s][v] + g[v] * g[2 * NV + v];
+                    h[s][v] = g[3 * NV + v] * vtanh(c[s][v]);
+                }
+                const long row = (long)bs[s] * T + t;
+                store_gates(acts + row * G, g);
+                memcpy(cs + row * H, c[s], H * sizeof(float));
+                memcpy(hs + row * H, h[s], H * sizeof(float));
             }
-            store_gates(acts + row * G, gt);
-            memcpy(cs + row * H, c, H * sizeof(float));
-            memcpy(hs + row * H, h, H * sizeof(float));
         }
     }
 }
@@ -89,43 +99,47 @@ void lstm_forward(const float *restrict xp, const float *restrict whh_t, float *
 void lstm_backward(const float *restrict dhs, const float *restrict acts, const float *restrict cs,
                    const float *restrict whh_t, float *restrict dxp, int B, int T, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int b = 0; b < B; b++) {
-        vf dh[NV], dc[NV], a[4 * NV], dg[4 * NV], c[NV], cprev[NV], dy[NV];
-        float dhb[HP];
-        for (int v = 0; v < NV; v++) dh[v] = dc[v] = (vf){0};
+    for (int p = 0; p < (B + 1) / 2; p++) {
+        const int bs[2] = PAIR(p);
+        vf dh[2][NV], dc[2][NV], dg[2][4 * NV];
+        float dhb[2][HP];
+        memset(dh, 0, sizeof(dh));
+        memset(dc, 0, sizeof(dc));
         for (int t = T - 1; t >= 0; t--) {
-            const long row = (long)b * T + t;
-            load_gates(a, acts + row * G);
-            memset(c, 0, sizeof(c));
-            memcpy(c, cs + row * H, H * sizeof(float));
-            memset(dy, 0, sizeof(dy));
-            memcpy(dy, dhs + row * H, H * sizeof(float));
-            memset(cprev, 0, sizeof(cprev));
-            if (t > 0) memcpy(cprev, cs + (row - 1) * H, H * sizeof(float));
-            for (int v = 0; v < NV; v++) {
-                const vf i = a[v], f = a[NV + v], g = a[2 * NV + v], o = a[3 * NV + v];
-                const vf tc = vtanh(c[v]), dhv = dy[v] + dh[v];
-                const vf dcv = dhv * o * (1.0f - tc * tc) + dc[v];
-                dg[v] = dcv * g * i * (1.0f - i);
-                dg[NV + v] = dcv * cprev[v] * f * (1.0f - f);
-                dg[2 * NV + v] = dcv * i * (1.0f - g * g);
-                dg[3 * NV + v] = dhv * tc * o * (1.0f - o);
-                dc[v] = dcv * f;
+            for (int s = 0; s < 2; s++) {
+                const long row = (long)bs[s] * T + t;
+                vf a[4 * NV], c[NV], cprev[NV], dy[NV];
+                load_gates(a, acts + row * G);
+                memset(c, 0, sizeof(c));
+                memcpy(c, cs + row * H, H * sizeof(float));
+                memset(dy, 0, sizeof(dy));
+                memcpy(dy, dhs + row * H, H * sizeof(float));
+                memset(cprev, 0, sizeof(cprev));
+                if (t > 0) memcpy(cprev, cs + (row - 1) * H, H * sizeof(float));
+                for (int v = 0; v < NV; v++) {
+                    const vf i = a[v], f = a[NV + v], g = a[2 * NV + v], o = a[3 * NV + v];
+                    const vf tc = vtanh(c[v]), dhv = dy[v] + dh[s][v];
+                    const vf dcv = dhv * o * (1.0f - tc * tc) + dc[s][v];
+                    dg[s][v] = dcv * g * i * (1.0f - i);
+                    dg[s][NV + v] = dcv * cprev[v] * f * (1.0f - f);
+                    dg[s][2 * NV + v] = dcv * i * (1.0f - g * g);
+                    dg[s][3 * NV + v] = dhv * tc * o * (1.0f - o);
+                    dc[s][v] = dcv * f;
+                }
+                store_gates(dxp + row * G, dg[s]);
             }
-            store_gates(dxp + row * G, dg);
             /* dh[k] = sum over gates of dg * weight_hh[:, k]: a dot product with row k of whh_t */
             memset(dhb, 0, sizeof(dhb));
             for (int k = 0; k < H; k++) {
                 const vf *w = (const vf *)(whh_t + (long)k * 4 * HP);
-                vf s0 = dg[0] * w[0], s1 = dg[1] * w[1], s2 = dg[2] * w[2], s3 = dg[3] * w[3];
-                for (int v = 4; v < 4 * NV; v += 4) {
-                    s0 += dg[v] * w[v];
-                    s1 += dg[v + 1] * w[v + 1];
-                    s2 += dg[v + 2] * w[v + 2];
-                    s3 += dg[v + 3] * w[v + 3];
+                vf s0 = dg[0][0] * w[0], s1 = dg[0][1] * w[1], r0 = dg[1][0] * w[0], r1 = dg[1][1] * w[1];
+                for (int v = 2; v < 4 * NV; v += 2) {
+                    s0 += dg[0][v] * w[v], s1 += dg[0][v + 1] * w[v + 1];
+                    r0 += dg[1][v] * w[v], r1 += dg[1][v + 1] * w[v + 1];
                 }
-                const vf s = (s0 + s1) + (s2 + s3);
-                dhb[k] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+                const vf s = s0 + s1, r = r0 + r1;
+                dhb[0][k] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+                dhb[1][k] = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
             }
             memcpy(dh, dhb, sizeof(dh));
         }
