@@ -10,11 +10,11 @@ the same function up to float rounding.
   CPUs this front end of the seed model is about 2x faster forward and backward than
   conv2d -> ReLU -> max_pool2d, mostly from avoiding layout copies.
 - Where the pool's stride is its size and the input needs no gradient (a first layer, in float32 on
-  the CPU), the convolution and the pool run in one pass of the C kernel of ``kiln.nn.native`` instead:
-  3.1 against 7.7 ms forward and backward for a batch of 64 here, about 15% of a seed-model epoch.
+  the CPU), the convolution, the pool and the ReLU run in one pass of the C kernel of ``kiln.nn.native``
+  instead: about 1.2 against 7.7 ms forward and backward for a batch of 64 here (2 threads).
   Tracing and exporting always see the PyTorch operators.
-- A one-layer LSTM runs its recurrence with the C kernel of ``kiln.nn.native_lstm`` (float32 CPU): 2.7
-  against 3.2 ms forward and backward for the seed model's batch of 64 here (2 threads).
+- A one-layer LSTM runs its recurrence with the C kernel of ``kiln.nn.native_lstm`` (float32 CPU): 2.1-3.2
+  against 3.4-4.4 ms forward and backward for the seed model's batch of 64 here (2 threads).
 - Self-attention of transformer encoder layers mixes its heads with the C kernel of
   ``kiln.nn.native_attention`` where it applies (float32 CPU, no dropout, up to 64 steps): 0.7 against
   2.2-2.4 ms forward and backward for the seed model's batch of 64 here (2 threads).
