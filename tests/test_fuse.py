@@ -176,3 +176,17 @@ def test_native_lstm_leaves_stacked_and_bidirectional_lstms_alone():
     for spec in (LSTM(units=4, layers=2), LSTM(units=4, bidirectional=True)):
         model = build_model([spec], (9, 7))
         assert not any("LSTM" in line for line in fuse(model))
+
+
+def test_without_a_compiler_attention_and_lstm_take_pytorch(fresh_native, monkeypatch):
+    from kiln.nn.blocks.recurrent import LSTM
+    from kiln.nn.blocks.transformer import TransformerEncoder
+
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    torch.manual_seed(0)
+    plain = build_model([LSTM(units=10), TransformerEncoder(heads=2, ff=8)], (9, 7))
+    fused = copy.deepcopy(plain)
+    fuse(fused)
+    x = torch.randn(3, 9, 7)
+    assert torch.allclose(plain(x), fused(x), atol=1e-6)
+    assert not list(fresh_native.cache_dir().glob("*.so"))  # nothing was built
