@@ -18,6 +18,17 @@ def _pair(conv_fields, pool_fields=None, in_shape=(1, 28, 28)):
     return plain, copy.deepcopy(plain)
 
 
+def _assert_same_function(plain, fused, x, grad_atol):
+    """Outputs and every parameter's gradient (for a random output gradient) match between the two models."""
+    g = torch.randn(len(x), *plain.output_shape)
+    (plain(x) * g).sum().backward()
+    out = fused(x)
+    (out * g).sum().backward()
+    assert torch.allclose(plain(x), out, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=grad_atol), name
+
+
 @pytest.mark.parametrize(("conv_fields", "pool_fields", "in_shape"), [
     ({"activation": "relu"}, {}, (1, 28, 28)),
     ({"activation": "none", "kernel": [3, 2]}, {"size": 3, "stride": 2}, (2, 15, 12)),
@@ -28,12 +39,7 @@ def test_fused_conv_pool_matches_plain(conv_fields, pool_fields, in_shape):
     assert fuse(fused) and isinstance(fused.blocks[0], ConvPool)
     assert plain.state_dict().keys() == fused.state_dict().keys()
     x = torch.rand(5, *in_shape)
-    g = torch.randn(5, *plain.output_shape)
-    (plain(x) * g).sum().backward()
-    (fused(x) * g).sum().backward()
-    assert torch.allclose(plain(x), fused(x), atol=1e-5)
-    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-4), name
+    _assert_same_function(plain, fused, x, grad_atol=1e-4)
 
 
 @pytest.mark.parametrize("conv_fields", [
@@ -68,13 +74,7 @@ def test_native_kernel_matches_plain_blocks_with_ties(fresh_native, conv_fields,
     conv = fused.blocks[0].conv
     assert fresh_native.load(conv.in_channels, *conv.kernel_size, conv.out_channels, 2)[0] is not None
     x = (torch.rand(6, *in_shape) > 0.5).float()  # saturated 0/1 pixels: many equal window values (ties)
-    g = torch.randn(6, *plain.output_shape)
-    (plain(x) * g).sum().backward()
-    out = fused(x)
-    (out * g).sum().backward()
-    assert torch.allclose(plain(x), out, atol=1e-5)
-    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-4), name
+    _assert_same_function(plain, fused, x, grad_atol=1e-4)
 
 
 def test_without_a_compiler_the_pytorch_path_runs(fresh_native, monkeypatch):
@@ -117,13 +117,7 @@ def test_native_attention_matches_plain_encoder(fresh_native, steps, heads):
     assert plain.state_dict().keys() == fused.state_dict().keys()
     assert load(steps, heads, 10 // heads)[0] is not None
     x = torch.randn(6, steps, 10) * 3  # peaked softmax rows as well as flat ones
-    g = torch.randn(6, steps, 10)
-    (plain(x) * g).sum().backward()
-    out = fused(x)
-    (out * g).sum().backward()
-    assert torch.allclose(plain(x), out, atol=1e-5)
-    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), name
+    _assert_same_function(plain, fused, x, grad_atol=1e-5)
 
 
 def test_native_attention_leaves_dropout_long_sequences_and_tracing_to_pytorch(fresh_native, monkeypatch):
@@ -161,13 +155,7 @@ def test_native_lstm_matches_pytorch_lstm(fresh_native, units, steps):
     assert isinstance(fused.blocks[0], NativeRecurrent) and load(units)[0] is not None
     assert plain.state_dict().keys() == fused.state_dict().keys()
     x = torch.randn(5, 9, 7) * 2  # saturating gates as well as linear ones
-    g = torch.randn(5, *plain.output_shape)
-    (plain(x) * g).sum().backward()
-    out = fused(x)
-    (out * g).sum().backward()
-    assert torch.allclose(plain(x), out, atol=1e-5)
-    for (name, p), q in zip(plain.named_parameters(), fused.parameters(), strict=True):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5), name
+    _assert_same_function(plain, fused, x, grad_atol=1e-5)
 
 
 def test_native_lstm_leaves_stacked_and_bidirectional_lstms_alone():

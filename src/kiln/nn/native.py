@@ -29,7 +29,36 @@ from pathlib import Path
 
 from kiln.hardware import cpu_flags
 
-CONVPOOL_SOURCE = r"""
+# Vector math for the kernels, in GCC vector types of eight floats (one AVX register; two SSE or NEON ones):
+# glibc's vector expf needs -ffast-math, which would also drop NaN handling. exp is Cephes' expf polynomial
+# with the power of two set in the exponent bits: within 2 ulp of expf on [-87, 88], saturating beyond;
+# NaN in gives NaN out. tanh(x) = 1 - 2 / (exp(2x) + 1).
+MATH_C = r"""
+#include <stdint.h>
+#include <string.h>
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vf vexp(vf x) {
+    const vf xc = vsel(x < -87.0f, x * 0.0f - 87.0f, vsel(x > 88.0f, x * 0.0f + 88.0f, x));
+    const vf y = xc * 1.44269504088896341f + 0.5f;
+    vi ni = __builtin_convertvector(y, vi);  /* toward zero */
+    ni += (vi)(__builtin_convertvector(ni, vf) > y);  /* -1 where that rounded up: floor */
+    const vf n = __builtin_convertvector(ni, vf);
+    const vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (vf)((ni + 127) << 23);
+}
+static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+static inline vf vtanh(vf x) { return 1.0f - 2.0f / (vexp(2.0f * x) + 1.0f); }
+"""
+
+CONVPOOL_SOURCE = MATH_C + r"""
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -41,8 +70,6 @@ CONVPOOL_SOURCE = r"""
 #define K (NC * KH * KW)
 #define NV ((NF + 7) / 8)  /* filter vectors; the last one is zero-padded when NF is not a multiple of 8 */
 
-typedef float vf __attribute__((vector_size(32)));
-typedef int vi __attribute__((vector_size(32)));
 typedef unsigned char vb __attribute__((vector_size(8)));
 
 static inline vf load_filters(const float *p, int v) {  /* NF floats from p, as vector v, zero-padded */
@@ -50,8 +77,6 @@ static inline vf load_filters(const float *p, int v) {  /* NF floats from p, as 
     memcpy(&r, p + v * 8, (v * 8 + 8 <= NF ? 8 : NF - v * 8) * sizeof(float));
     return r;
 }
-
-static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 /* x: (B, NC, H, W) float32; w: (K, NF), rows in (c, ky, kx) order; bias: (NF).
    out: (B, PH, PW, NF) = max over each NP x NP window of the stride-1 valid convolution, then ReLU if `relu`;
@@ -86,10 +111,10 @@ void convpool_forward(const float *restrict x, const float *restrict w, const fl
                     vi pos = {0};
                     for (int q = 1; q < NP * NP; q++) {
                         const vi better = (acc[q] > best) | ((acc[q] != acc[q]) & (best == best));
-                        best = select(better, acc[q], best);
+                        best = vsel(better, acc[q], best);
                         pos = (pos & ~better) | (better & q);
                     }
-                    if (relu) best = select(best < 0.0f, (vf){0}, best);  /* NaN stays NaN */
+                    if (relu) best = vsel(best < 0.0f, (vf){0}, best);  /* NaN stays NaN */
                     memcpy(bo + v * 8, &best, sizeof(best));
                     const vb pb = __builtin_convertvector(pos, vb);
                     memcpy(arg + o + v * 8, &pb, v * 8 + 8 <= NF ? 8 : NF - v * 8);
@@ -126,7 +151,7 @@ void convpool_backward(const float *restrict x, const float *restrict g, const u
                     for (int j = 0; j < PW; j++) {
                         const long o = (((long)b * PH + i) * PW + j) * NF;
                         vf gv = load_filters(g + o, v);
-                        if (relu) gv = select(load_filters(out + o, v) > 0.0f, gv, (vf){0});
+                        if (relu) gv = vsel(load_filters(out + o, v) > 0.0f, gv, (vf){0});
                         vb ab = {0};
                         memcpy(&ab, arg + o + v * 8, v * 8 + 8 <= NF ? 8 : NF - v * 8);
                         const vi av = __builtin_convertvector(ab, vi);
@@ -158,35 +183,6 @@ void convpool_backward(const float *restrict x, const float *restrict g, const u
 """
 
 # -fno-math-errno: math functions need not set errno, so that loops calling expf can be vectorised.
-# Vector math for the kernels, in GCC vector types of eight floats (one AVX register; two SSE or NEON ones):
-# glibc's vector expf needs -ffast-math, which would also drop NaN handling. exp is Cephes' expf polynomial
-# with the power of two set in the exponent bits: within 2 ulp of expf on [-87, 88], saturating beyond;
-# NaN in gives NaN out. tanh(x) = 1 - 2 / (exp(2x) + 1).
-MATH_C = r"""
-#include <stdint.h>
-#include <string.h>
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vi __attribute__((vector_size(32)));
-static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-static inline vf vexp(vf x) {
-    const vf xc = vsel(x < -87.0f, x * 0.0f - 87.0f, vsel(x > 88.0f, x * 0.0f + 88.0f, x));
-    const vf y = xc * 1.44269504088896341f + 0.5f;
-    vi ni = __builtin_convertvector(y, vi);  /* toward zero */
-    ni += (vi)(__builtin_convertvector(ni, vf) > y);  /* -1 where that rounded up: floor */
-    const vf n = __builtin_convertvector(ni, vf);
-    const vf r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (vf)((ni + 127) << 23);
-}
-static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
-static inline vf vtanh(vf x) { return 1.0f - 2.0f / (vexp(2.0f * x) + 1.0f); }
-"""
-
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-fopenmp", "-fno-math-errno"]
 _loaded: dict[tuple, tuple[ctypes.CDLL | None, str]] = {}
 

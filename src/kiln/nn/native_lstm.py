@@ -188,26 +188,25 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp: torch.Tensor, whh: torch.Tensor) -> torch.Tensor:
         b, t, g = xp.shape
-        lib, _ = load(g // 4)
-        xp = xp.contiguous()
         h = g // 4
+        lib, _ = load(h)
+        xp = xp.contiguous()
         whh_t = _pad(whh.detach().t().reshape(h, 4, h))  # (H, 4, HP)
-        hs = torch.empty(b, t, g // 4)
+        hs = torch.empty(b, t, h)
         acts = torch.empty(b, t, g)
-        cs = torch.empty(b, t, g // 4)
+        cs = torch.empty(b, t, h)
         lib.lstm_forward(xp.data_ptr(), whh_t.data_ptr(), hs.data_ptr(), acts.data_ptr(), cs.data_ptr(), b, t,
                          torch.get_num_threads())
-        ctx.save_for_backward(hs, acts, cs, whh)
+        ctx.save_for_backward(hs, acts, cs, whh_t)  # backward reads weight_hh in the same layout
         return hs
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        hs, acts, cs, whh = ctx.saved_tensors
+        hs, acts, cs, whh_t = ctx.saved_tensors
         b, t, g = acts.shape
         h = g // 4
         lib, _ = load(h)
         dy = grad.contiguous()
-        whh_t = _pad(whh.detach().t().reshape(h, 4, h))
         dxp = torch.empty(b, t, g)
         lib.lstm_backward(dy.data_ptr(), acts.data_ptr(), cs.data_ptr(), whh_t.data_ptr(), dxp.data_ptr(), b, t,
                           torch.get_num_threads())
