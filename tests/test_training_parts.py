@@ -74,3 +74,59 @@ def test_weight_decay_spares_biases_and_norm_scales():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(model[0].weight), id(model[2].weight)}  # matrices and embeddings only
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_update_exactly_as_torch_optim_does(name):
+    """kiln calls torch.optim's update without its torch.compile guards: the same parameters and state."""
+    from types import SimpleNamespace
+
+    from kiln.train.optim import make_optimizer, make_scheduler, param_groups
+
+    cfg = SimpleNamespace(name=name, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, momentum=0.9, nesterov=True)
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    theirs = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    theirs.load_state_dict(ours.state_dict())
+    opt = make_optimizer(ours, cfg, torch.device("cpu"))
+    kind, keys = {"adam": (torch.optim.Adam, ("betas",)), "adamw": (torch.optim.AdamW, ("betas",)),
+                  "sgd": (torch.optim.SGD, ("momentum", "nesterov"))}[name]
+    ref = kind(param_groups(theirs, cfg.weight_decay),
+               **{k: opt.defaults[k] for k in ("lr", "weight_decay", "fused", *keys)})
+    assert opt.defaults["fused"] and type(opt) is not kind and isinstance(opt, kind)
+    sched = make_scheduler(opt, SimpleNamespace(name="onecycle", warmup=0.5, final_lr_fraction=0.0), 6)
+    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, sched.lr_lambdas[0])
+    for step in range(6):
+        x = torch.randn(8, 6)
+        for model, o, s in ((ours, opt, sched), (theirs, ref, ref_sched)):
+            o.zero_grad()
+            model(x).square().mean().backward()
+            o.step()
+            s.step()
+        if step == 2:  # a checkpoint round trip mid-run changes nothing
+            opt.load_state_dict(opt.state_dict())
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_training_does_not_import_the_compiler(tmp_path):
+    """torch.optim's guards import torch._dynamo (seconds) on first use; kiln's optimisers must not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from types import SimpleNamespace\n"
+        "from kiln.train.optim import make_optimizer, make_scheduler\n"
+        "m = torch.nn.Linear(3, 2)\n"
+        "for name in ('adam', 'adamw', 'sgd'):\n"
+        "    cfg = SimpleNamespace(name=name, lr=0.1, betas=(0.9, 0.99), weight_decay=0.1, momentum=0.9,"
+        " nesterov=False)\n"
+        "    opt = make_optimizer(m, cfg, torch.device('cpu'))\n"
+        "    sched = make_scheduler(opt, SimpleNamespace(name='cosine', warmup=0.1, final_lr_fraction=0.0), 4)\n"
+        "    m(torch.ones(1, 3)).sum().backward(); opt.step(); sched.step(); opt.zero_grad()\n"
+        "    opt.load_state_dict(opt.state_dict())\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

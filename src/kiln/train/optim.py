@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -16,22 +17,63 @@ def _fused_or_foreach(device: torch.device) -> dict:
     return {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
 
 
+def _inner(method):
+    """The function inside torch.optim's wrappers (each keeps what it wraps as ``__wrapped__``)."""
+    return inspect.unwrap(method)
+
+
+class _Eager:
+    """torch.optim's optimisers, without the guards that torch.optim puts around them for torch.compile.
+
+    ``step``, ``zero_grad``, ``add_param_group`` and ``state_dict`` are wrapped in guards whose first call
+    imports torch._dynamo: 2.6 s of every training run on a 2-core CPU, spent before the first step, for a
+    compiler kiln does not use on the optimiser. These call the same functions without the guards, so the
+    update and the state dict are torch's own (tests/test_optim.py checks both bit for bit).
+    """
+
+    def add_param_group(self, param_group: dict) -> None:
+        _inner(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _inner(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        return _inner(torch.optim.Optimizer.state_dict)(self)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _inner(torch.optim.Optimizer.load_state_dict)(self, state_dict)
+
+    def step(self, closure=None):
+        with torch.no_grad():  # what the guard does for an optimiser that is not differentiable
+            return _inner(super().step)(self, closure)
+
+
+class Adam(_Eager, torch.optim.Adam):
+    pass
+
+
+class AdamW(_Eager, torch.optim.AdamW):
+    pass
+
+
+class SGD(_Eager, torch.optim.SGD):
+    pass
+
+
 @OPTIMIZERS.register("adam")
 def adam(params, cfg, device):
-    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                            **_fused_or_foreach(device))
+    return Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **_fused_or_foreach(device))
 
 
 @OPTIMIZERS.register("adamw")
 def adamw(params, cfg, device):
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                             **_fused_or_foreach(device))
+    return AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **_fused_or_foreach(device))
 
 
 @OPTIMIZERS.register("sgd")
 def sgd(params, cfg, device):
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                           weight_decay=cfg.weight_decay, **_fused_or_foreach(device))
+    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+               weight_decay=cfg.weight_decay, **_fused_or_foreach(device))
 
 
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
