@@ -72,10 +72,35 @@ CONVPOOL_SOURCE = MATH_C + r"""
 
 typedef unsigned char vb __attribute__((vector_size(8)));
 
+static inline vf splat(float a) { return (vf){a, a, a, a, a, a, a, a}; }
+
 static inline vf load_filters(const float *p, int v) {  /* NF floats from p, as vector v, zero-padded */
     vf r = {0};
     memcpy(&r, p + v * 8, (v * 8 + 8 <= NF ? 8 : NF - v * 8) * sizeof(float));
     return r;
+}
+
+/* The window's NP x NP convolution sums for filter vectors v .. v + nv - 1 (nv <= 2), into acc[u * NP * NP + q].
+   Two filter vectors at once give eight independent chains of multiply-adds, enough to keep the FMA units busy
+   (four chains wait on each other's latency), and each broadcast input value serves both. */
+static inline __attribute__((always_inline)) void window_sums(const float *restrict xw, int H, int W,
+                                                               const vf *restrict wv, const vf *restrict bv,
+                                                               int v, const int nv, vf *restrict acc) {
+    for (int u = 0; u < nv; u++)
+        for (int q = 0; q < NP * NP; q++) acc[u * NP * NP + q] = bv[v + u];
+    for (int c = 0; c < NC; c++)
+        #pragma GCC unroll 16
+        for (int ky = 0; ky < KH; ky++)
+            #pragma GCC unroll 16
+            for (int kx = 0; kx < KW; kx++) {
+                const float *xk = xw + (c * H + ky) * W + kx;
+                vf xq[NP * NP];
+                for (int q = 0; q < NP * NP; q++) xq[q] = splat(xk[(q / NP) * W + q % NP]);
+                for (int u = 0; u < nv; u++) {
+                    const vf wk = wv[((c * KH + ky) * KW + kx) * NV + v + u];
+                    for (int q = 0; q < NP * NP; q++) acc[u * NP * NP + q] += xq[q] * wk;
+                }
+            }
 }
 
 /* x: (B, NC, H, W) float32; w: (K, NF), rows in (c, ky, kx) order; bias: (NF).
@@ -97,27 +122,25 @@ void convpool_forward(const float *restrict x, const float *restrict w, const fl
                 const float *xw = xb + i * NP * W + j * NP;
                 const long o = (((long)b * PH + i) * PW + j) * NF;
                 float bo[NV * 8];
-                for (int v = 0; v < NV; v++) {
-                    vf acc[NP * NP];  /* the window's positions, for filter vector v */
-                    for (int q = 0; q < NP * NP; q++) acc[q] = bv[v];
-                    for (int c = 0; c < NC; c++)
-                        for (int ky = 0; ky < KH; ky++)
-                            for (int kx = 0; kx < KW; kx++) {
-                                const vf wk = wv[((c * KH + ky) * KW + kx) * NV + v];
-                                const float *xk = xw + (c * H + ky) * W + kx;
-                                for (int q = 0; q < NP * NP; q++) acc[q] += xk[(q / NP) * W + q % NP] * wk;
-                            }
-                    vf best = acc[0];
-                    vi pos = {0};
-                    for (int q = 1; q < NP * NP; q++) {
-                        const vi better = (acc[q] > best) | ((acc[q] != acc[q]) & (best == best));
-                        best = vsel(better, acc[q], best);
-                        pos = (pos & ~better) | (better & q);
+                for (int v = 0; v < NV; v += 2) {
+                    const int nv = v + 1 < NV ? 2 : 1;
+                    vf acc[2 * NP * NP];
+                    if (nv == 2) window_sums(xw, H, W, wv, bv, v, 2, acc);
+                    else window_sums(xw, H, W, wv, bv, v, 1, acc);
+                    for (int u = 0; u < nv; u++) {
+                        const vf *a = acc + u * NP * NP;
+                        vf best = a[0];
+                        vi pos = {0};
+                        for (int q = 1; q < NP * NP; q++) {
+                            const vi better = (a[q] > best) | ((a[q] != a[q]) & (best == best));
+                            best = vsel(better, a[q], best);
+                            pos = (pos & ~better) | (better & q);
+                        }
+                        if (relu) best = vsel(best < 0.0f, (vf){0}, best);  /* NaN stays NaN */
+                        memcpy(bo + (v + u) * 8, &best, sizeof(best));
+                        const vb pb = __builtin_convertvector(pos, vb);
+                        memcpy(arg + o + (v + u) * 8, &pb, (v + u) * 8 + 8 <= NF ? 8 : NF - (v + u) * 8);
                     }
-                    if (relu) best = vsel(best < 0.0f, (vf){0}, best);  /* NaN stays NaN */
-                    memcpy(bo + v * 8, &best, sizeof(best));
-                    const vb pb = __builtin_convertvector(pos, vb);
-                    memcpy(arg + o + v * 8, &pb, v * 8 + 8 <= NF ? 8 : NF - v * 8);
                 }
                 memcpy(out + o, bo, NF * sizeof(float));
             }
