@@ -148,10 +148,11 @@ void convpool_forward(const float *restrict x, const float *restrict w, const fl
 }
 
 /* g: (B, PH, PW, NF) gradient of out; with `relu`, only where out > 0 counts. dw: (K, NF) and db: (NF) are
-   overwritten. Per filter vector, the K
-   weight-gradient sums stay in registers over a thread's images: at each window position, the gradient of
-   the filters whose maximum was there, times that position's input value. Each thread sums a fixed range of
-   images in its own buffer and the buffers are added in thread order: one thread count, one result. */
+   overwritten. Per filter vector, the K weight-gradient sums stay in registers over a thread's images: each
+   tap adds the pooled output's gradient times the input under the tap at the window position where that
+   filter's maximum was (picked per lane, so no work is spent on the other positions). Each thread sums a
+   fixed range of images in its own buffer and the buffers are added in thread order: one thread count, one
+   result. */
 void convpool_backward(const float *restrict x, const float *restrict g, const unsigned char *restrict arg,
                        const float *restrict out, float *restrict dw, float *restrict db, int B, int H, int W,
                        int threads, int relu) {
@@ -179,14 +180,21 @@ void convpool_backward(const float *restrict x, const float *restrict g, const u
                         memcpy(&ab, arg + o + v * 8, v * 8 + 8 <= NF ? 8 : NF - v * 8);
                         const vi av = __builtin_convertvector(ab, vi);
                         accb += gv;
-                        for (int q = 0; q < NP * NP; q++) {
-                            const vf gq = (vf)((vi)gv & (av == q));
-                            const float *xq = xb + (i * NP + q / NP) * W + j * NP + q % NP;
-                            for (int c = 0; c < NC; c++)
-                                for (int ky = 0; ky < KH; ky++)
-                                    for (int kx = 0; kx < KW; kx++)
-                                        acc[(c * KH + ky) * KW + kx] += xq[(c * H + ky) * W + kx] * gq;
-                        }
+                        vi at[NP * NP];  /* lanes whose maximum was at window position q */
+                        for (int q = 1; q < NP * NP; q++) at[q] = av == q;
+                        const float *xw = xb + i * NP * W + j * NP;
+                        for (int c = 0; c < NC; c++)
+                            #pragma GCC unroll 16
+                            for (int ky = 0; ky < KH; ky++)
+                                #pragma GCC unroll 16
+                                for (int kx = 0; kx < KW; kx++) {
+                                    /* per lane, the input under this tap at that filter's maximum */
+                                    const float *xk = xw + (c * H + ky) * W + kx;
+                                    vf xs = splat(xk[0]);
+                                    for (int q = 1; q < NP * NP; q++)
+                                        xs = vsel(at[q], splat(xk[(q / NP) * W + q % NP]), xs);
+                                    acc[(c * KH + ky) * KW + kx] += xs * gv;
+                                }
                     }
             }
             for (int k = 0; k < K; k++) part[t][k * NV + v] = acc[k];
