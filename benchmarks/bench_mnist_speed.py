@@ -81,7 +81,7 @@ def train_flop_per_sample(run) -> float:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kiln.nn import fuse, native_attention, native_lstm
+    from kiln.nn import fuse, native_attention, native_lstm, native_norm
 
     x, y = run.dataset.load().split("test")
     model = run.model.train()
@@ -89,7 +89,8 @@ def train_flop_per_sample(run) -> float:
     # The C kernels are opaque to the counter: count the same work as PyTorch operators.
     with mock.patch.object(fuse, "_native_applies", lambda *args: False), \
             mock.patch.object(native_attention, "applies", lambda *args: False), \
-            mock.patch.object(native_lstm, "applies", lambda *args: False):
+            mock.patch.object(native_lstm, "applies", lambda *args: False), \
+            mock.patch.object(native_norm, "applies", lambda *args: False):
         with counter:
             F.cross_entropy(model(run.dataset.to_input(x[:64])), y[:64]).backward()
         lstm = lstm_train_flops(model, run.dataset.to_input(x[:64]))

@@ -142,6 +142,44 @@ def test_native_attention_leaves_dropout_long_sequences_and_tracing_to_pytorch(f
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize(("width", "heads"), [(50, 2), (13, 1), (8, 4)])
+def test_native_add_norm_matches_plain_encoder(fresh_native, width, heads):
+    from kiln.nn.blocks.transformer import TransformerEncoder
+    from kiln.nn.fuse import NativeEncoderLayer
+
+    torch.manual_seed(0)
+    plain = build_model([TransformerEncoder(heads=heads, ff=2 * width)], (7, width))
+    with torch.no_grad():  # a scale and shift that are not the identity, so that both are exercised
+        for norm in (plain.blocks[0].norm1, plain.blocks[0].norm2):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    fused = copy.deepcopy(plain)
+    assert any("LayerNorm" in line for line in fuse(fused))
+    assert isinstance(fused.blocks[0], NativeEncoderLayer)
+    assert plain.state_dict().keys() == fused.state_dict().keys()
+    x = torch.randn(11, 7, width) * 2  # 77 rows: not a multiple of the kernel's four
+    _assert_same_function(plain, fused, x, grad_atol=1e-5)
+
+
+def test_native_add_norm_leaves_pre_norm_dropout_and_tracing_to_pytorch(fresh_native, monkeypatch):
+    from kiln.nn import native_norm
+    from kiln.nn.blocks.transformer import TransformerEncoder
+
+    calls = []
+    apply = native_norm.AddNorm.apply
+    monkeypatch.setattr(native_norm.AddNorm, "apply", lambda *a: calls.append(a) or apply(*a))
+    pre = build_model([TransformerEncoder(heads=2, ff=8, norm="pre")], (5, 10))
+    assert not any("LayerNorm" in line for line in fuse(pre))
+    _, dropped = _encoder_pair(dropout=0.2)
+    fuse(dropped)
+    dropped(torch.randn(2, 13, 10))  # dropout in training: the kernel has none
+    with torch.no_grad():
+        graph = torch.jit.trace(dropped.eval(), torch.randn(2, 13, 10), check_trace=False).inlined_graph
+    assert calls == [] and "layer_norm" in str(graph)
+    dropped(torch.randn(2, 13, 10))  # evaluation: no dropout, so the kernel runs, once per half
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize(("units", "steps"), [(50, "all"), (6, "last"), (16, "all")])
 def test_native_lstm_matches_pytorch_lstm(fresh_native, units, steps):
     from kiln.nn.blocks.recurrent import LSTM

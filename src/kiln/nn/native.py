@@ -8,7 +8,8 @@ PyTorch runs as many small, memory-bound operators.
   positions in registers and keeps only the maximum and which position gave it (first position on
   ties, as ``max_pool2d`` does). The backward pass then needs only that position's input value for the
   weight gradient. Neither pass materialises the full-resolution map.
-- ``attention``: see ``kiln.nn.native_attention``.
+- ``attention``, ``lstm`` and ``addnorm``: see ``kiln.nn.native_attention``, ``kiln.nn.native_lstm`` and
+  ``kiln.nn.native_norm``.
 
 Each source is compiled once per machine and shape into the kiln cache (``-O3 -march=native``: the
 machine that compiles is the one that runs it; the shape is a compile-time constant, so loops unroll)
@@ -238,7 +239,7 @@ def _compile(target: Path, source: str, defines: list[str]) -> None:
         os.replace(out, target)  # atomic: a concurrent process sees the whole library or none
 
 
-def build(kind: str, source: str, defines: dict[str, int],
+def build(kind: str, source: str, defines: dict[str, int | float],
           functions: dict[str, tuple[int, int]]) -> tuple[ctypes.CDLL | None, str]:
     """(library, how) for one kernel source and shape, built once per machine and loaded once per process.
     ``functions`` maps each exported function to its (pointer, int) argument counts, pointers first. The
