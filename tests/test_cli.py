@@ -267,3 +267,36 @@ def test_train_into_an_existing_run_without_resume(
                              "--set", "data.limit_train=256", "--set", "data.limit_test=64")
     assert_user_error(code, out, err, "already holds a kiln run", "--resume")
     assert snapshot(run) == before
+
+
+def _buffered_env() -> dict[str, str]:
+    """The environment without PYTHONUNBUFFERED, so that output sits in Python's buffers as it does for users."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
+def test_the_kiln_command_flushes_its_output_and_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kiln` ends without the interpreter's teardown (os._exit): piped output must still arrive whole,
+    the same as main() prints in-process, and the exit code must be main's."""
+    env = {**_buffered_env(), "COLUMNS": "200"}
+    monkeypatch.setenv("COLUMNS", "200")
+    config = str(REPO / "examples" / "mnist_seed.yaml")
+    assert main(["summary", config]) == 0
+    expected = capsys.readouterr().out
+    ok = subprocess.run([sys.executable, "-m", "kiln", "summary", config], capture_output=True,
+                        text=True, timeout=120, cwd=REPO, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == expected and "71,268" in expected
+    bad = subprocess.run([sys.executable, "-m", "kiln", "summary", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_kiln_train_output_arrives_whole_through_a_pipe(tmp_path: Path, mnist_root: Path) -> None:
+    """`kiln train --json` prints with print() (block-buffered into a pipe) just before the fast exit."""
+    proc = subprocess.run([sys.executable, "-m", "kiln", "train", str(SEED_PATH), "--set", "data.limit_train=64",
+                           "--set", "data.limit_test=64", "--out", str(tmp_path / "run"), "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=_buffered_env())
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(proc.stdout)
+    assert metrics["test"]["samples"] == 64 and (tmp_path / "run" / "results.json").is_file()

@@ -1,5 +1,3 @@
-import sys
+from kiln.cli import entry
 
-from kiln.cli import main
-
-sys.exit(main())
+entry()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -309,5 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``kiln`` command: ``main``, then an exit that skips the interpreter's teardown.
+
+    A finished command has written its files (atomically, all closed) and only its output is left to
+    flush. Tearing down the interpreter afterwards frees PyTorch's modules and objects one by one: 0.6 to
+    0.8 s of every call here (`python -c "import torch"` takes 3.1-3.3 s, with ``os._exit`` 2.5-2.6 s),
+    more than some commands take. Exceptions, ``--help`` and argument errors exit the usual way."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
