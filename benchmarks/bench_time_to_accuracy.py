@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -92,7 +91,8 @@ def main() -> None:
     hits = [r["test_accuracy"] >= args.target and r["wall_seconds"] <= args.budget for r in runs]
     gflops = [flops["train_flop_per_sample"] * flops["train_samples"] * flops["epochs"] / r["train_seconds"] / 1e9
               for r in runs]
-    print(f"\nhardware: {hardware()}")
+    hw = hardware()
+    print(f"\nhardware: {hw}")
     print(f"versions: torch {flops['torch']}, kiln {flops['kiln']}; threads {flops['threads']}; "
           f"kiln chose: {flops['execution']}")
     print(f"config: {args.config.name}, overrides {args.overrides or 'none'}; {flops['epochs']} epoch(s) x "
@@ -108,11 +108,10 @@ def main() -> None:
     out_dir.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = out_dir / f"time_to_accuracy-{stamp}.json"
-    out.write_text(json.dumps({"hardware": hardware(), "args": {**vars(args), "config": str(args.config)},
+    out.write_text(json.dumps({"hardware": hw, "args": {**vars(args), "config": str(args.config)},
                                "runs": runs, "flops": flops, "hits": sum(hits)}, indent=2))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     main()

@@ -79,6 +79,7 @@ def test_weight_decay_spares_biases_and_norm_scales():
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimizers_update_exactly_as_torch_optim_does(name):
     """kiln calls torch.optim's update without its torch.compile guards: the same parameters and state."""
+    import copy
     from types import SimpleNamespace
 
     from kiln.train.optim import make_optimizer, make_scheduler, param_groups
@@ -86,8 +87,7 @@ def test_optimizers_update_exactly_as_torch_optim_does(name):
     cfg = SimpleNamespace(name=name, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, momentum=0.9, nesterov=True)
     torch.manual_seed(0)
     ours = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    theirs = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    theirs.load_state_dict(ours.state_dict())
+    theirs = copy.deepcopy(ours)
     opt = make_optimizer(ours, cfg, torch.device("cpu"))
     kind, keys = {"adam": (torch.optim.Adam, ("betas",)), "adamw": (torch.optim.AdamW, ("betas",)),
                   "sgd": (torch.optim.SGD, ("momentum", "nesterov"))}[name]
@@ -109,7 +109,7 @@ def test_optimizers_update_exactly_as_torch_optim_does(name):
         assert torch.equal(a, b)
 
 
-def test_training_does_not_import_the_compiler(tmp_path):
+def test_training_does_not_import_the_compiler():
     """torch.optim's guards import torch._dynamo (seconds) on first use; kiln's optimisers must not."""
     import subprocess
     import sys
