@@ -130,6 +130,12 @@ SCHEMA_CASES = [
                  id="label-smoothing-1"),
     pytest.param(setting(train__optimizer__betas=[0.9, 1.0]), "train.optimizer.betas", ["[0, 1)"],
                  id="beta-1"),
+    pytest.param(setting(train__hard_examples={"fraction": 0}), "train.hard_examples.fraction",
+                 ["greater than 0"], id="hard-examples-fraction-0"),
+    pytest.param(setting(train__hard_examples={"fraction": 0.5, "from_epoch": 1}), "train.hard_examples.from_epoch",
+                 ["greater than or equal to 2"], id="hard-examples-from-epoch-1"),
+    pytest.param(setting(train__hard_examples={"fraction": 0.5, "select": "easiest"}), "train.hard_examples.select",
+                 ["'easiest'", "'hardest'", "'random'"], id="hard-examples-select"),
     # registry names and enumerations
     pytest.param(setting(train__optimizer__name="adamm"), "train.optimizer.name",
                  ["unknown optimizer 'adamm'", "did you mean 'adam'", "adamw", "sgd"], id="optimizer-typo"),

@@ -23,8 +23,9 @@ def _config(tmp_path: Path) -> Path:
     cfg["data"].update(limit_train=3000, limit_test=500)
     cfg["data"]["augment"] = {"shift": 0.1}  # its random stream must resume exactly too
     cfg["model"]["blocks"][5]["dropout"] = 0.1  # and dropout's
+    # Epoch 2 trains on the half with the highest losses: their record must resume exactly as well.
     cfg["train"].update(epochs=2, batch_size=32, checkpoint_every=15, log_every=10,
-                        schedule={"name": "onecycle"}, grad_clip=1.0)
+                        schedule={"name": "onecycle"}, grad_clip=1.0, hard_examples={"fraction": 0.5})
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -57,8 +58,8 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(mnist_root, tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     step = _checkpoint_step(last)
-    steps_per_epoch = 85  # ceil(2700 / 32)
-    assert 0 < step < 2 * steps_per_epoch and step % steps_per_epoch != 0, "must resume from mid-epoch"
+    epoch_steps = (85, 43)  # ceil(2700 / 32), then ceil(1350 / 32)
+    assert 0 < step < sum(epoch_steps) and step != epoch_steps[0], "must resume from mid-epoch"
     assert not (killed / "model.safetensors").exists()
 
     resumed = kiln.train(config, out=killed, resume=True, live=False)

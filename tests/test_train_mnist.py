@@ -115,6 +115,28 @@ def test_early_stopping_restores_best_epoch(mnist_root, tmp_path):
     assert all(torch.equal(best[k], final[k]) for k in best)
 
 
+def test_hard_examples_train_later_epochs_on_the_highest_losses(mnist_root, tmp_path):
+    def epochs(select):
+        overrides = {**TINY, "data.limit_train": 3000, "train.epochs": 3, "train.optimizer.lr": 0.006,
+                     "train.schedule.name": "onecycle", "train.hard_examples": {"fraction": 0.2, "select": select}}
+        run = kiln.train(SEED_CONFIG, overrides, out=tmp_path / select, live=False)
+        return [r for r in run.dir.read_metrics() if r["kind"] == "epoch"]
+
+    hardest, random = epochs("hardest"), epochs("random")
+    # 2,700 training samples: all of them in epoch 1, then 540 per epoch (11 steps of 50 instead of 54)
+    assert [r["samples"] for r in hardest] == [2700, 540, 540]
+    assert [r["step"] for r in hardest] == [54, 65, 76]
+    assert hardest[-1]["lr"] == pytest.approx(0.0, abs=1e-12), "the schedule must end with the shortened training"
+    # Epoch 1 is the same in both runs; then the samples with the highest losses are harder than a random draw.
+    assert hardest[0] == random[0]
+    assert hardest[1]["train_loss"] > 1.2 * random[1]["train_loss"]
+    assert hardest[1]["train_accuracy"] < random[1]["train_accuracy"]
+    with pytest.raises(kiln.ConfigError, match="train.early_stopping.monitor: train_loss is measured on the hard"):
+        kiln.train(SEED_CONFIG, {**TINY, "train.hard_examples": {"fraction": 0.5},
+                                 "train.early_stopping": {"monitor": "train_loss"}}, out=tmp_path / "es", live=False)
+    assert not (tmp_path / "es").exists()
+
+
 def test_same_seed_same_result_and_penalties_shrink_weights(mnist_root, tmp_path):
     a = kiln.train(SEED_CONFIG, TINY, out=tmp_path / "a", live=False)
     b = kiln.train(SEED_CONFIG, TINY, out=tmp_path / "b", live=False)

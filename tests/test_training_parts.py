@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kiln.config import ScheduleConfig
+from kiln.config import HardExamplesConfig, ScheduleConfig
 from kiln.data.datasets import holdout
-from kiln.train.loop import epoch_order
+from kiln.train.loop import epoch_order, epoch_size, hard_subset
 from kiln.train.optim import SCHEDULES
 
 
@@ -33,6 +33,22 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     cpu = torch.device("cpu")
     assert torch.equal(epoch_order(50, 1, 2, cpu), epoch_order(50, 1, 2, cpu))
     assert not torch.equal(epoch_order(50, 1, 2, cpu), epoch_order(50, 1, 3, cpu))
+
+
+def test_hard_examples_keep_the_highest_losses_in_epoch_order():
+    order = torch.tensor([5, 0, 3, 1, 4, 2])
+    last_loss = torch.tensor([0.1, 2.0, 0.3, float("inf"), 0.3, 0.05])
+    # the three highest are samples 3 (never seen), 1 and a tie of 2 and 4, broken by the lower index
+    assert hard_subset(order, last_loss, 4, "hardest").tolist() == [3, 1, 4, 2]
+    assert hard_subset(order, last_loss, 3, "hardest").tolist() == [3, 1, 2]
+    assert hard_subset(order, last_loss, 2, "random").tolist() == [5, 0]
+    assert hard_subset(order, last_loss, 6, "hardest") is order
+
+
+def test_hard_examples_epoch_sizes():
+    hard = HardExamplesConfig(fraction=0.25, from_epoch=3)
+    assert [epoch_size(1001, hard, e) for e in range(4)] == [1001, 1001, 251, 251]
+    assert [epoch_size(1001, None, e) for e in range(2)] == [1001, 1001]
 
 
 def test_split_seed_fixes_the_split_while_the_run_seed_varies(mnist_root):

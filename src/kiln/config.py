@@ -124,6 +124,15 @@ class EarlyStoppingConfig(StrictModel):
     restore_best: bool = True  # end with the weights of the best epoch
 
 
+class HardExamplesConfig(StrictModel):
+    """From epoch `from_epoch` on, each epoch trains only on a `fraction` of the training samples: those
+    with the highest loss when training last saw them (`select: hardest`), or a random draw (`random`)."""
+
+    fraction: float = Field(gt=0.0, le=1.0)
+    from_epoch: int = Field(default=2, ge=2)  # epoch 1 always sees every sample once
+    select: Literal["hardest", "random"] = "hardest"
+
+
 class TrainConfig(StrictModel):
     epochs: PositiveInt = 1
     batch_size: PositiveInt = 64
@@ -137,6 +146,7 @@ class TrainConfig(StrictModel):
     l2: NonNegativeFloat = 0.0  # penalty on the sum of squared weights (added to the loss)
     grad_clip: PositiveFloat | None = None  # largest global gradient norm
     early_stopping: EarlyStoppingConfig | None = None
+    hard_examples: HardExamplesConfig | None = None  # later epochs on the samples that are still hard
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     fuse: Literal["auto", "on", "off"] = "auto"  # faster kernels for block patterns (kiln.nn.fuse); auto: on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N

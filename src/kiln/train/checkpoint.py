@@ -78,12 +78,13 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 
 
 def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rng: dict[str, torch.Tensor],
-                    progress: dict[str, Any]) -> None:
-    """Everything needed to continue exactly where training stopped."""
+                    progress: dict[str, Any], tracked: dict[str, torch.Tensor] | None = None) -> None:
+    """Everything needed to continue exactly where training stopped (`tracked`: the loop's own tensors)."""
     tensors = {f"model/{k}": _cpu(v) for k, v in model.state_dict().items()}
     optim_tensors, optim_info = _split_optimizer(optimizer.state_dict())
     tensors.update(optim_tensors)
     tensors.update({f"rng/{k}": _cpu(v) for k, v in rng.items()})
+    tensors.update({f"tracked/{k}": _cpu(v) for k, v in (tracked or {}).items()})
     state = {
         "optimizer": optim_info,
         "scheduler": scheduler.state_dict(),
@@ -94,8 +95,9 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rng: dic
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler) -> tuple[dict[str, torch.Tensor], dict]:
-    """Restore model, optimiser, scheduler and scaler in place; return (rng states, progress)."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler
+                    ) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
+    """Restore model, optimiser, scheduler and scaler in place; return (rng states, progress, tracked)."""
     meta = read_metadata(path)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise RunDirError(f"{path} is not a kiln training checkpoint")
@@ -109,4 +111,5 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler) -> tuple
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
     rng = {k.removeprefix("rng/"): v for k, v in tensors.items() if k.startswith("rng/")}
-    return rng, state["progress"]
+    tracked = {k.removeprefix("tracked/"): v for k, v in tensors.items() if k.startswith("tracked/")}
+    return rng, state["progress"], tracked

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kiln
-from kiln.config import HIGHER_IS_BETTER, Config, load_config
+from kiln.config import HIGHER_IS_BETTER, Config, HardExamplesConfig, load_config
 from kiln.data.datasets import Dataset, Splits, open_dataset
 from kiln.data.images import augment
 from kiln.data.text import TEXT_DATASETS
@@ -54,6 +54,23 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=gen).to(device)
 
 
+def epoch_size(n: int, hard: HardExamplesConfig | None, epoch: int) -> int:
+    """Samples that epoch `epoch` (from 0) trains on: all of them, or hard_examples' fraction once it applies."""
+    return math.ceil(hard.fraction * n) if hard and epoch + 1 >= hard.from_epoch else n
+
+
+def hard_subset(order: torch.Tensor, last_loss: torch.Tensor, size: int, select: str) -> torch.Tensor:
+    """The epoch's `order` cut to `size` samples, in the same order: the ones with the highest last loss
+    (ties by index, so the choice is deterministic), or for `random` the first `size` of the order."""
+    if size >= len(order):
+        return order
+    if select == "random":
+        return order[:size]
+    chosen = torch.zeros(len(order), dtype=torch.bool, device=order.device)
+    chosen[torch.argsort(last_loss, descending=True, stable=True)[:size]] = True
+    return order[chosen[order]]
+
+
 @dataclass
 class TrainState:
     """Where training stands; saved in every checkpoint."""
@@ -80,9 +97,12 @@ class Trainer:
         self.precision = precision
         self.display = progress_display
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
-        self.steps_per_epoch = math.ceil(len(self.train_x) / self.t.batch_size)
+        n, hard = len(self.train_x), self.t.hard_examples
+        total_steps = sum(math.ceil(epoch_size(n, hard, e) / self.t.batch_size) for e in range(self.t.epochs))
         self.optimizer = make_optimizer(model, self.t.optimizer, device)
-        self.scheduler = make_scheduler(self.optimizer, self.t.schedule, self.t.epochs * self.steps_per_epoch)
+        self.scheduler = make_scheduler(self.optimizer, self.t.schedule, total_steps)
+        # Each sample's loss when last trained on (inf: not yet seen), for hard_examples' choice.
+        self.last_loss = torch.full((n,), math.inf, device=device) if hard and hard.select == "hardest" else None
         self.scaler = precision.grad_scaler()
         self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.state = TrainState()
@@ -100,14 +120,17 @@ class Trainer:
         return rng
 
     def save(self) -> None:
+        tracked = {"last_loss": self.last_loss} if self.last_loss is not None else None
         save_checkpoint(self.run_dir / RunDir.LAST, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, scaler=self.scaler, rng=self.rng_state(),
-                        progress=self.state.__dict__)
+                        progress=self.state.__dict__, tracked=tracked)
 
     def restore(self) -> None:
-        rng, progress = load_checkpoint(self.run_dir / RunDir.LAST, model=self.model, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, scaler=self.scaler)
+        rng, progress, tracked = load_checkpoint(self.run_dir / RunDir.LAST, model=self.model,
+                                                 optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         self.state = TrainState(**progress)
+        if self.last_loss is not None:
+            self.last_loss.copy_(tracked["last_loss"])
         torch.set_rng_state(rng["torch"])
         self.aug_gen.set_state(rng["augment"])
         if "cuda" in rng:
@@ -138,6 +161,8 @@ class Trainer:
         else:
             loss = F.cross_entropy(logits.float(), y, weight=self.class_weight, label_smoothing=self.t.label_smoothing)
             correct = (logits.detach().argmax(1) == y).sum()
+        if self.last_loss is not None:
+            self.last_loss[idx] = sample_losses(logits.detach().float(), y, self.dataset.task)
         backward_and_step(loss + self.penalty(), self.model, self.optimizer, self.scheduler, self.scaler,
                           self.t.grad_clip)
         return loss.detach() * len(idx), correct
@@ -147,6 +172,12 @@ class Trainer:
     def run_epoch(self) -> None:
         s, t = self.state, self.t
         order = epoch_order(len(self.train_x), self.cfg.seed, s.epoch, self.device)
+        size = epoch_size(len(order), t.hard_examples, s.epoch)
+        if size < len(order):
+            order = hard_subset(order, self.last_loss, size, t.hard_examples.select)
+            if s.step_in_epoch == 0:
+                self.display.log(f"epoch {s.epoch + 1}: training on {size:,} of {len(self.train_x):,} samples "
+                                 f"({t.hard_examples.select}, train.hard_examples)")
         batches = order.split(t.batch_size)
         # Sums stay on the device; reading them forces a sync, so only every log_every steps.
         loss_sum = torch.tensor(s.loss_sum, device=self.device)
@@ -186,8 +217,8 @@ class Trainer:
     def end_epoch(self, train_loss: float, train_acc: float) -> None:
         s = self.state
         val = self.evaluate("val") if len(self.data.val_x) else {}  # data.val_fraction 0: no val split
-        record = {"kind": "epoch", "epoch": s.epoch + 1, "step": s.global_step, "train_loss": train_loss,
-                  "train_accuracy": train_acc,
+        record = {"kind": "epoch", "epoch": s.epoch + 1, "step": s.global_step, "samples": s.seen,
+                  "train_loss": train_loss, "train_accuracy": train_acc,
                   **{f"val_{k}": v for k, v in val.items() if k in TASK_METRICS[self.dataset.task]},
                   "lr": self.scheduler.get_last_lr()[0]}
         s.history.append(record)
@@ -221,6 +252,13 @@ class Trainer:
         if self.state.stopped_early:
             self.display.log(f"early stopping: no improvement for {self.t.early_stopping.patience} epochs")
         self.display.close()
+
+
+def sample_losses(logits: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Each sample's own loss (unweighted, unsmoothed): how hard the sample still is."""
+    if task == "regression":
+        return (logits[:, 0] - y).square()
+    return F.cross_entropy(logits, y, reduction="none")
 
 
 def class_weights(setting: str | list[float], train_y: torch.Tensor, dataset: Dataset) -> torch.Tensor:
@@ -324,6 +362,10 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     if cfg.data.dataset in TEXT_DATASETS:  # step-based training on random batches
         from kiln.train.text_loop import train_text
 
+        if cfg.train.hard_examples:
+            raise ConfigError("train.hard_examples applies to epochs over images or tables; text data trains "
+                              "for train.steps on random batches")
+
         return train_text(cfg, run_dir, resume, live)
     cfg, dataset, device, precision = setup(cfg, run_dir, resume)
     _check_task_settings(cfg, dataset)
@@ -392,5 +434,8 @@ def _check_task_settings(cfg: Config, dataset: Dataset) -> None:
         raise ConfigError(f"train.threshold_metric applies to binary classification; this task is {task}")
     if cfg.train.class_weights and task == "regression":
         raise ConfigError("train.class_weights applies to classification; this task is regression")
+    if cfg.train.hard_examples and es and es.monitor.startswith("train_"):
+        raise ConfigError(f"train.early_stopping.monitor: {es.monitor} is measured on the hard examples alone from "
+                          f"epoch {cfg.train.hard_examples.from_epoch} (train.hard_examples); monitor a val_ metric")
 
 

@@ -97,8 +97,8 @@ class TextTrainer:
                         progress={"step": self.step, "train_seconds": self.train_seconds, "history": self.history})
 
     def restore(self) -> None:
-        rng, progress = load_checkpoint(self.run_dir / RunDir.LAST, model=self.model, optimizer=self.optimizer,
-                                        scheduler=self.scheduler, scaler=self.scaler)
+        rng, progress, _ = load_checkpoint(self.run_dir / RunDir.LAST, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, scaler=self.scaler)
         torch.set_rng_state(rng["torch"])
         self.step, self.train_seconds, self.history = progress["step"], progress["train_seconds"], progress["history"]
         self.run_dir.keep_metrics_until(self.step)
