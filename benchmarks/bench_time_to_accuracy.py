@@ -54,6 +54,8 @@ def measure_flops(run_dir: str) -> None:
     print(json.dumps({"train_flop_per_sample": train_flop_per_sample(run), "peak_gflops": peak_gflops(),
                       "threads": torch.get_num_threads(), "torch": torch.__version__, "kiln": kiln.__version__,
                       "train_samples": run.manifest["samples"]["train"], "epochs": run.config.train.epochs,
+                      # samples trained on, over all epochs (train.hard_examples trains later epochs on fewer)
+                      "samples_trained": sum(r["samples"] for r in run.dir.read_metrics() if r["kind"] == "epoch"),
                       "execution": run.manifest.get("execution", {})}))
 
 
@@ -89,14 +91,14 @@ def main() -> None:
     walls = sorted(r["wall_seconds"] for r in runs)
     accs = [r["test_accuracy"] for r in runs]
     hits = [r["test_accuracy"] >= args.target and r["wall_seconds"] <= args.budget for r in runs]
-    gflops = [flops["train_flop_per_sample"] * flops["train_samples"] * flops["epochs"] / r["train_seconds"] / 1e9
-              for r in runs]
+    gflops = [flops["train_flop_per_sample"] * flops["samples_trained"] / r["train_seconds"] / 1e9 for r in runs]
     hw = hardware()
     print(f"\nhardware: {hw}")
     print(f"versions: torch {flops['torch']}, kiln {flops['kiln']}; threads {flops['threads']}; "
           f"kiln chose: {flops['execution']}")
-    print(f"config: {args.config.name}, overrides {args.overrides or 'none'}; {flops['epochs']} epoch(s) x "
-          f"{flops['train_samples']:,} samples")
+    print(f"config: {args.config.name}, overrides {args.overrides or 'none'}; {flops['epochs']} epoch(s) over "
+          f"{flops['train_samples']:,} samples, {flops['samples_trained']:,} trained on in all "
+          f"({flops['samples_trained'] / flops['train_samples']:.2f} passes)")
     print(f"wall s (min / median / max): {walls[0]:.1f} / {statistics.median(walls):.1f} / {walls[-1]:.1f}; "
           f"test accuracy (min / median / max): {min(accs) * 100:.2f} / {statistics.median(accs) * 100:.2f} / "
           f"{max(accs) * 100:.2f}%")
