@@ -131,6 +131,10 @@ def test_hard_examples_train_later_epochs_on_the_highest_losses(mnist_root, tmp_
     assert hardest[0] == random[0]
     assert hardest[1]["train_loss"] > 1.2 * random[1]["train_loss"]
     assert hardest[1]["train_accuracy"] < random[1]["train_accuracy"]
+    # Without a validation split, no epoch is "best": train metrics of different epochs cover different samples.
+    no_val = kiln.train(SEED_CONFIG, {**TINY, "data.val_fraction": 0.0, "train.epochs": 2,
+                                      "train.hard_examples": {"fraction": 0.5}}, out=tmp_path / "no_val", live=False)
+    assert no_val.metrics["best_epoch"] is None and not (no_val.path / "checkpoints" / "best.safetensors").exists()
     with pytest.raises(kiln.ConfigError, match="train.early_stopping.monitor: train_loss is measured on the hard"):
         kiln.train(SEED_CONFIG, {**TINY, "train.hard_examples": {"fraction": 0.5},
                                  "train.early_stopping": {"monitor": "train_loss"}}, out=tmp_path / "es", live=False)

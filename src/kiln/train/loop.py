@@ -234,8 +234,8 @@ class Trainer:
         s, es = self.state, self.t.early_stopping
         monitor = es.monitor if es else ("val_loss" if len(self.data.val_x) else "train_loss")
         value = record.get(monitor, math.nan)
-        if math.isnan(value):
-            return
+        if math.isnan(value) or (self.t.hard_examples and monitor.startswith("train_")):
+            return  # with hard_examples, train metrics of different epochs cover different samples
         sign = -1.0 if monitor.endswith(HIGHER_IS_BETTER) else 1.0
         min_delta = es.min_delta if es else 0.0
         if s.best_value is None or sign * (s.best_value - value) > min_delta:
