@@ -1,7 +1,8 @@
 """Training speed of the seed_hybrid model, side by side: kiln vs a plain eager PyTorch loop vs Keras 3.
 
 Same work for all: 1 epoch (by default) of MNIST's 54,000 training images (kiln's seed-0 split),
-batch 64, Adam 1e-3, fp32, then test accuracy on the 10,000 test images. Repetition r initialises and
+batch 64, Adam 1e-3, fp32 (kiln in its `auto` precision: bf16 only on a CPU with bf16 matrix units, and then a
+kiln-fp32 row runs beside it), then test accuracy on the 10,000 test images. Repetition r initialises and
 shuffles with seed r in every system, so the accuracy median is over seeds. Systems run alternately in
 fresh processes, --reps times each; the table gives min / median / max training-loop seconds per epoch
 and the median ratios. Keras needs benchmarks/setup_keras.sh first (it is skipped, with a note, without it).
@@ -45,6 +46,7 @@ def worker_kiln(epochs: int, seed: int, overrides: list[str]) -> dict:
         m = run.metrics
         return {"train_seconds": m["train_seconds"], "test_accuracy": m["test"]["accuracy"],
                 "train_samples": run.manifest["samples"]["train"], "parameters": run.manifest["parameters"], "choices": run.manifest.get("execution", {}),
+                "precision": f"{run.manifest['precision']} ({run.manifest['precision_reason']})",
                 "inference": inference_speed(run), "train_flop_per_sample": train_flop_per_sample(run),
                 "peak_gflops": peak_gflops(),
                 "versions": {"torch": torch.__version__, "kiln": kiln.__version__}}
@@ -193,8 +195,20 @@ def export_data(path: Path) -> None:
              test_x=s.test_x[:, 0].numpy(), test_y=s.test_y.numpy())
 
 
+def kiln_precision(overrides: list[str]) -> str:
+    """The precision kiln's runs will use: `train.precision` from --set, or what `auto` picks on this CPU."""
+    import torch
+
+    from kiln.train.precision import pick_precision
+
+    forced = [o.split("=", 1)[1] for o in overrides if o.startswith("train.precision=")]
+    return pick_precision(forced[-1] if forced else "auto", torch.device("cpu")).name
+
+
 def run_worker(system: str, epochs: int, seed: int, data_path: Path, overrides: list[str],
                threads: int | None) -> dict:
+    if system == "kiln-fp32":  # the same kiln run in fp32, beside a faster precision that changes numerics
+        system, overrides = "kiln", [*overrides, "train.precision=fp32"]
     if system == "keras":
         cmd = [str(KERAS_PYTHON), str(HERE / "keras_seed.py"), str(data_path), str(epochs), str(seed)]
     else:
@@ -234,6 +248,9 @@ def main() -> None:
     if "keras" in systems and not KERAS_PYTHON.exists():
         print("note: Keras skipped; run benchmarks/setup_keras.sh to include it", file=sys.stderr)
         systems.remove("keras")
+    if "kiln" in systems and kiln_precision(args.overrides) != "fp32":
+        # bf16 changes numerics: its accuracy is shown beside fp32's (issue 3, goal 4).
+        systems.insert(systems.index("kiln") + 1, "kiln-fp32")
     results: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "mnist_split.npz"
@@ -248,10 +265,12 @@ def main() -> None:
 
     hw = hardware()
     print(f"\nhardware: {hw}")
-    print(f"config: seed_hybrid, {args.epochs} epoch(s) x {TRAIN_SAMPLES:,} samples, batch 64, Adam 1e-3, fp32; "
+    print(f"config: seed_hybrid, {args.epochs} epoch(s) x {TRAIN_SAMPLES:,} samples, batch 64, Adam 1e-3, "
+          f"kiln in {kiln_precision(args.overrides)}; "
           f"threads: {args.threads or 'default'}; kiln overrides: {args.overrides or 'none'}")
     for system, rs in results.items():
-        print(f"versions[{system}]: {rs[0]['versions']}" + (f"  kiln chose: {rs[0]['choices']}" if rs[0].get("choices") else ""))
+        print(f"versions[{system}]: {rs[0]['versions']}" + (f"  kiln chose: {rs[0]['choices']}" if rs[0].get("choices") else "")
+              + (f"  precision: {rs[0]['precision']}" if rs[0].get("precision") else ""))
     print(f"\n{'system':8s} {'min s':>7s} {'median s':>9s} {'max s':>7s} {'samples/s':>10s} {'test acc (median)':>18s}")
     summary = {}
     for system, rs in results.items():
