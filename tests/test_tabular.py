@@ -221,6 +221,10 @@ def test_regression_task(tmp_path: Path) -> None:
     assert run.metrics["task"] == "regression" and run.metrics["test"]["r2"] > 0.9, run.metrics["test"]
     pred = run.predict_rows([{"x": 5.0, "g": "A"}])[0]["prediction"]
     assert 12 < pred < 18
+    # Hard examples rank a regressor's rows by squared error; half the rows per epoch still fit the line.
+    hard = kiln.train({**cfg, "train": {**cfg["train"], "hard_examples": {"fraction": 0.5}}}, out=tmp_path / "hard",
+                      live=False)
+    assert hard.metrics["test"]["r2"] > 0.9, hard.metrics["test"]
     bad = {**cfg, "model": {"blocks": [{"type": "tabular_encoder"}, {"type": "classifier"}]}}
     with pytest.raises(kiln.ConfigError, match="task is regression; end the model with `regressor`"):
         kiln.train(bad, out=tmp_path / "run2", live=False)
