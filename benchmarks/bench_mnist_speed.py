@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KERAS_PYTHON = HERE / ".venv-keras" / "bin" / "python"
 TRAIN_SAMPLES = 54_000
+SEED_CONFIG = ROOT / "examples" / "mnist_seed.yaml"
 
 
 # ---- workers: each runs in its own process and prints one JSON line ----------------------------
@@ -42,7 +43,7 @@ def worker_kiln(epochs: int, seed: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         # Seed r varies initialisation and order; the split stays the one every system trains on.
         overrides = [f"train.epochs={epochs}", f"seed={seed}", "data.split_seed=0", *overrides]
-        run = kiln.train(ROOT / "examples" / "mnist_seed.yaml", overrides, out=Path(tmp) / "run", live=False)
+        run = kiln.train(SEED_CONFIG, overrides, out=Path(tmp) / "run", live=False)
         m = run.metrics
         return {"train_seconds": m["train_seconds"], "test_accuracy": m["test"]["accuracy"],
                 "train_samples": run.manifest["samples"]["train"], "parameters": run.manifest["parameters"], "choices": run.manifest.get("execution", {}),
@@ -189,20 +190,22 @@ def export_data(path: Path) -> None:
     from kiln.config import load_config
     from kiln.data.datasets import open_dataset
 
-    cfg = load_config(ROOT / "examples" / "mnist_seed.yaml")
+    cfg = load_config(SEED_CONFIG)
     s = open_dataset(cfg.data, cfg.seed).load()
     np.savez(path, train_x=s.train_x[:, 0].numpy(), train_y=s.train_y.numpy(),
              test_x=s.test_x[:, 0].numpy(), test_y=s.test_y.numpy())
 
 
 def kiln_precision(overrides: list[str]) -> str:
-    """The precision kiln's runs will use: `train.precision` from --set, or what `auto` picks on this CPU."""
+    """The precision kiln's runs will use: the config's `train.precision` with the --set overrides, as
+    `auto` resolves it on this CPU."""
     import torch
 
+    from kiln.config import load_config
     from kiln.train.precision import pick_precision
 
-    forced = [o.split("=", 1)[1] for o in overrides if o.startswith("train.precision=")]
-    return pick_precision(forced[-1] if forced else "auto", torch.device("cpu")).name
+    cfg = load_config(SEED_CONFIG, overrides)
+    return pick_precision(cfg.train.precision, torch.device("cpu")).name
 
 
 def run_worker(system: str, epochs: int, seed: int, data_path: Path, overrides: list[str],
