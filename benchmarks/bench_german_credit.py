@@ -26,10 +26,10 @@ import torch
 
 import kiln
 from kiln.config import load_config
-from kiln.data.datasets import stratified_folds
+from kiln.data.splits import stratified_folds
 from kiln.data.preprocess import fit
 from kiln.data.table import find_table, read_table
-from kiln.train.metrics import roc_auc
+from kiln.training.metrics import roc_auc
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDS = 5

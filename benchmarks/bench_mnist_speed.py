@@ -57,7 +57,7 @@ def inference_speed(run) -> dict:
     """Evaluation (test split, metrics included) and prediction throughput, and batch-1 latency."""
     import torch
 
-    test_x, _ = run.dataset.load().split("test")
+    test_x, _ = run.kind.load().split("test")
     start = time.perf_counter()
     run.evaluate("test")
     evaluate_s = time.perf_counter() - start
@@ -86,7 +86,7 @@ def train_flop_per_sample(run) -> float:
 
     from kiln.nn import fuse, native_attention, native_lstm, native_norm
 
-    x, y = run.dataset.load().split("test")
+    x, y = run.kind.load().split("test")
     model = run.model.train()
     counter = FlopCounterMode(display=False)
     # The C kernels are opaque to the counter: count the same work as PyTorch operators.
@@ -95,8 +95,8 @@ def train_flop_per_sample(run) -> float:
             mock.patch.object(native_lstm, "applies", lambda *args: False), \
             mock.patch.object(native_norm, "applies", lambda *args: False):
         with counter:
-            F.cross_entropy(model(run.dataset.to_input(x[:64])), y[:64]).backward()
-        lstm = lstm_train_flops(model, run.dataset.to_input(x[:64]))
+            F.cross_entropy(model(run.kind.to_input(x[:64])), y[:64]).backward()
+        lstm = lstm_train_flops(model, run.kind.to_input(x[:64]))
     model.eval()
     return (counter.get_total_flops() + lstm) / 64
 
@@ -188,10 +188,10 @@ def export_data(path: Path) -> None:
     import numpy as np
 
     from kiln.config import load_config
-    from kiln.data.datasets import open_dataset
+    from kiln.data.kind import open_kind
 
     cfg = load_config(SEED_CONFIG)
-    s = open_dataset(cfg.data, cfg.seed).load()
+    s = open_kind(cfg.data, cfg.seed).load()
     np.savez(path, train_x=s.train_x[:, 0].numpy(), train_y=s.train_y.numpy(),
              test_x=s.test_x[:, 0].numpy(), test_y=s.test_y.numpy())
 
@@ -202,7 +202,7 @@ def kiln_precision(overrides: list[str]) -> str:
     import torch
 
     from kiln.config import load_config
-    from kiln.train.precision import pick_precision
+    from kiln.training.precision import pick_precision
 
     cfg = load_config(SEED_CONFIG, overrides)
     return pick_precision(cfg.train.precision, torch.device("cpu")).name

@@ -209,16 +209,12 @@ def compute_floor(threads: int | None) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from kiln.config import load_config
-    from kiln.nn import build_model
-    from kiln.run import RunDir
-    from kiln.train.loop import setup
+    from kiln.summary import model_of
 
     if threads:
         torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg, dataset, _, _ = setup(load_config(CONFIG), RunDir(Path(tmp) / "floor"), False)
-    model = build_model(cfg.blocks, dataset.input_shape)
-    x = torch.randint(0, dataset.tokenizer.vocab_size, (BATCH, BLOCK))
+    model = model_of(load_config(CONFIG))
+    x = torch.randint(0, model.output_shape[-1], (BATCH, BLOCK))
     train = FlopCounterMode(display=False)
     with train:
         F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()

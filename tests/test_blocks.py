@@ -5,7 +5,7 @@ import torch
 
 from kiln.nn import build_model
 from kiln.registry import BLOCKS
-from kiln.train.checkpoint import load_weights, save_weights
+from kiln.training.checkpoint import load_weights, save_weights
 
 # Variants beyond each block's own example, for fields that change the output's shape or path.
 VARIANTS = {

@@ -13,8 +13,11 @@ import yaml
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'kiln[serve]'")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from test_serve_support import Server, free_port, serve_run  # noqa: E402,F401
+from test_serve_support import Server, free_port, serve_run, table_run  # noqa: E402,F401
+from test_serve_tabular_text import instances_of, lm_run, pairs_run  # noqa: E402,F401
+from test_tabular import synthetic_rows  # noqa: E402
 
+import kiln  # noqa: E402
 from kiln.cli import main  # noqa: E402
 from kiln.deploy import UID, k8s_manifests, k8s_name  # noqa: E402
 
@@ -88,3 +91,36 @@ def test_container_command_starts_the_server_from_the_generated_layout(serve_run
         assert resp.status_code == 200 and resp.json()["model"]["name"] == "mnist_seed"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("which", ["image", "table", "pairs", "lm"])
+def test_every_kind_of_run_serves_from_its_deploy_folder_alone(which, request, tmp_path):
+    """The Docker context holds what serving reads, the kind of data's own files included (a table's
+    preprocessing, a text's tokenizer): the run served from there alone answers as the original does."""
+    from fastapi.testclient import TestClient
+    from test_serve_support import mnist_test_images
+
+    from kiln.serve import create_app
+
+    run = request.getfixturevalue({"image": "serve_run", "table": "table_run", "pairs": "pairs_run",
+                                   "lm": "lm_run"}[which])
+    if which == "image":
+        instances = [{"pixels": image.tolist()} for image in mnist_test_images(3)[0]]
+    elif which == "table":
+        instances = instances_of(synthetic_rows(5, seed=3))
+    elif which == "pairs":
+        instances = [{"text": "forty-two"}, {"text": "seven hundred twelve"}]
+    else:
+        instances = [{"prompt": "First", "max_new_tokens": 12, "temperature": 0.8, "top_k": 5, "seed": 3}]
+    out = tmp_path / "image"
+    assert main(["deploy", str(run), "--docker", str(out)]) == 0
+    kind = kiln.Run.load(run).kind
+    copied = {p.name for p in (out / "run").iterdir()} - {"model.onnx"}
+    assert copied == {"config.yaml", "manifest.json", "results.json", "model.safetensors", *kind.run_files}
+    answers = []
+    for folder in (run, out / "run"):
+        with TestClient(create_app(folder)) as client:
+            resp = client.post("/v1/predict", json={"instances": instances})
+            assert resp.status_code == 200, resp.text[:300]
+            answers.append(resp.json()["predictions"])
+    assert answers[0] == answers[1]

@@ -1,6 +1,5 @@
 """Every shipped example config loads and builds; the seed model matches its plain-PyTorch twin."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +9,17 @@ import torch
 
 from benchmarks.plain_seed import PlainSeedHybrid
 from kiln.config import load_config
-from kiln.data.text import TEXT_DATASETS, find_text
+from kiln.data.kind import find_data, open_kind, resolve
 from kiln.errors import DataError
+from kiln.nn import build_model
 from kiln.summary import model_of
 
 EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
 
 
-def find_text_or_none(path, root):
+def found(path, root):
     try:
-        return find_text(path, root)
+        return find_data(path, root, "data")
     except DataError:
         return None
 
@@ -32,18 +32,15 @@ def test_example_loads_and_builds(path, tmp_path):
         subprocess.run([sys.executable, str(generator), str(tmp_path / cfg.data.path), "--count", "300"],
                        check=True, capture_output=True)
         cfg = load_config(path, {"data.root": str(tmp_path)})
-    if cfg.data.dataset == "tabular" and not (Path(os.environ.get("KILN_DATA", "/nonexistent")) / cfg.data.path).is_file():
-        pytest.skip(f"{path.name}: its table {cfg.data.path} is not under $KILN_DATA (the model's shape comes from it)")
-    if cfg.data.dataset in TEXT_DATASETS:
-        if not find_text_or_none(cfg.data.path, cfg.data.root):
-            pytest.skip(f"{path.name}: its text {cfg.data.path} is not found (the vocabulary comes from it)")
-        model = model_of(cfg)
-        out = model(torch.randint(0, 2, (2, *model.input_shape)))
-        assert out.shape == (2, *model.output_shape)
-        return
-    model = model_of(cfg)
-    out = model(torch.rand(2, *model.input_shape))
-    assert out.shape == (2, *model.output_shape) and model.output_shape[0] in (2, 10)
+    data_path = getattr(cfg.data, "path", None)
+    if data_path is not None and not found(data_path, cfg.data.root):
+        pytest.skip(f"{path.name}: its data {data_path} is not found (the model's shape or vocabulary comes from it)")
+    kind = open_kind(cfg.data, cfg.seed)
+    model = build_model(resolve(cfg, kind).blocks, kind.input_shape)
+    out = model(kind.to_input(kind.random_inputs(2, torch.Generator().manual_seed(0))))
+    assert out.shape == (2, *model.output_shape)
+    if kind.class_names:  # a classifier ends with one logit per class of its data
+        assert model.output_shape == (len(kind.class_names),)
 
 
 def test_seed_model_matches_design_and_plain_pytorch():

@@ -88,7 +88,7 @@ def test_tabular_and_text_runs_export_with_their_own_input_types(tmp_path):
     table = kiln.train(tabular_config(csv, epochs=1), out=tmp_path / "table", live=False)
     (tmp_path / "corpus.txt").write_text(CORPUS)
     text = kiln.train(lm_config(tmp_path / "corpus.txt", steps=2, eval_every=2), out=tmp_path / "lm", live=False)
-    rows = table.dataset.load().test_x[:5]  # float32 rows from the saved preprocessing
+    rows = table.kind.load().test_x[:5]  # float32 rows from the saved preprocessing
     ids = torch.tensor([[1, 2, 3, 4] * 4, [4, 3, 2, 1] * 4])  # (2, context 16) token ids
 
     for run, check, x in ((table, "random", rows), (text, "test", ids)):
@@ -96,8 +96,8 @@ def test_tabular_and_text_runs_export_with_their_own_input_types(tmp_path):
         assert report["max_abs_diff"] <= 1e-4 and report["samples"] > 0
         module = torch.export.load(run.path / "model.pt2").module()  # unpickles: written by this test
         with torch.inference_mode():
-            torch.testing.assert_close(module(x), run.model(run.dataset.to_input(x)), atol=1e-5, rtol=0)
-    assert report["samples"] == len(text.dataset.load().test_x) // 16  # held-out text in windows of the context
+            torch.testing.assert_close(module(x), run.model(run.kind.to_input(x)), atol=1e-5, rtol=0)
+    assert report["samples"] == (len(text.kind.load().test_x) - 1) // 16  # held-out text: windows with targets
 
 
 def test_bad_format_and_suffix_name_the_allowed_ones(tmp_path, capsys):

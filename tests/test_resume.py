@@ -82,5 +82,5 @@ def test_resume_refuses_a_changed_config(mnist_root, tmp_path):
     cfg["data"].update(limit_train=200, limit_test=100)
     config.write_text(yaml.safe_dump(cfg))
     kiln.train(config, out=tmp_path / "run", live=False)
-    with pytest.raises(kiln.ConfigError, match="only train.epochs may change"):
+    with pytest.raises(kiln.ConfigError, match="only train.epochs and train.steps may change"):
         kiln.train(config, {"train.batch_size": 16}, out=tmp_path / "run", resume=True, live=False)

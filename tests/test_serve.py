@@ -278,7 +278,7 @@ def test_torch_backend_serves_a_frozen_copy_equal_to_the_run(serve_run):
 def test_models_that_do_not_trace_faithfully_are_served_eager():
     import torch
 
-    from kiln.inference import freeze_for_inference
+    from kiln.nn.inference import freeze_for_inference
 
     class BatchDependent(torch.nn.Module):  # tracing bakes in the branch of the traced batch size
         def forward(self, x):
@@ -290,10 +290,8 @@ def test_models_that_do_not_trace_faithfully_are_served_eager():
 
 
 def test_fast_json_path_gives_the_schema_paths_batch(serve_run):
-    from kiln.serve.inputs import inputs_for
-
     run = kiln.Run.load(serve_run)
-    adapter = inputs_for(run.config.data.dataset, run.dataset)
+    adapter = run.kind.inputs()
     images, _ = mnist_test_images(3)
     raw = [{"pixels": images[0].tolist()}, {"pixels": (images[1] / 255.0).tolist(), "scale": "unit"},
            {"pixels": (images[2] * 0.99 + 0.4).tolist(), "scale": "uint8"}]

@@ -131,7 +131,8 @@ def test_table_runs_take_no_file_uploads(table_client):
 
 
 def test_table_onnx_backend_matches_torch(table_run, table_client, regression_run, tmp_path):
-    from kiln.export import ONNX_FILE, export_run
+    from kiln.export import export_run
+    from kiln.rundir import RunDir
 
     export_run(table_run)
     instances = instances_of(synthetic_rows(16, seed=9))
@@ -143,7 +144,7 @@ def test_table_onnx_backend_matches_torch(table_run, table_client, regression_ru
                                [p["probabilities"]["low"] for p in want], atol=1e-5)
     # Another run's file is refused at startup, not at the first request.
     other = shutil.copytree(regression_run, tmp_path / "other")
-    shutil.copy(table_run / ONNX_FILE, other / ONNX_FILE)
+    shutil.copy(table_run / RunDir.ONNX, other / RunDir.ONNX)
     with pytest.raises(kiln.KilnError, match="belongs to another model"):
         create_app(other, backend="onnx")
 
@@ -213,9 +214,9 @@ def test_seq2seq_run_answers_the_translation(pairs_run):
         unknown = error_of(post(c, [{"text": "thr✓e"}]))
         empty = error_of(post(c, [{"text": ""}]))
     assert body["predictions"] == [{"text": t} for t in run.translate(sources)]
-    assert info["task"] == "seq2seq" and info["inputs"]["max_tokens"] == run.dataset.source_steps
+    assert info["task"] == "seq2seq" and info["inputs"]["max_tokens"] == run.kind.source_steps
     assert too_long["code"] == "invalid_input" and too_long["details"][0]["loc"] == "instances.1.text"
-    assert f"at most {run.dataset.source_steps}" in too_long["message"]
+    assert f"at most {run.kind.source_steps}" in too_long["message"]
     assert unknown["code"] == "invalid_input" and "'✓'" in unknown["message"]
     assert empty["details"][0]["loc"] == "instances.0.text"
 
@@ -268,5 +269,5 @@ def test_bad_prompts_are_422_naming_the_field(lm_client, field, value, code):
 
 
 def test_text_runs_refuse_the_onnx_backend_at_startup(lm_run):
-    with pytest.raises(kiln.KilnError, match="text run.*--backend torch"):
+    with pytest.raises(kiln.KilnError, match="decoded step by step: serve it with --backend torch"):
         create_app(lm_run, backend="onnx")

@@ -16,12 +16,12 @@ import yaml
 
 import kiln
 from kiln.cli import main
-from kiln.data.datasets import stratified_folds, stratified_holdout
+from kiln.data.splits import stratified_folds, stratified_holdout
 from kiln.data.preprocess import Preprocessing, fit
 from kiln.data.table import read_table, rows_to_table
 from kiln.data.tabular import rows_to_input
 from kiln.errors import DataError
-from kiln.train.metrics import average_precision, choose_threshold, roc_auc, task_metrics
+from kiln.training.metrics import average_precision, choose_threshold, roc_auc, task_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = ["id", "age", "income", "city", "member", "country", "risk"]

@@ -12,11 +12,11 @@ from kiln.cli import main
 from kiln.config import load_config
 from kiln.data.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer, load_tokenizer
 from kiln.errors import ConfigError, DataError, KilnError, RunDirError
-from kiln.generate import Decoder, Sampling, generate_ids, translate_ids
+from kiln.nn.generate import Decoder, Sampling, generate_ids, translate_ids
 from kiln.nn import build_model
 from kiln.nn.base import BlockSpec
 from kiln.registry import BLOCKS
-from kiln.train.text_loop import TextTrainer
+from kiln.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
 from numbers_to_digits import pairs  # noqa: E402
@@ -207,7 +207,7 @@ def test_cli_trains_a_language_model_without_held_out_text(tmp_path, capsys):
     config = tmp_path / "lm.yaml"
     config.write_text(yaml.safe_dump(lm_config(tmp_path / "corpus.txt", steps=4, eval_every=2)))
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "--set", "data.val_fraction=0"]) == 0
-    assert "no held-out text" in capsys.readouterr().out
+    assert "no held-out data" in capsys.readouterr().out
 
 
 def test_stop_sequences_end_the_text(tmp_path):
@@ -231,14 +231,14 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, monke
     (tmp_path / "corpus.txt").write_text(CORPUS)
     cfg = lm_config(tmp_path / "corpus.txt", steps=20, checkpoint_every=10, eval_every=10)
     straight = kiln.train(cfg, out=tmp_path / "a", live=False)
-    step = TextTrainer.train_step
+    step = Trainer.step
 
-    def interrupted(self):
-        if self.step == 13:  # after the checkpoint at step 10
+    def interrupted(self, idx):
+        if self.state.global_step == 13:  # after the checkpoint at step 10
             raise KeyboardInterrupt
-        return step(self)
+        return step(self, idx)
 
-    monkeypatch.setattr(TextTrainer, "train_step", interrupted)
+    monkeypatch.setattr(Trainer, "step", interrupted)
     with pytest.raises(RunDirError, match="interrupted"):
         kiln.train(cfg, out=tmp_path / "b", live=False)
     monkeypatch.undo()
@@ -271,7 +271,7 @@ def test_seq2seq_trains_predicts_and_reloads(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "src.txt")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in out] == sources
-    with pytest.raises(KilnError, match="use predict"):
+    with pytest.raises(KilnError, match="has no generate; use `kiln predict"):
         run.generate("three")
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from kiln.config import HardExamplesConfig, ScheduleConfig
-from kiln.data.datasets import holdout
-from kiln.train.loop import epoch_order, epoch_size, hard_subset
-from kiln.train.optim import SCHEDULES
+from kiln.data.splits import holdout
+from kiln.training.plans import epoch_order, epoch_size, hard_subset
+from kiln.training.optim import SCHEDULES
 
 
 def test_schedules_shape():
@@ -53,12 +53,12 @@ def test_hard_examples_epoch_sizes():
 
 def test_split_seed_fixes_the_split_while_the_run_seed_varies(mnist_root):
     from kiln.config import load_config
-    from kiln.data.datasets import open_dataset
+    from kiln.data.kind import open_kind
 
     def val_images(seed, data):
         cfg = load_config({"model": {"blocks": [{"type": "flatten"}, {"type": "classifier"}]}, "seed": seed,
                            "data": {"limit_train": 500, "limit_test": 10, **data}})
-        return open_dataset(cfg.data, cfg.seed).load().val_x
+        return open_kind(cfg.data, cfg.seed).load().val_x
 
     fixed = val_images(1, {"split_seed": 7})
     assert torch.equal(fixed, val_images(2, {"split_seed": 7}))
@@ -67,7 +67,7 @@ def test_split_seed_fixes_the_split_while_the_run_seed_varies(mnist_root):
 
 
 def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch):
-    from kiln.train import precision
+    from kiln.training import precision
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
@@ -82,7 +82,7 @@ def test_auto_precision_follows_the_cpus_bf16_support(monkeypatch):
 def test_weight_decay_spares_biases_and_norm_scales():
     from types import SimpleNamespace
 
-    from kiln.train.optim import make_optimizer
+    from kiln.training.optim import make_optimizer
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Embedding(5, 3))
     cfg = SimpleNamespace(name="adamw", lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
@@ -98,7 +98,7 @@ def test_optimizers_update_exactly_as_torch_optim_does(name):
     import copy
     from types import SimpleNamespace
 
-    from kiln.train.optim import make_optimizer, make_scheduler, param_groups
+    from kiln.training.optim import make_optimizer, make_scheduler, param_groups
 
     cfg = SimpleNamespace(name=name, lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01, momentum=0.9, nesterov=True)
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def test_training_does_not_import_the_compiler():
     code = (
         "import sys, torch\n"
         "from types import SimpleNamespace\n"
-        "from kiln.train.optim import make_optimizer, make_scheduler\n"
+        "from kiln.training.optim import make_optimizer, make_scheduler\n"
         "m = torch.nn.Linear(3, 2)\n"
         "for name in ('adam', 'adamw', 'sgd'):\n"
         "    cfg = SimpleNamespace(name=name, lr=0.1, betas=(0.9, 0.99), weight_decay=0.1, momentum=0.9,"

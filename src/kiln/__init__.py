@@ -1,10 +1,35 @@
-"""kiln: describe a model and its data in one YAML file; train, evaluate and predict with it."""
+"""kiln: describe a model and its data in one YAML file; train, evaluate and predict with it.
 
-__version__ = "0.1.0"
+The names below load on first use, so that ``kiln --help`` and other light commands never import PyTorch.
+"""
 
-from kiln.config import Config, load_config  # noqa: E402
-from kiln.errors import ConfigError, DataError, KilnError, RunDirError  # noqa: E402
-from kiln.run import Run  # noqa: E402
-from kiln.train.loop import train  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["Config", "ConfigError", "DataError", "KilnError", "Run", "RunDirError", "load_config", "train"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from kiln.errors import ConfigError, DataError, KilnError, RunDirError
+from kiln.version import __version__
+
+__all__ = ["Config", "ConfigError", "DataError", "KilnError", "Run", "RunDirError", "__version__", "load_config",
+           "train"]
+
+_LAZY = {"Config": "kiln.config", "load_config": "kiln.config", "Run": "kiln.run"}
+
+if TYPE_CHECKING:
+    from kiln.config import Config, load_config
+    from kiln.run import Run
+
+
+def train(config, overrides=None, **options) -> Run:
+    """Train a model from a config (a YAML path, a dict or a Config) and return the finished :class:`Run`.
+    See :func:`kiln.api.train` for the options."""
+    from kiln.api import train as train_run
+
+    return train_run(config, overrides, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -50,13 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split (default: test)")
     e.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    pr = sub.add_parser("predict", help="classify image files (PNG/JPEG) or .npy arrays",
-                        description="Predict the class of each file: PNG/JPEG images (converted to the model's "
-                                    "input size; light backgrounds are inverted) or .npy arrays of pixels "
-                                    "(uint8 0..255 or float 0..1).")
+    pr = sub.add_parser("predict", help="predict for files: images, table rows or source texts, by the run's data",
+                        description="Predict for each input in the files, by the run's kind of data: an image run "
+                                    "classifies PNG/JPEG images (converted to the model's input size; light "
+                                    "backgrounds are inverted) or .npy arrays of pixels (uint8 0..255 or float "
+                                    "0..1); a table run predicts each row of CSV or Parquet files (printed as CSV "
+                                    "with the prediction columns added); a text-pairs run translates each line "
+                                    "of text files (printed as source<TAB>target).")
     pr.add_argument("run", help="run directory written by `kiln train`")
-    pr.add_argument("files", nargs="+", help="image or .npy files; for a table run, CSV or Parquet files of rows")
-    pr.add_argument("--out", help="table runs: write the rows with prediction columns to this CSV (default: stdout)")
+    pr.add_argument("files", nargs="+", help="image or .npy files; CSV or Parquet files of rows; text files of sources")
+    pr.add_argument("--out", help="write what would be printed to this file instead (default: stdout)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     g = sub.add_parser("generate", help="continue a prompt with a language-model run",
@@ -163,7 +166,7 @@ def cmd_deploy(args) -> None:
 
 
 def _version() -> str:
-    from kiln import __version__
+    from kiln.version import __version__
 
     return __version__
 
@@ -177,31 +180,22 @@ def cmd_generate(args) -> None:
     print(json.dumps({"prompt": args.prompt, "text": text}) if args.json else args.prompt + text)
 
 
-def _text_line(metrics: dict) -> str:
-    shown = [f"{k} {metrics[k]:.4f}" for k in ("loss", "perplexity", "token_accuracy", "exact_match") if k in metrics]
-    return "  ".join(shown)
-
-
 def cmd_train(args) -> None:
-    import kiln
+    from kiln.api import train
+    from kiln.training.metrics import metrics_line
 
     if args.folds is not None:
         _train_folds(args)
         return
-    run = kiln.train(args.config, args.overrides, out=args.out, resume=args.resume)
-    test = run.metrics["test"]
+    run = train(args.config, args.overrides, out=args.out, resume=args.resume)
     if args.json:
         print(json.dumps({"run": str(run.path), **run.metrics}, indent=2))
-    elif run.metrics.get("task") in ("lm", "seq2seq"):
-        print(f"test {_text_line(test) or '(no held-out text: data.val_fraction is 0)'}  run {run.path}")
-    elif "accuracy" in test:
-        print(f"test accuracy {test['accuracy'] * 100:.2f}%  test loss {test['loss']:.4f}  run {run.path}")
     else:
-        print(f"test rmse {test['rmse']:.4g}  mae {test['mae']:.4g}  r2 {test['r2']:.4f}  run {run.path}")
+        print(f"test {metrics_line(run.metrics['test']) or '(no held-out data: data.val_fraction is 0)'}  run {run.path}")
 
 
 def _train_folds(args) -> None:
-    from kiln.train.folds import train_folds
+    from kiln.api import train_folds
 
     if args.resume or args.folds < 2:
         raise KilnError("--folds needs K >= 2 and cannot be combined with --resume")
@@ -217,67 +211,23 @@ def _train_folds(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from kiln.run import Run
+    from kiln.training.metrics import metrics_line
 
     metrics = Run.load(args.run).evaluate(args.split)
     if args.json:
         print(json.dumps({"split": args.split, **metrics}))
-    elif "perplexity" in metrics:
-        print(f"{args.split}: {_text_line(metrics)}")
-    elif "accuracy" in metrics:
-        print(f"{args.split}: accuracy {metrics['accuracy'] * 100:.2f}%  loss {metrics['loss']:.4f}  "
-              f"({metrics['samples']} samples)")
     else:
-        print(f"{args.split}: rmse {metrics['rmse']:.4g}  mae {metrics['mae']:.4g}  r2 {metrics['r2']:.4f}  "
-              f"({metrics['samples']} samples)")
+        count = metrics.get("samples", metrics.get("tokens"))
+        print(f"{args.split}: {metrics_line(metrics)}  ({count} {'samples' if 'samples' in metrics else 'tokens'})")
 
 
 def cmd_predict(args) -> None:
+    from kiln.fsutil import atomic_write_text
     from kiln.run import Run
 
     run = Run.load(args.run)
-    if run.config.data.dataset == "tabular":
-        _predict_tables(run, args)
-        return
-    if run.config.data.dataset == "text":
-        raise KilnError(f"{args.run} is a language model; continue text with `kiln generate {args.run} --prompt ...`")
-    if run.config.data.dataset == "text_pairs":
-        _predict_pairs(run, args)
-        return
-    results = run.predict_files(args.files)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return
-    for r in results:
-        probs = "  ".join(f"{k}:{v:.3f}" for k, v in r["probabilities"].items())
-        print(f"{r['file']}: {r['class']} ({r['probability'] * 100:.1f}%)  {probs}")
-
-
-def _predict_pairs(run, args) -> None:
-    """Each line of each file is a source (a TSV line's first column); prints source<TAB>target."""
-    sources = []
-    for f in args.files:
-        try:
-            lines = Path(f).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise KilnError(f"{f}: cannot read it as UTF-8 text ({e})") from None
-        sources += [line.split("\t", 1)[0] for line in lines if line.strip()]
-    targets = run.translate(sources)
-    if args.json:
-        print(json.dumps([{"source": s, "target": t} for s, t in zip(sources, targets, strict=True)], indent=2))
-    else:
-        sys.stdout.write("".join(f"{s}\t{t}\n" for s, t in zip(sources, targets, strict=True)))
-
-
-def _predict_tables(run, args) -> None:
-    from kiln.data.table import read_table
-    from kiln.fsutil import atomic_write_text
-
-    if args.json:
-        rows = [r for f in args.files for r in run.predict_table(read_table(Path(f)))]
-        print(json.dumps(rows, indent=2))
-        return
-    text = "".join(run.predict_csv(f) if i == 0 else run.predict_csv(f).split("\n", 1)[1]
-                   for i, f in enumerate(args.files))
+    records = run.predict_files(args.files)
+    text = json.dumps(records, indent=2) + "\n" if args.json else run.kind.render(records)
     if args.out:
         atomic_write_text(args.out, text)
     else:
@@ -286,7 +236,7 @@ def _predict_tables(run, args) -> None:
 
 def cmd_summary(args) -> None:
     from kiln.config import load_config
-    from kiln.run import RunDir, open_run_dir
+    from kiln.rundir import RunDir, open_run_dir
     from kiln.summary import model_of, print_summary
 
     target = Path(args.target)

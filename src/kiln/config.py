@@ -1,6 +1,9 @@
 """The schema of a kiln config file, YAML loading, ``--set`` overrides, and errors that name the field.
 
-Every default lives here. A resolved config (``Config.to_yaml``) trains again as it is.
+The file's sections are put together here from where each is declared: every block's fields in its
+module (:mod:`kiln.nn.blocks`), every kind of data's ``data`` fields in its module (:mod:`kiln.data`), the
+training settings below. Each default is declared once, there. A resolved config (``Config.to_yaml``)
+trains again as it is.
 """
 
 from __future__ import annotations
@@ -12,68 +15,27 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
-import kiln.nn.blocks  # noqa: F401  (fills the block registry the schema is made from)
+import kiln.data  # noqa: F401  (fills the kinds-of-data registry the data section is made from)
+import kiln.nn.blocks  # noqa: F401  (fills the block registry the model section is made from)
+import kiln.training.optim  # noqa: F401  (fills the optimizer and schedule registries)
 from kiln.errors import ConfigError
-from kiln.nn.base import BlockSpec, StrictModel
-from kiln.registry import BLOCKS, DATASETS, OPTIMIZERS, SCHEDULES, did_you_mean
+from kiln.nn.base import BlockSpec
+from kiln.registry import BLOCKS, KINDS, OPTIMIZERS, SCHEDULES, did_you_mean
+from kiln.schema import StrictModel
+from kiln.training.metrics import MONITORS
 
 BlockConfig = Annotated[Union[tuple(cls for _, cls in BLOCKS.items())], Field(discriminator="type")]  # noqa: UP007
+# Each kind of data declares its own fields (its ``Config``); ``dataset`` says which.
+DataConfig = Annotated[Union[tuple(kind.Config for _, kind in KINDS.items())],  # noqa: UP007
+                       Field(discriminator="dataset")]
+DEFAULT_DATASET = "mnist"
 
 
 def _registered(registry, value: str) -> str:
-    # Registries of datasets, optimizers and schedules fill on import of their modules.
-    import kiln.data.datasets  # noqa: F401
-    import kiln.data.tabular  # noqa: F401
-    import kiln.data.text  # noqa: F401
-    import kiln.train.optim  # noqa: F401
-
     if value not in registry:
         raise ValueError(f"unknown {registry.kind} {value!r}{did_you_mean(value, registry.names())}; "
                          f"known: {', '.join(registry.names())}")
     return value
-
-
-class AugmentConfig(StrictModel):
-    """Random per-sample affine transforms of training images, applied as batched tensor ops."""
-
-    shift: NonNegativeFloat = 0.0  # largest translation, as a fraction of the image size
-    rotate: NonNegativeFloat = 0.0  # largest rotation, degrees
-    scale: float = Field(default=0.0, ge=0.0, lt=1.0)  # largest zoom in or out, as a fraction
-
-
-class DataConfig(StrictModel):
-    dataset: str = "mnist"
-    root: str | None = None  # folder with the data files; default: $KILN_DATA, else the download cache
-    download: bool = True  # fetch missing files from public mirrors (checksums verified)
-    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)  # of the training set, held out for validation
-    split_seed: int | None = None  # seed of the train/val/test split; default: the run's seed
-    limit_train: PositiveInt | None = None  # use only the first N training samples (quick experiments)
-    limit_test: PositiveInt | None = None
-    augment: AugmentConfig = AugmentConfig()
-    # Tables (dataset: tabular). path: a CSV or Parquet file, relative to root, the current directory or $KILN_DATA.
-    path: str | None = None
-    target: str | None = None  # the column to predict
-    task: Literal["auto", "binary", "multiclass", "regression"] = "auto"  # auto: from the target's values
-    positive: str | None = None  # binary: the positive class (default: the rarer one)
-    columns: dict[str, Literal["numeric", "categorical", "boolean", "drop"]] = {}  # overrides of inferred types
-    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # held out for testing (stratified), unless folds
-    folds: int | None = Field(default=None, ge=2)  # k-fold cross-validation: test on fold `fold` of `folds`
-    fold: int = Field(default=0, ge=0)
-    # Text (dataset: text or text_pairs). path: a text file or folder, or a TSV of source<TAB>target lines.
-    tokenizer: Literal["char", "byte", "bpe"] = "char"  # bpe: byte-level BPE trained on the data (kiln[text])
-    vocab_size: PositiveInt = 1024  # bpe only: tokens including the 256 bytes
-    context: PositiveInt = 256  # text: tokens a language model reads at once (its window)
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        return _registered(DATASETS, v)
-
-    @model_validator(mode="after")
-    def _fold_in_range(self) -> DataConfig:
-        if self.folds is not None and self.fold >= self.folds:
-            raise ValueError(f"data.fold {self.fold} must be below data.folds ({self.folds}); folds count from 0")
-        return self
 
 
 class ModelConfig(StrictModel):
@@ -110,11 +72,6 @@ class ScheduleConfig(StrictModel):
     @classmethod
     def _known_schedule(cls, v: str) -> str:
         return _registered(SCHEDULES, v)
-
-
-MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "val_roc_auc", "val_pr_auc", "val_f1",
-            "val_mae", "val_rmse", "val_r2")
-HIGHER_IS_BETTER = ("accuracy", "roc_auc", "pr_auc", "f1", "r2")  # monitor suffixes; the others are errors
 
 
 class EarlyStoppingConfig(StrictModel):
@@ -170,9 +127,16 @@ class TrainConfig(StrictModel):
 class Config(StrictModel):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
-    data: DataConfig = DataConfig()
+    data: DataConfig = KINDS.get(DEFAULT_DATASET).Config()
     model: ModelConfig
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_dataset(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and "dataset" not in raw["data"]:
+            return {**raw, "data": {"dataset": DEFAULT_DATASET, **raw["data"]}}
+        return raw
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -289,8 +253,9 @@ def _split_loc(loc: tuple) -> tuple[str, bool]:
     """A dotted path a user recognises, and whether the error came from one member of a union."""
     parts: list[str] = []
     for i, item in enumerate(loc):
-        # Discriminated unions put the block type in the location: model.blocks.3.lstm.units.
-        if isinstance(item, str) and i > 0 and isinstance(loc[i - 1], int) and item in BLOCKS:
+        # Discriminated unions put their tag in the location: model.blocks.3.lstm.units, data.tabular.target.
+        if isinstance(item, str) and i > 0 and (isinstance(loc[i - 1], int) and item in BLOCKS
+                                                or loc[i - 1] == "data" and i == 1 and item in KINDS):
             continue
         if _is_member_tag(item):
             return ".".join(parts) or "(top level)", True
@@ -314,13 +279,13 @@ def format_errors(error: ValidationError, where: str) -> str:
         if err["type"] == "unknown_key":
             path = f"{path}.{ctx['key']}" if path != "(top level)" else ctx["key"]
             msg = f"unknown key; {ctx['hint']}allowed keys: {ctx['allowed']}"
-        elif err["type"] == "union_tag_invalid":
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            field, what, registry = ("dataset", "dataset", KINDS) if path == "data" else ("type", "block type", BLOCKS)
+            path += f".{field}"
+            known = ", ".join(registry.names())
             tag = str(ctx.get("tag"))
-            path += ".type"
-            msg = f"unknown block type {tag!r}{did_you_mean(tag, BLOCKS.names())}; known: {', '.join(BLOCKS.names())}"
-        elif err["type"] == "union_tag_not_found":
-            path += ".type"
-            msg = f"every block needs a type; known: {', '.join(BLOCKS.names())}"
+            msg = (f"unknown {what} {tag!r}{did_you_mean(tag, registry.names())}; known: {known}"
+                   if err["type"] == "union_tag_invalid" else f"every block needs a type; known: {known}")
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "value_error":

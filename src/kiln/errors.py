@@ -1,4 +1,4 @@
-"""The one exception type users see: a clear, one-paragraph message, never a traceback."""
+"""The exception types users see: a clear, one-paragraph message, never a traceback."""
 
 
 class KilnError(Exception):
@@ -18,3 +18,13 @@ class DataError(KilnError):
 
 class RunDirError(KilnError):
     """A directory is not a kiln run, or a run directory would be overwritten."""
+
+
+class InputError(KilnError):
+    """One input sent for prediction is wrong; ``where`` names it, e.g. ``instances.3.pixels`` (a server
+    answers it with a 4xx)."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+        self.message = message

@@ -36,56 +36,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from kiln.data.tabular import Tabular
-from kiln.data.text import Text, TokenData
 from kiln.errors import DataError, KilnError
 from kiln.fsutil import atomic_write
-from kiln.inference import StoredInput
+from kiln.nn.inference import StoredInput
 from kiln.run import Run
+from kiln.rundir import RunDir
 
-FILES = {"onnx": "model.onnx", "torch-export": "model.pt2"}
-ONNX_FILE = FILES["onnx"]
+FILES = {"onnx": RunDir.ONNX, "torch-export": RunDir.TORCH_EXPORT}
 FORMATS = ("auto", *FILES)
 LABELS = {"onnx": "ONNX", "torch-export": "torch.export"}
 EXPORTERS = {"onnx": "the ONNX exporter", "torch-export": "torch.export"}
-INPUT_NAMES = {"image": "pixels", "tabular": "rows", "text": "tokens"}  # the ONNX graph's input, by run kind
 OPSET = 18
 RANDOM_SAMPLES = 512
 
 Predict = Callable[[torch.Tensor], np.ndarray]
 
 
-def run_kind(run: Run) -> str:
-    """image | tabular | text: what the run's stored inputs are."""
-    if isinstance(run.dataset, Tabular):
-        return "tabular"
-    if isinstance(run.dataset, TokenData):
-        return "text"
-    return "image"
-
-
-def _check_inputs(run: Run, kind: str, check: str) -> torch.Tensor:
+def _check_inputs(run: Run, check: str) -> torch.Tensor:
     """Stored inputs (N, *input_shape) to compare on: a split of the run's data, or random ones of its dtype."""
-    shape = (RANDOM_SAMPLES, *run.dataset.input_shape)
-    gen = torch.Generator().manual_seed(0)
-    if check == "random" and kind == "image":
-        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-    if check == "random" and kind == "text":
-        return torch.randint(0, run.dataset.tokenizer.vocab_size, shape, generator=gen)
-    if check == "random":  # table rows: standardised values; codes round to a category or to unknown
-        return torch.randn(shape, generator=gen)
+    if check == "random":
+        return run.kind.random_inputs(RANDOM_SAMPLES, torch.Generator().manual_seed(0))
     try:
-        x, _ = run.dataset.load().split(check)
+        x, y = run.kind.load().split(check)
     except DataError as e:
         raise KilnError(f"cannot check the export on the {check} split: {e}. Make the data available "
                         "(KILN_DATA) or check on random inputs with --check random") from None
-    if isinstance(run.dataset, Text):  # a token stream: cut it into consecutive windows of the input length
-        t = run.dataset.input_shape[0]
-        x = x[: len(x) // t * t].view(-1, t)
-    if len(x) == 0:
+    batches = [xb for xb, _ in run.kind.eval_batches(x, y, max(len(x), 1))]  # a text: windows of the input length
+    if not batches or not len(batches[0]):
         raise KilnError(f"the {check} split of this run is empty or shorter than one input; choose another "
                         "with --check")
-    return x
+    return batches[0]
 
 
 def _chosen_format(format: str, out: str | Path | None) -> str:
@@ -147,9 +127,10 @@ def _load_torch(tmp: Path, input_name: str) -> Predict:
     return lambda xb: module(xb).float().numpy()
 
 
-def _write(format: str, run: Run, kind: str, wrapped: torch.nn.Module, x: torch.Tensor, tmp: Path) -> Predict:
-    """Export to ``tmp`` and load it back; a failure to export, load or run it is a KilnError naming the run kind
+def _write(format: str, run: Run, wrapped: torch.nn.Module, x: torch.Tensor, tmp: Path) -> Predict:
+    """Export to ``tmp`` and load it back; a failure to export, load or run it is a KilnError naming the kind of run
     and the format."""
+    kind, input_name = run.kind.description, run.kind.input_name
     missing = _onnx_missing() if format == "onnx" else []
     if missing:
         raise KilnError(f"ONNX export needs {', '.join(missing)}: pip install 'kiln[serve]'")
@@ -157,12 +138,12 @@ def _write(format: str, run: Run, kind: str, wrapped: torch.nn.Module, x: torch.
     example = x[[0, min(1, len(x) - 1)]]  # two rows, so that the batch dimension stays free
     with _quiet():
         try:
-            export(wrapped, example, tmp, INPUT_NAMES[kind])
+            export(wrapped, example, tmp, input_name)
         except Exception as e:  # the exporters raise many kinds; all mean "this model does not export"
             raise KilnError(f"{EXPORTERS[format]} failed on this {kind} run ({run.path}): {_summary(e)}") from None
     what = f"the exported {LABELS[format]} model of this {kind} run ({run.path})"
     try:
-        predict = load(tmp, INPUT_NAMES[kind])
+        predict = load(tmp, input_name)
     except Exception as e:  # e.g. an op ONNX Runtime lacks: auto then falls back like for an exporter failure
         raise KilnError(f"{what} does not load: {_summary(e)}") from None
 
@@ -186,17 +167,17 @@ def _max_abs_diff(predict: Predict, wrapped: torch.nn.Module, x: torch.Tensor, b
     return float(np.max(worst))  # np.max keeps a NaN where Python's max would drop it
 
 
-def _export(format: str, run: Run, kind: str, wrapped: torch.nn.Module, x: torch.Tensor, path: Path, check: str,
+def _export(format: str, run: Run, wrapped: torch.nn.Module, x: torch.Tensor, path: Path, check: str,
             tolerance: float, batch_size: int) -> dict[str, Any]:
     result: dict[str, Any] = {"path": str(path), "format": format, "check": check, "samples": len(x),
                               "tolerance": tolerance}
 
     def write(tmp: Path) -> None:
-        predict = _write(format, run, kind, wrapped, x, tmp)
+        predict = _write(format, run, wrapped, x, tmp)
         worst = _max_abs_diff(predict, wrapped, x, batch_size)
         result["max_abs_diff"] = worst
         if not worst <= tolerance:  # NaN fails too
-            raise KilnError(f"the {LABELS[format]} model of this {kind} run differs from PyTorch by up to "
+            raise KilnError(f"the {LABELS[format]} model of this {run.kind.description} run differs from PyTorch by up to "
                             f"{worst:.3g} on the {check} data (tolerance {tolerance:g}); nothing was written")
 
     atomic_write(path, write)
@@ -214,13 +195,12 @@ def export_run(run_dir: str | Path, format: str = "auto", out: str | Path | None
     if check not in ("test", "val", "train", "random"):
         raise KilnError(f"--check must be test, val, train or random, not {check!r}")
     run = Run.load(run_dir)
-    kind = run_kind(run)
-    wrapped = StoredInput(run.model, run.dataset.to_input).eval()
-    x = _check_inputs(run, kind, check)
+    wrapped = StoredInput(run.model, run.kind.to_input).eval()
+    x = _check_inputs(run, check)
 
     def attempt(name: str) -> dict[str, Any]:
         path = Path(out) if out is not None else run.path / FILES[name]
-        return _export(name, run, kind, wrapped, x, path, check, tolerance, batch_size)
+        return _export(name, run, wrapped, x, path, check, tolerance, batch_size)
 
     if chosen != "auto":
         return attempt(chosen)
@@ -231,6 +211,6 @@ def export_run(run_dir: str | Path, format: str = "auto", out: str | Path | None
     try:
         result = attempt("torch-export")
     except KilnError as e:
-        raise KilnError(f"neither format works for this {kind} run. onnx: {reason}. torch-export: {e}") from None
+        raise KilnError(f"neither format works for this {run.kind.description} run. onnx: {reason}. torch-export: {e}") from None
     result["fallback_reason"] = reason
     return result

@@ -1,4 +1,4 @@
-"""String-keyed registries: one per kind of pluggable thing (block, dataset, optimizer, schedule).
+"""String-keyed registries: one per kind of pluggable thing (block, kind of data, optimizer, schedule).
 
 Config leaves name registry keys, never Python classes, so a resolved config round-trips
 through YAML. An unknown key is a :class:`ConfigError` that suggests the nearest name.
@@ -62,6 +62,6 @@ class Registry(Generic[T]):
 
 
 BLOCKS: Registry = Registry("block")
-DATASETS: Registry = Registry("dataset")
+KINDS: Registry = Registry("dataset")  # kinds of data, by the name data.dataset uses
 OPTIMIZERS: Registry = Registry("optimizer")
 SCHEDULES: Registry = Registry("schedule")

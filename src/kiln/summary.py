@@ -6,16 +6,15 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.config import Config
-from kiln.data.datasets import open_dataset
+from kiln.data.kind import open_kind, resolve
 from kiln.nn import KilnModel, build_model
 from kiln.nn.base import Shape, kind_of
 
 
 def model_of(cfg: Config) -> KilnModel:
-    from kiln.train.loop import resolve
-
-    dataset = open_dataset(cfg.data, cfg.seed)
-    return build_model(resolve(cfg, dataset).blocks, dataset.input_shape)
+    """The model a config builds, with what its data decides filled in (the data's files are read for that)."""
+    kind = open_kind(cfg.data, cfg.seed)
+    return build_model(resolve(cfg, kind).blocks, kind.input_shape)
 
 
 def _shape(shape: Shape) -> str:

@@ -1,92 +1,85 @@
-"""Image tensors: uint8 storage to model input, batched augmentation, and reading image files."""
+"""``ImageKind``: what every image kind of data shares (uint8 storage, scaling, augmentation, image files and
+image requests for prediction).
+
+A kind of image data (MNIST's IDX files, and later folders of photos) subclasses ``ImageKind`` and only says
+where its images come from.
+"""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+from typing import Any, ClassVar
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, PositiveInt
 
-from kiln.errors import DataError
-
-PIXEL_SCALE = 255.0  # uint8 pixels to [0, 1]
-
-
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) to float32 in [0, 1]; the one place pixel scaling happens."""
-    return images.to(torch.float32).div_(PIXEL_SCALE)
+from kiln.data.image_inputs import ImageInputs
+from kiln.data.kind import DataKind, DataSpec
+from kiln.data.pixels import PIXEL_SCALE, augment, read_image_file, to_model_input
+from kiln.schema import StrictModel
 
 
-def augment(x: torch.Tensor, shift: float, rotate: float, scale: float, gen: torch.Generator) -> torch.Tensor:
-    """A random affine transform per sample, all in one batched ``grid_sample``.
+class AugmentConfig(StrictModel):
+    """Random per-sample affine transforms of training images, applied as batched tensor ops."""
 
-    x: float (B, C, H, W). shift: largest translation as a fraction of the size; rotate: largest angle in
-    degrees; scale: largest zoom as a fraction. Pixels moved in from outside are 0 (background).
-    """
-    b = x.shape[0]
-
-    def uniform(limit: float) -> torch.Tensor:
-        return (torch.rand(b, generator=gen, device=x.device) * 2 - 1) * limit
-
-    angle = uniform(math.radians(rotate))
-    zoom = 1.0 + uniform(scale)
-    tx, ty = uniform(2 * shift), uniform(2 * shift)  # affine_grid coordinates span [-1, 1]: size 2
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    shift: NonNegativeFloat = 0.0  # largest translation, as a fraction of the image size
+    rotate: NonNegativeFloat = 0.0  # largest rotation, degrees
+    scale: float = Field(default=0.0, ge=0.0, lt=1.0)  # largest zoom in or out, as a fraction
 
 
-def fit_image(img, shape: tuple[int, int, int]) -> np.ndarray:
-    """A decoded PIL image as uint8 (C, H, W) in the model's input shape.
-
-    Colour images become grey for 1-channel models and every image is resized to (H, W). MNIST-style
-    models expect a light digit on a dark background: an image whose border is mostly light is inverted.
-    """
-    from PIL import Image
-
-    c, h, w = shape
-    img = img.convert("L" if c == 1 else "RGB")
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    border = np.concatenate([arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]], axis=None)
-    return 255 - arr if border.mean() > 127 else np.ascontiguousarray(arr)
+class ImageSpec(DataSpec):
+    limit_train: PositiveInt | None = None  # use only the first N training images (quick experiments)
+    limit_test: PositiveInt | None = None
+    augment: AugmentConfig = AugmentConfig()
 
 
-def read_image_file(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    """An image file (PNG/JPEG/...) or a .npy array, as uint8 (C, H, W) in the model's input shape."""
-    if path.suffix.lower() == ".npy":
-        return _read_npy(path, shape)
-    from PIL import Image, UnidentifiedImageError
+class ImageKind(DataKind):
+    """Images stored as uint8 (N, C, H, W); the model reads them scaled to [0, 1]."""
 
-    try:
-        with Image.open(path) as img:
-            img.load()
-            arr = fit_image(img, shape)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{path} is not a readable image (PNG, JPEG, ...) or .npy array: {e}") from None
-    return torch.from_numpy(arr.copy())
+    description: ClassVar[str] = "image"
+    usage: ClassVar[str] = "classify image files with `kiln predict RUN IMAGE...` or Run.predict"
+    input_name: ClassVar[str] = "pixels"
 
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        return to_model_input(x)
 
-def _read_npy(path: Path, shape: tuple[int, int, int]) -> torch.Tensor:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path} is not a valid .npy array: {e}") from None
-    if arr.size != int(np.prod(shape)):
-        raise DataError(f"{path}: array of shape {arr.shape} does not fit the model input {shape}")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise DataError(f"{path}: float arrays must hold pixels in [0, 1]")
-        arr = np.rint(arr * PIXEL_SCALE)
-    elif not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255:
-        raise DataError(f"{path}: integer arrays must hold pixels in 0..255 (dtype {arr.dtype})")
-    return torch.from_numpy(arr.astype(np.uint8).reshape(shape))
+    def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        a = self.cfg.augment
+        return augment(x, a.shift, a.rotate, a.scale, gen) if (a.shift or a.rotate or a.scale) else x
+
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W), (N, H, W) for one channel, or one image; uint8 0..255 or float 0..1."""
+        shape = self.input_shape
+        grey = shape[0] == 1
+        if grey and x.dim() == len(shape) - 1:
+            x = x[None, None]  # one image (H, W)
+        elif grey and x.dim() == len(shape):
+            x = x.unsqueeze(1)  # (N, H, W)
+        elif x.dim() == len(shape):
+            x = x.unsqueeze(0)  # one image (C, H, W)
+        if x.is_floating_point():
+            x = (x.clamp(0, 1) * PIXEL_SCALE).round()
+        return x.to(torch.uint8)
+
+    def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, 256, (n, *self.input_shape), dtype=torch.uint8, generator=gen)
+
+    def inputs(self) -> ImageInputs:
+        return ImageInputs(self.input_shape)
+
+    def predict_files(self, run, paths: list[str | Path]) -> list[dict[str, Any]]:
+        """Each image or .npy file's class and probabilities."""
+        images = torch.stack([read_image_file(Path(p), self.input_shape) for p in paths])
+        names = self.class_names
+        return [
+            {"file": str(p), "class": names[int(row.argmax())], "probability": float(row.max()),
+             "probabilities": {n: round(float(v), 6) for n, v in zip(names, row, strict=True)}}
+            for p, row in zip(paths, run.predict(images), strict=True)
+        ]
+
+    def render(self, records: list[dict[str, Any]]) -> str:
+        lines = []
+        for r in records:
+            probs = "  ".join(f"{k}:{v:.3f}" for k, v in r["probabilities"].items())
+            lines.append(f"{r['file']}: {r['class']} ({r['probability'] * 100:.1f}%)  {probs}\n")
+        return "".join(lines)

@@ -1,4 +1,5 @@
-"""MNIST from its four IDX files: find them (or download them into a cache), verify, load as tensors.
+"""The ``mnist`` kind of data: MNIST's four IDX files, found (or downloaded into a cache), verified and
+loaded as uint8 images.
 
 Files are verified by the sha256 of their *decompressed* content: mirrors (and the shared test
 copy) hold the same IDX bytes inside differently compressed .gz archives.
@@ -15,12 +16,16 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 
 from kiln.data.download import download_verified
+from kiln.data.images import ImageKind, ImageSpec
+from kiln.data.splits import Splits, holdout
 from kiln.errors import DataError
+from kiln.registry import KINDS
 
 # split key -> (file name, sha256 of the decompressed content)
 MNIST_FILES: dict[str, tuple[str, str]] = {
@@ -52,6 +57,33 @@ MNIST_MIRRORS: tuple[str, ...] = (
 IMAGE_SIDE = 28  # pixels
 NUM_CLASSES = 10
 _IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
+
+
+class MnistData(ImageSpec):
+    dataset: Literal["mnist"] = "mnist"
+    download: bool = True  # fetch missing files from public mirrors (checksums verified)
+
+
+@KINDS.register("mnist")
+class Mnist(ImageKind):
+    """Grey 28x28 digits, ten classes; the test split is MNIST's own 10,000 images."""
+
+    Config = MnistData
+    input_shape: ClassVar[tuple[int, ...]] = (1, IMAGE_SIDE, IMAGE_SIDE)
+    class_names: ClassVar[list[str]] = [str(d) for d in range(NUM_CLASSES)]
+
+    def load(self, progress=None) -> Splits:
+        cfg = self.cfg
+        arrays = load_mnist(cfg.root, download=cfg.download, progress=progress)
+        x, y = arrays.train_images, arrays.train_labels
+        if cfg.limit_train:
+            x, y = x[: cfg.limit_train], y[: cfg.limit_train]
+        tx, ty = arrays.test_images, arrays.test_labels
+        if cfg.limit_test:
+            tx, ty = tx[: cfg.limit_test], ty[: cfg.limit_test]
+        tr, va = holdout(len(x), cfg.val_fraction, self.seed)
+        return Splits(x[tr].unsqueeze(1), y[tr], x[va].unsqueeze(1), y[va], tx.unsqueeze(1), ty,
+                      dict(arrays.checksums))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ client sends (a list of dicts) in this one form.
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from kiln.errors import DataError
 # Cells that mean "no value", compared after stripping spaces.
 MISSING = frozenset({"", "na", "n/a", "nan", "null", "none", "?"})
 DELIMITERS = ",;\t|"
+SNIFF_CHARS = 64 * 1024  # read to tell the delimiter and quoting
 
 
 @dataclass
@@ -43,22 +43,6 @@ def cell(value: object) -> str | None:
     return None if text.lower() in MISSING else text
 
 
-def find_table(path: str, root: str | None) -> Path:
-    """``path`` as given when it exists, else under ``root``, else under $KILN_DATA."""
-    given = Path(path).expanduser()
-    candidates = [given] if given.is_absolute() else [
-        *([Path(root).expanduser() / given] if root else []),
-        given,
-        *([Path(os.environ["KILN_DATA"]) / given] if os.environ.get("KILN_DATA") else []),
-    ]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise DataError(f"data.path {path!r}: no such file (looked at {tried}). Give an existing CSV or Parquet "
-                    "file, relative to data.root, the current directory or $KILN_DATA")
-
-
 def read_table(path: Path) -> Table:
     if path.suffix.lower() in (".parquet", ".pq"):
         return _read_parquet(path)
@@ -75,35 +59,50 @@ def rows_to_table(rows: list[dict], source: str = "rows") -> Table:
 
 
 def _read_csv(path: Path) -> Table:
+    """Opened with ``newline=''`` so that a quoted field may hold line breaks; the delimiter is sniffed from the
+    start of the file (``csv.Sniffer``), else the one of DELIMITERS that the header line holds most of."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            sample = f.read(SNIFF_CHARS)
+            f.seek(0)
+            if not sample.strip():
+                raise DataError(f"{path} is empty; a CSV needs a header line naming the columns")
+            dialect = _dialect(sample)
+            reader = csv.reader(f, dialect)
+            try:
+                header = [h.strip() for h in next(reader)]
+                _check_header(header, path)
+                rows, where = [], []
+                for row in reader:
+                    if not row or all(not v.strip() for v in row):
+                        continue  # blank line
+                    if len(row) != len(header):
+                        raise DataError(
+                            f"{path}, line {reader.line_num}: {len(row)} fields but the header names {len(header)} "
+                            f"columns. Fix: quote values that contain {dialect.delimiter!r}, and give every row one "
+                            "value per column (an empty field for a missing value)")
+                    rows.append(row)
+                    where.append(f"line {reader.line_num}")
+            except csv.Error as e:
+                raise DataError(f"{path}, line {reader.line_num}: not valid CSV: {e}") from None
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") from None
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
-        raise DataError(f"{path} is empty; a CSV needs a header line naming the columns")
-    delimiter = max(DELIMITERS, key=lines[0].count)
-    reader = csv.reader(lines, delimiter=delimiter)
-    try:
-        header = [h.strip() for h in next(reader)]
-        _check_header(header, path)
-        rows, where = [], []
-        for row in reader:
-            if not row or all(not v.strip() for v in row):
-                continue  # blank line
-            if len(row) != len(header):
-                raise DataError(
-                    f"{path}, line {reader.line_num}: {len(row)} fields but the header names {len(header)} columns. "
-                    f"Fix: quote values that contain {delimiter!r}, and give every row one value per column "
-                    "(an empty field for a missing value)")
-            rows.append(row)
-            where.append(f"line {reader.line_num}")
-    except csv.Error as e:
-        raise DataError(f"{path}, line {reader.line_num}: not valid CSV: {e}") from None
     columns = {name: [cell(r[j]) for r in rows] for j, name in enumerate(header)}
     return Table(str(path), columns, where)
+
+
+def _dialect(sample: str) -> type[csv.Dialect] | csv.Dialect:
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=DELIMITERS)
+    except csv.Error:  # one column, or too little text to tell
+        first = sample.splitlines()[0] if sample.splitlines() else ""
+
+        class Plain(csv.excel):
+            delimiter = max(DELIMITERS, key=first.count)
+
+        return Plain
 
 
 def _read_parquet(path: Path) -> Table:

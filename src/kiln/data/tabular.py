@@ -1,28 +1,52 @@
-"""The ``tabular`` data set: a CSV or Parquet file, a target column, stratified splits or k folds.
+"""The ``tabular`` kind of data: a CSV or Parquet file, a target column, stratified splits or k folds.
 
 Training reads the file, splits it, and fits the preprocessing on the training rows only; the run
 directory keeps that preprocessing (``preprocessing.json``), and everything after training reopens the
-data set from it, so rows are turned into model input exactly as in training.
+kind from it, so rows are turned into model input exactly as in training.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from kiln.data.datasets import Dataset, Splits, holdout, stratified_folds, stratified_holdout
+from kiln.data.kind import DataKind, DataSpec, find_data
 from kiln.data.preprocess import Column, Preprocessing, fit, fit_target
-from kiln.data.table import Table, find_table, read_table, rows_to_table
-from kiln.errors import ConfigError, DataError, RunDirError
-from kiln.registry import DATASETS
+from kiln.data.splits import Splits, stratified_folds, stratified_holdout
+from kiln.data.table import Table, read_table, rows_to_table
+from kiln.data.table_inputs import TableInputs
+from kiln.errors import DataError, RunDirError
+from kiln.registry import KINDS
 
 PREPROCESSING = "preprocessing.json"  # in the run directory
 
 
-def split_indices(table: Table, target: str, task: str, cfg, seed: int) -> tuple[list[int], list[int], list[int]]:
+class TabularData(DataSpec):
+    dataset: Literal["tabular"] = "tabular"
+    path: str  # a CSV or Parquet file, relative to root, the current directory or $KILN_DATA
+    target: str  # the column to predict
+    task: Literal["auto", "binary", "multiclass", "regression"] = "auto"  # auto: from the target's values
+    positive: str | None = None  # binary: the positive class (default: the rarer one)
+    columns: dict[str, Literal["numeric", "categorical", "boolean", "drop"]] = {}  # overrides of inferred types
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # held out for testing (stratified), unless folds
+    folds: int | None = Field(default=None, ge=2)  # k-fold cross-validation: test on fold `fold` of `folds`
+    fold: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> TabularData:
+        if self.folds is not None and self.fold >= self.folds:
+            raise ValueError(f"data.fold {self.fold} must be below data.folds ({self.folds}); folds count from 0")
+        return self
+
+
+def split_indices(table: Table, target: str, task: str, cfg: TabularData, seed: int
+                  ) -> tuple[list[int], list[int], list[int]]:
     """Row indices (train, val, test). Classification splits are stratified by the target.
 
     With ``cfg.folds`` the test rows are fold ``cfg.fold`` of k stratified folds; otherwise a held-out
@@ -41,17 +65,20 @@ def split_indices(table: Table, target: str, task: str, cfg, seed: int) -> tuple
     return rest[part].tolist(), rest[val].tolist(), test.sort().values.tolist()
 
 
-@DATASETS.register("tabular")
-class Tabular(Dataset):
-    def __init__(self, cfg, seed: int, run_path: Path | None = None) -> None:
+@KINDS.register("tabular")
+class Tabular(DataKind):
+    Config = TabularData
+    description: ClassVar[str] = "table"
+    usage: ClassVar[str] = "predict the rows of a CSV or Parquet file with `kiln predict RUN rows.csv`, or Run.predict_rows"
+    run_files: ClassVar[tuple[str, ...]] = (PREPROCESSING,)
+    input_name: ClassVar[str] = "rows"
+
+    def __init__(self, cfg: TabularData, seed: int, run_path: Path | None = None) -> None:
         super().__init__(cfg, seed)
-        if cfg.path is None or cfg.target is None:
-            raise ConfigError("data: the tabular data set needs data.path (a CSV or Parquet file) and data.target "
-                              "(the column to predict)")
         self.dropped: list[Column] = []
         self._table: Table | None = None
-        saved = run_path / PREPROCESSING if run_path is not None else None
-        if saved is not None:
+        if run_path is not None:
+            saved = run_path / PREPROCESSING
             if not saved.is_file():
                 raise RunDirError(f"{run_path} has no {PREPROCESSING}: it is not a finished table run")
             self.prep = Preprocessing.load(saved)
@@ -68,8 +95,13 @@ class Tabular(Dataset):
 
     def table(self) -> Table:
         if self._table is None:
-            self._table = read_table(find_table(self.cfg.path, self.cfg.root))
+            path = find_data(self.cfg.path, self.cfg.root, "an existing CSV or Parquet file")
+            if not path.is_file():
+                raise DataError(f"data.path {self.cfg.path!r}: {path} is not a file; give a CSV or Parquet file")
+            self._table = read_table(path)
         return self._table
+
+    # ---- what the run is -------------------------------------------------------------------------
 
     @property
     def task(self) -> str:  # type: ignore[override]
@@ -87,10 +119,19 @@ class Tabular(Dataset):
     def target_scale(self) -> tuple[float, float]:
         return (self.prep.target.mean, self.prep.target.std)
 
+    @property
+    def target_name(self) -> str:
+        return self.prep.target.name
+
     def block_fields(self) -> dict[str, dict[str, Any]]:
         layout = {"numeric": self.prep.numeric_inputs, "categories": self.prep.cardinalities}
         return {"classifier": {"classes": len(self.class_names)}, "tabular_encoder": layout,
                 "feature_tokenizer": layout}
+
+    def report(self) -> list[str]:
+        return self.prep.describe(self.dropped)
+
+    # ---- data ----------------------------------------------------------------------------------------
 
     def load(self, progress=None) -> Splits:
         table = self.table()
@@ -107,8 +148,53 @@ class Tabular(Dataset):
     def save(self, run_path: Path) -> None:
         self.prep.save(run_path / PREPROCESSING)
 
-    def report(self) -> list[str]:
-        return self.prep.describe(self.dropped)
+    # ---- inference -----------------------------------------------------------------------------------
+
+    def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Standardised values; a category code rounds to a category or to unknown."""
+        return torch.randn((n, *self.input_shape), generator=gen)
+
+    def inputs(self) -> TableInputs:
+        return TableInputs(self.prep)
+
+    def predict_table(self, run, table: Table) -> list[dict[str, Any]]:
+        """One dict per row: ``prediction`` and, for classification, ``probability_<class>`` per class.
+        A binary prediction is the positive class when its probability reaches the run's threshold."""
+        out = run.predict(self.prep.transform(table))
+        if self.task == "regression":
+            return [{"prediction": float(v)} for v in out]
+        names = self.class_names
+        results = []
+        for row in out:
+            if self.task == "binary":
+                label = names[1] if float(row[1]) >= run.threshold else names[0]
+            else:
+                label = names[int(row.argmax())]
+            results.append({"prediction": label,
+                            **{f"probability_{n}": round(float(v), 6) for n, v in zip(names, row, strict=True)}})
+        return results
+
+    def predict_rows(self, run, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Predictions for raw rows as a client sends them (column name -> value)."""
+        return self.predict_table(run, rows_to_table(rows))
+
+    def predict_files(self, run, paths: list[str | Path]) -> list[dict[str, Any]]:
+        """Each row of each CSV or Parquet file as it was read, with the prediction columns after it."""
+        records = []
+        for path in paths:
+            table = read_table(Path(path))
+            for i, extra in enumerate(self.predict_table(run, table)):
+                records.append({**{n: values[i] or "" for n, values in table.columns.items()}, **extra})
+        return records
+
+    def render(self, records: list[dict[str, Any]]) -> str:
+        """The records as CSV: the files' columns, then the prediction columns."""
+        buffer = io.StringIO()
+        names = list(dict.fromkeys(k for r in records for k in r))
+        writer = csv.DictWriter(buffer, names, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        return buffer.getvalue()
 
 
 def rows_to_input(rows: list[dict], run_path: str | Path) -> torch.Tensor:

@@ -1,52 +1,44 @@
-"""Text data sets: ``text`` (a file or folder of text, for language models) and ``text_pairs`` (a TSV of
-source<TAB>target lines, for sequence-to-sequence models).
+"""The ``text`` kind of data (a file or folder of text, for language models), and ``TokenKind``, what it shares
+with ``text_pairs`` (:mod:`kiln.data.text_pairs`).
 
-Both fit a tokenizer (``data.tokenizer``: char, byte or bpe) on the text and save it in the run
-directory, which is all that generation and prediction need afterwards.
+Both fit a tokenizer (``data.tokenizer``: char, byte or bpe) on the text and save it in the run directory,
+which is all that generation and prediction need afterwards. Both train step by step on random batches.
 
-- ``text``: the token stream's first ``1 - val_fraction`` trains, its tail is held out (validation, and the
-  test split too: a text has no third part). A sample is a window of ``data.context`` tokens; its targets
-  are the same window shifted by one token.
-- ``text_pairs``: ``test_fraction`` of the pairs are held out for testing and ``val_fraction`` of the rest
-  for validation. A sample is the source padded to the longest source, then ``<bos>`` and the target
-  padded to the longest target + 1; the targets are the target tokens and ``<eos>``.
+``text``: the token stream's first ``1 - val_fraction`` trains, its tail is held out (validation, and the test
+split too: a text has no third part). A sample is a window of ``data.context`` tokens at any position; its
+targets are the same window shifted by one token.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
+from pydantic import PositiveInt
 
-from kiln.data.datasets import Dataset, Splits, holdout
-from kiln.data.tokenizers import FILE, SEQ2SEQ_SPECIALS, Tokenizer, fit_tokenizer, load_tokenizer
-from kiln.errors import ConfigError, DataError
-from kiln.registry import DATASETS
+from kiln.data.kind import DataKind, DataSpec, find_data
+from kiln.data.requests import objects
+from kiln.data.splits import Splits
+from kiln.data.text_inputs import PromptInputs
+from kiln.data.tokenizers import FILE, fit_tokenizer, load_tokenizer
+from kiln.errors import DataError, KilnError
+from kiln.nn.base import BlockSpec
+from kiln.nn.generate import Sampling, check_left_to_right, generate_ids
+from kiln.registry import KINDS
 
-TEXT_DATASETS = ("text", "text_pairs")  # trained step by step by kiln.train.text_loop
 IGNORE = -100  # target id that the loss and the metrics skip (padding after <eos>)
 TEXT_SUFFIXES = (".txt", ".md", ".text", "")
 
 
-def find_text(path: str | None, root: str | None) -> Path:
-    """``path`` as given when it exists, else under ``root``, else under $KILN_DATA."""
-    if path is None:
-        raise ConfigError("data.path: text data needs a file or folder (relative to data.root or $KILN_DATA)")
-    given = Path(path).expanduser()
-    candidates = [given] if given.is_absolute() else [
-        *([Path(root).expanduser() / given] if root else []),
-        given,
-        *([Path(os.environ["KILN_DATA"]) / given] if os.environ.get("KILN_DATA") else []),
-    ]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate
-    raise DataError(f"data.path {path!r}: not found (looked at {', '.join(map(str, candidates))}); give a text "
-                    "file or folder relative to data.root, the current directory or $KILN_DATA")
+class TokenSpec(DataSpec):
+    path: str  # a text file or folder (text), or a TSV of source<TAB>target lines (text_pairs)
+    tokenizer: Literal["char", "byte", "bpe"] = "char"  # bpe: byte-level BPE trained on the data (kiln[text])
+    vocab_size: PositiveInt = 1024  # bpe only: tokens including the 256 bytes
 
 
 def read_text(path: Path) -> str:
@@ -61,14 +53,18 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
-class TokenData(Dataset):
-    """What both text data sets share: a tokenizer fitted on the text, or reloaded from the run directory (the
-    text itself is then read only when a split is asked for)."""
+class TokenKind(DataKind):
+    """Token ids, with a tokenizer fitted on the text or reloaded from the run directory (the text itself is then
+    read only when a split is asked for)."""
 
-    class_names: list[str] = []
-    specials: tuple[str, ...] = ()
+    run_files: ClassVar[tuple[str, ...]] = (FILE,)
+    trains_by_steps: ClassVar[bool] = True
+    decodes: ClassVar[bool] = True
+    input_name: ClassVar[str] = "tokens"
+    specials: ClassVar[tuple[str, ...]] = ()
+    class_names: ClassVar[list[str]] = []
 
-    def __init__(self, cfg, seed: int, run_path: Path | None = None) -> None:
+    def __init__(self, cfg: TokenSpec, seed: int, run_path: Path | None = None) -> None:
         super().__init__(cfg, seed)
         if run_path is not None:
             self.tokenizer, self.extra = load_tokenizer(run_path / FILE)
@@ -78,7 +74,7 @@ class TokenData(Dataset):
 
     @cached_property
     def source(self) -> Path:
-        return find_text(self.cfg.path, self.cfg.root)
+        return find_data(self.cfg.path, self.cfg.root, "a text file or folder")
 
     @cached_property
     def text(self) -> str:
@@ -95,8 +91,8 @@ class TokenData(Dataset):
         vocab = {"vocab": self.tokenizer.vocab_size}
         return {"token_embedding": vocab, "lm_head": vocab}
 
-    def to_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def check_model(self, specs: list[BlockSpec]) -> None:
+        check_left_to_right(specs)
 
     def save(self, run_path: Path) -> None:
         self.tokenizer.save(run_path / FILE, self.extra)
@@ -104,9 +100,28 @@ class TokenData(Dataset):
     def checksums(self) -> dict[str, str]:
         return {self.source.name: hashlib.sha256(self.text.encode("utf-8")).hexdigest()}
 
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
-@DATASETS.register("text")
-class Text(TokenData):
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        raise KilnError(f"predict takes images or table rows; a {self.description} run answers texts: {self.usage}")
+
+    def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.tokenizer.vocab_size, (n, *self.input_shape), generator=gen)
+
+
+class TextData(TokenSpec):
+    dataset: Literal["text"] = "text"
+    context: PositiveInt = 256  # tokens a language model reads at once (its window)
+
+
+@KINDS.register("text")
+class Text(TokenKind):
+    """A language model's text: it learns to predict each token from the ones before it."""
+
+    Config = TextData
+    description: ClassVar[str] = "language-model"
+    usage: ClassVar[str] = "use `kiln generate RUN --prompt TEXT`, or Run.generate"
     task = "lm"
 
     @property
@@ -128,82 +143,41 @@ class Text(TokenData):
         return [f"text {self.source}: {len(self.text):,} characters, {self.tokenizer.kind} tokenizer with "
                 f"{self.tokenizer.vocab_size:,} tokens"]
 
+    # A stored split is one token stream; a sample is the window that starts at a position of it.
 
-@DATASETS.register("text_pairs")
-class TextPairs(TokenData):
-    task = "seq2seq"
-    specials = SEQ2SEQ_SPECIALS
+    def samples(self, x: torch.Tensor) -> int:
+        return len(x) - self.cfg.context
 
-    @cached_property
-    def pairs(self) -> list[tuple[str, str]]:
-        pairs = []
-        for n, line in enumerate(self.text.splitlines(), 1):
-            if not line.strip():
-                continue
-            source, tab, target = line.partition("\t")
-            if not tab:
-                raise DataError(f"{self.source}:{n}: expected source<TAB>target, found no tab")
-            pairs.append((source, target))
-        if len(pairs) < 3:
-            raise DataError(f"{self.source} has {len(pairs)} source/target pairs; a split needs at least 3")
-        return pairs
+    def gather(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        window = x[idx[:, None] + torch.arange(self.cfg.context + 1, device=x.device)]  # (B, T + 1)
+        return window[:, :-1], window[:, 1:]
 
-    def facts(self) -> dict[str, Any]:
-        return {"source_steps": max(len(self.tokenizer.encode(s)) for s, _ in self.pairs),
-                "target_steps": max(len(self.tokenizer.encode(t)) for _, t in self.pairs) + 1}
+    def eval_batches(self, x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The stream cut into consecutive windows: every token is predicted once."""
+        t = self.cfg.context
+        n = (len(x) - 1) // t
+        xs, ys = x[: n * t].view(n, t), x[1: n * t + 1].view(n, t)
+        for start in range(0, n, size):
+            yield xs[start:start + size], ys[start:start + size]
 
-    def fit_text(self) -> str:
-        return self.text.replace("\t", "\n")
+    # ---- inference -----------------------------------------------------------------------------------
 
-    @property
-    def source_steps(self) -> int:
-        return self.extra["source_steps"]
+    def generate(self, model: torch.nn.Module, prompt: str, sampling: Sampling, cache: bool = True) -> str:
+        """The text generated after ``prompt`` (without the prompt), cut before the first stop string."""
+        tok = self.tokenizer
+        out: list[int] = []
+        for token in generate_ids(model, torch.tensor(tok.encode(prompt), dtype=torch.int64), sampling, cache):
+            out.append(token)
+            if sampling.stop:
+                text = tok.decode(out)
+                found = [text.find(stop) for stop in sampling.stop if stop in text]
+                if found:
+                    return text[: min(found)]
+        return tok.decode(out)
 
-    @property
-    def target_steps(self) -> int:
-        return self.extra["target_steps"]
+    def inputs(self) -> PromptInputs:
+        return PromptInputs(self.tokenizer, self.cfg.context)
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return (self.source_steps + self.target_steps,)
-
-    def block_fields(self) -> dict[str, dict[str, Any]]:
-        return {**super().block_fields(), "encoder_decoder": {"source_steps": self.source_steps}}
-
-    def encode_sources(self, sources: list[str]) -> torch.Tensor:
-        """Source texts to padded ids (N, source_steps)."""
-        pad = self.tokenizer.special("<pad>")
-        out = torch.full((len(sources), self.source_steps), pad, dtype=torch.int64)
-        for i, source in enumerate(sources):
-            ids = self.tokenizer.encode(source)
-            if len(ids) > self.source_steps:
-                raise DataError(f"source {source[:40]!r} has {len(ids)} tokens; this model reads at most "
-                                f"{self.source_steps} (the longest source it was trained on)")
-            out[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        return out
-
-    def encode_pairs(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model input (N, source_steps + target_steps) and targets (N, target_steps)."""
-        tok, t = self.tokenizer, self.target_steps
-        bos, eos, pad = tok.special("<bos>"), tok.special("<eos>"), tok.special("<pad>")
-        x_tgt = torch.full((len(pairs), t), pad, dtype=torch.int64)
-        y = torch.full((len(pairs), t), IGNORE, dtype=torch.int64)
-        for i, (_, target) in enumerate(pairs):
-            ids = tok.encode(target)
-            x_tgt[i, : len(ids) + 1] = torch.tensor([bos, *ids])
-            y[i, : len(ids) + 1] = torch.tensor([*ids, eos])
-        return torch.cat([self.encode_sources([s for s, _ in pairs]), x_tgt], dim=1), y
-
-    def load(self, progress=None) -> Splits:
-        cfg = self.cfg
-        rest, test = holdout(len(self.pairs), cfg.test_fraction, self.seed)
-        part, val = holdout(len(rest), cfg.val_fraction, self.seed + 1)
-        splits = [[self.pairs[i] for i in rest[part]], [self.pairs[i] for i in rest[val]],
-                  [self.pairs[i] for i in test]]
-        tensors = [t for pairs in splits for t in self.encode_pairs(pairs)]
-        return Splits(*tensors, self.checksums())
-
-    def report(self) -> list[str]:
-        return [f"pairs {self.source}: {len(self.pairs):,} source/target pairs, {self.tokenizer.kind} tokenizer with "
-                f"{self.tokenizer.vocab_size:,} tokens, sources up to {self.source_steps} and targets up to "
-                f"{self.target_steps - 1} tokens"]
+    def decode_batch(self, run, batch: np.ndarray) -> np.ndarray:
+        """Each prompt with its own sampling settings (``Run.generate`` keyword arguments)."""
+        return objects([run.generate(**request) for request in batch])

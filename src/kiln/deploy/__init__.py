@@ -15,15 +15,15 @@ from typing import Any
 
 import yaml
 
-from kiln import __version__
+from kiln.config import load_config
+from kiln.data.kind import kind_class
 from kiln.errors import KilnError
 from kiln.fsutil import atomic_write_bytes, atomic_write_text
-from kiln.run import RunDir, open_run_dir
+from kiln.rundir import RunDir, open_run_dir
+from kiln.version import __version__
 
 PORT = 8000
 UID = 10001  # the image's non-root user
-RUN_FILES = (RunDir.CONFIG, RunDir.MANIFEST, RunDir.RESULTS, RunDir.WEIGHTS)
-ONNX_FILE = "model.onnx"  # written by `kiln export`; copied when present (for --backend onnx)
 
 
 def _refuse_existing(paths: list[Path]) -> None:
@@ -82,21 +82,22 @@ def deploy_docker(run_dir: str | Path, out: str | Path, backend: str = "torch", 
     out = Path(out)
     if backend not in ("torch", "onnx"):
         raise KilnError(f"--backend must be torch or onnx, not {backend!r}")
-    files = [f for f in RUN_FILES if (run / f).is_file()]
-    missing = sorted(set(RUN_FILES) - set(files))
+    cfg = load_config(run / RunDir.CONFIG)
+    needed = (*RunDir.SERVING, *kind_class(cfg.data.dataset).run_files)  # the files serving this run reads
+    files = [f for f in needed if (run / f).is_file()]
+    missing = [f for f in needed if f not in files]
     if missing:
         raise KilnError(f"{run.path} lacks {', '.join(missing)}: only a finished run can be deployed")
-    if (run / ONNX_FILE).is_file():
-        files.append(ONNX_FILE)
+    if (run / RunDir.ONNX).is_file():
+        files.append(RunDir.ONNX)
     elif backend == "onnx":
-        raise KilnError(f"{run.path} has no {ONNX_FILE}; export it first: kiln export {run.path} --format onnx")
+        raise KilnError(f"{run.path} has no {RunDir.ONNX}; export it first: kiln export {run.path} --format onnx")
     wheel_path = Path(wheel) if wheel else None
     if wheel_path is not None and (wheel_path.suffix != ".whl" or not wheel_path.is_file()):
         raise KilnError(f"--wheel {wheel}: not a .whl file")
     targets = [out / "Dockerfile", out / ".dockerignore", out / "run"]
     _refuse_existing(targets + ([out / "wheels"] if wheel_path else []))
 
-    name = yaml.safe_load((run / RunDir.CONFIG).read_text()).get("name", run.path.name)
     written = []
     for f in files:
         atomic_write_bytes(out / "run" / f, (run / f).read_bytes())
@@ -105,7 +106,7 @@ def deploy_docker(run_dir: str | Path, out: str | Path, backend: str = "torch", 
         (out / "wheels").mkdir(parents=True)
         shutil.copyfile(wheel_path, out / "wheels" / wheel_path.name)
         written.append(out / "wheels" / wheel_path.name)
-    atomic_write_text(out / "Dockerfile", dockerfile(name, backend, port, f"kiln[serve]=={__version__}",
+    atomic_write_text(out / "Dockerfile", dockerfile(cfg.name, backend, port, f"kiln[serve]=={__version__}",
                                                      wheel_path.name if wheel_path else None, api_key_env))
     atomic_write_text(out / ".dockerignore", "*\n!run/\n!wheels/\n")
     return written + [out / "Dockerfile", out / ".dockerignore"]

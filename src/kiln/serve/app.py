@@ -26,11 +26,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kiln.errors import KilnError
-from kiln.run import Run, RunDir
+from kiln.errors import InputError, KilnError
+from kiln.run import Run
+from kiln.rundir import RunDir
 from kiln.serve.backends import make_backend
 from kiln.serve.batcher import MicroBatcher, Overloaded
-from kiln.serve.inputs import BadInput, inputs_for
 from kiln.serve.metrics import ServeMetrics
 from kiln.serve.outputs import answers_for
 
@@ -168,7 +168,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
             raise KilnError(f"--api-key-env {settings.api_key_env}: that environment variable is unset or empty")
 
     run = Run.load(run_dir)
-    adapter = inputs_for(run.config.data.dataset, run.dataset)
+    adapter = run.kind.inputs()
     answers = answers_for(run)
     example = adapter.example()
     backend = make_backend(settings.backend, run, settings.threads, example)
@@ -201,8 +201,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
             batcher.stop()  # uvicorn has finished in-flight requests before this runs
 
     app = FastAPI(title=f"kiln: {run.config.name}", version=version, lifespan=lifespan,
-                  description=f"Predictions of the kiln run `{run.config.name}` ({run.config.data.dataset}, "
-                              f"{run.dataset.task}).")
+                  description=f"Predictions of the kiln run `{run.config.name}` ({run.kind.name}, "
+                              f"{run.kind.task}).")
     direct: dict = {}  # filled below, before the first request builds the middleware
     app.add_middleware(_Metered, metrics=metrics, direct=direct)
 
@@ -322,7 +322,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
                            headers={"Retry-After": "1"}) from None
         try:
             predictions = answers.answer(results)
-        except BadInput as e:
+        except InputError as e:
             raise ApiError(422, "invalid_input", str(e), [{"loc": e.where, "msg": e.message}]) from None
         return Response(orjson.dumps({"model": model_ref, "predictions": predictions}), media_type=JSON_TYPE)
 
@@ -360,7 +360,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
                                                            f"{first['loc']}: {first['msg']}", details) from None
                 return adapter.from_instances(req.instances)
             return adapter.from_files(await read_files(request, body))
-        except BadInput as e:
+        except InputError as e:
             raise ApiError(422, "invalid_input", str(e), [{"loc": e.where, "msg": e.message}]) from None
 
     try:
@@ -368,7 +368,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
     except KilnError:
         metrics_at_training = {}
     model_info = {
-        **model_ref, "dataset": run.config.data.dataset, "task": run.dataset.task,
+        **model_ref, "dataset": run.kind.name, "task": run.kind.task,
         "inputs": adapter.describe(),
         "outputs": answers.describe(),
         "metrics": metrics_at_training,

@@ -1,5 +1,6 @@
 """Backends that turn one input batch into the run's predictions: class probabilities (N, classes), values
-(N,) in the target's units, or texts (N,). PyTorch for every run; ONNX Runtime for image and table runs.
+(N,) in the target's units, or texts (N,). PyTorch for every run; ONNX Runtime for runs answered in one
+forward pass (image and table runs).
 
 A backend is used from one thread only (the batch worker owns it).
 """
@@ -11,16 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kiln.data.text import TextPairs, TokenData
 from kiln.errors import KilnError
-from kiln.inference import StoredInput, freeze_for_inference
+from kiln.nn.inference import StoredInput, freeze_for_inference
 from kiln.run import Run
-from kiln.serve.text_inputs import objects
+from kiln.rundir import RunDir
 
 
 class TorchBackend:
     """The run's PyTorch model; a traced, frozen TorchScript copy when it equals the eager one (see
-    :mod:`kiln.inference`: the copy runs without taking Python's lock between operators)."""
+    :mod:`kiln.nn.inference`: the copy runs without taking Python's lock between operators)."""
 
     name = "torch"
 
@@ -34,7 +34,7 @@ class TorchBackend:
         """Called on the worker thread before the first batch; ``example`` is one stored input batch."""
         if self.threads:
             torch.set_num_threads(self.threads)
-        module = StoredInput(self.run.model, self.run.dataset.to_input, self.run.from_outputs)
+        module = StoredInput(self.run.model, self.run.kind.to_input, self.run.from_outputs)
         if example is None:
             self._forward, self.mode = module.eval(), "eager (no example input to trace with)"
         else:
@@ -45,35 +45,22 @@ class TorchBackend:
             return self._forward(torch.from_numpy(batch)).numpy()  # one call: the lock is taken once
 
 
-class _TextBackend:
-    """A text run's own eager decoding (nothing to trace: each step's shapes differ)."""
+class DecodingBackend:
+    """A run whose answers are decoded step by step (text): its kind answers each batch eagerly (nothing to trace:
+    each step's shapes differ), with a key/value cache."""
 
     name = "torch"
 
     def __init__(self, run: Run, threads: int | None = None) -> None:
         self.run, self.threads = run, threads
+        self.mode = "eager (decoding with a key/value cache)"
 
     def start(self, example: np.ndarray | None = None) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
 
-
-class TranslateBackend(_TextBackend):
-    """A ``text_pairs`` run: greedy targets of a batch of source texts (``Run.translate``)."""
-
-    mode = "eager (greedy decoding with a key/value cache)"
-
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        return objects(self.run.translate(batch.tolist()))
-
-
-class GenerateBackend(_TextBackend):
-    """A ``text`` run: each prompt with its own sampling settings (``Run.generate`` keyword arguments)."""
-
-    mode = "eager (sampling with a key/value cache)"
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        return objects([self.run.generate(**request) for request in batch])
+        return self.run.kind.decode_batch(self.run, batch)
 
 
 class OnnxBackend:
@@ -101,8 +88,8 @@ class OnnxBackend:
                 raise KilnError(f"{model_path} takes {graph_input.type} inputs of shape {graph_input.shape[1:]} per "
                                 f"row, but this run's inputs are {want[0]} of shape {want[1]}: the file belongs "
                                 f"to another model. Export this run again: kiln export {model_path.parent}")
-        self.regression = run.dataset.task == "regression"
-        self.target_scale = run.dataset.target_scale
+        self.regression = run.kind.task == "regression"
+        self.target_scale = run.kind.target_scale
         self.mode = f"onnxruntime {ort.__version__} ({model_path.name})"
 
     def start(self, example: np.ndarray | None = None) -> None:
@@ -121,15 +108,13 @@ class OnnxBackend:
 
 def make_backend(name: str, run: Run, threads: int | None = None, example: np.ndarray | None = None):
     """The backend ``name`` for ``run``; ``example`` (one stored input batch) checks an ONNX file's input."""
-    if isinstance(run.dataset, TokenData):
+    if run.kind.decodes:
         if name != "torch":
-            raise KilnError(f"the {name} backend serves image and table runs; {run.path} is a text run "
-                            f"(data.dataset: {run.config.data.dataset}): serve it with --backend torch")
-        return TranslateBackend(run, threads) if isinstance(run.dataset, TextPairs) else GenerateBackend(run, threads)
+            raise KilnError(f"the {name} backend serves runs answered in one forward pass; {run.path} is a "
+                            f"{run.kind.description} run, decoded step by step: serve it with --backend torch")
+        return DecodingBackend(run, threads)
     if name == "torch":
         return TorchBackend(run, threads)
     if name == "onnx":
-        from kiln.export import ONNX_FILE
-
-        return OnnxBackend(run.path / ONNX_FILE, run, threads, example)
+        return OnnxBackend(run.path / RunDir.ONNX, run, threads, example)
     raise KilnError(f"backend must be torch or onnx, not {name!r}")

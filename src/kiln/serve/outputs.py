@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from kiln.run import Run
-from kiln.serve.inputs import BadInput
+from kiln.errors import InputError
 
 NOT_FINITE = ("the model's output is not a finite number; an input value is probably far outside the range "
               "of the training data")
@@ -42,7 +42,7 @@ class ClassAnswers:
     summary = "Predict classes"
 
     def __init__(self, run: Run) -> None:
-        self.task = run.dataset.task
+        self.task = run.kind.task
         self.names = run.class_names
         self.threshold = run.threshold if self.task == "binary" else None
 
@@ -70,7 +70,7 @@ class ValueAnswers:
 
     def __init__(self, run: Run) -> None:
         self.task = "regression"
-        self.target = run.dataset.prep.target.name
+        self.target = run.kind.target_name
 
     def answer(self, values: np.ndarray) -> list[dict[str, Any]]:
         _check_finite(values.reshape(len(values), -1))
@@ -84,7 +84,7 @@ class TextAnswers:
     prediction = TextPrediction
 
     def __init__(self, run: Run) -> None:
-        self.task = run.dataset.task  # lm | seq2seq
+        self.task = run.kind.task  # lm | seq2seq
         self.summary = "Generate text" if self.task == "lm" else "Translate text"
 
     def answer(self, texts: np.ndarray) -> list[dict[str, Any]]:
@@ -95,7 +95,7 @@ class TextAnswers:
 
 
 def answers_for(run: Run) -> ClassAnswers | ValueAnswers | TextAnswers:
-    task = run.dataset.task
+    task = run.kind.task
     if task == "regression":
         return ValueAnswers(run)
     if task in ("lm", "seq2seq"):
@@ -106,4 +106,4 @@ def answers_for(run: Run) -> ClassAnswers | ValueAnswers | TextAnswers:
 def _check_finite(results: np.ndarray) -> None:
     bad = np.flatnonzero(~np.isfinite(results).all(axis=1))
     if len(bad):
-        raise BadInput(f"instances.{int(bad[0])}", NOT_FINITE)
+        raise InputError(f"instances.{int(bad[0])}", NOT_FINITE)

@@ -33,6 +33,14 @@ class Precision:
         dtype = torch.bfloat16 if self.name == "bf16" else torch.float16
         return torch.autocast(self.device_type, dtype=dtype)
 
+    def for_inference(self) -> Precision:
+        """The precision evaluation and prediction use. On a CPU that is float32 whatever training used: export,
+        serving and `kiln predict` all run the model in float32 there, and a run's test metrics must be what
+        `kiln evaluate` gives later. On accelerators evaluation keeps the training precision (its speed)."""
+        if self.device_type == "cpu" and self.name != "fp32":
+            return Precision("fp32", f"float32 for inference on the CPU (training: {self.name})", "cpu")
+        return self
+
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         # fp16 has too few exponent bits for small gradients; bf16 and fp32 need no scaling.
         return torch.amp.GradScaler(self.device_type) if self.name == "fp16" else None
@@ -54,6 +62,13 @@ def pick_precision(requested: str, device: torch.device) -> Precision:
     # in fp32 on this project's 2-core AVX2 CPUs.
     return Precision("fp32", "auto: CPU without AVX-512 BF16 or AMX, where bf16 measured far slower than fp32",
                      device.type)
+
+
+def inference_precision(requested: str, device: torch.device) -> Precision:
+    """What a finished run predicts in on ``device`` (see ``Precision.for_inference``)."""
+    if device.type == "cpu":
+        return Precision("fp32", "float32 for inference on the CPU", "cpu")
+    return pick_precision(requested, device)
 
 
 BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo names of native bf16 dot products / tiles

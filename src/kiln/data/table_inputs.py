@@ -1,4 +1,4 @@
-"""Table rows as JSON objects, checked against the run's saved preprocessing (:mod:`kiln.data.preprocess`).
+"""Served table rows: JSON objects, checked against the run's saved preprocessing (:mod:`kiln.data.preprocess`).
 
 An instance is one object of the run's input columns, by name. Numeric columns take numbers, categorical
 ones strings (a category training never saw counts as "unknown", as in ``kiln predict``), boolean ones
@@ -15,9 +15,9 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, create_model
 
-from kiln.data.preprocess import Column
+from kiln.data.preprocess import Column, Preprocessing
 from kiln.data.table import cell, rows_to_table
-from kiln.serve.inputs import BadInput, register_inputs
+from kiln.errors import InputError
 
 # Largest magnitude of a numeric value. Beyond 2**53 (about 9e15) float64 no longer holds every integer,
 # and a value standardised by a small training std would overflow the model's float32 input.
@@ -36,15 +36,14 @@ def _categories(c: Column) -> list[str]:
     return [v for v in c.categories if v is not None]
 
 
-@register_inputs("tabular")
 class TableInputs:
     """One JSON object per table row; every column is a field of the published schema, with its type."""
 
     kind = "table"
     accepts_files = False
 
-    def __init__(self, dataset: Any) -> None:
-        self.prep = dataset.prep
+    def __init__(self, prep: Preprocessing) -> None:
+        self.prep = prep
         self.columns: list[Column] = list(self.prep.columns)
         # Fields are named c0, c1, ... and read by alias: column names need not be Python names.
         self._model = create_model("TableRow", __config__=ConfigDict(extra="forbid"),
@@ -84,7 +83,7 @@ class TableInputs:
                     value = c.true_value if value else c.false_value
                 if value is not None and cell(value) is None:  # "", "NA", "?": read as missing, as in a CSV
                     if not c.missing:
-                        raise BadInput(f"instances.{i}.{c.name}", f"{value!r} means a missing value, and this "
+                        raise InputError(f"instances.{i}.{c.name}", f"{value!r} means a missing value, and this "
                                                                   "column had none in training: give a value")
                 row[c.name] = value
             rows.append(row)

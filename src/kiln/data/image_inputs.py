@@ -1,89 +1,23 @@
-"""Request inputs to model batches, one adapter per kind of data set.
-
-An adapter turns what a client sends (JSON instances, uploaded files) into the array a backend
-predicts on, and publishes the JSON schema of one instance for ``/openapi.json``. Adapters are
-found by the run's data set name (``INPUTS``): images here, tables in :mod:`kiln.serve.table_inputs`,
-texts in :mod:`kiln.serve.text_inputs`. Every check happens at this boundary: a bad instance raises
-``BadInput`` (answered as a 4xx).
-"""
+"""Served image requests: pixel arrays in the model's shape, base64 PNG/JPEG, or uploaded PNG/JPEG files, checked
+and converted to one uint8 batch (see :mod:`kiln.data.requests` for the contract)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
 
-from kiln.data.images import fit_image
-from kiln.errors import KilnError
-
-
-class BadInput(Exception):
-    """A client's input is wrong; ``where`` names the instance or file, e.g. ``instances.3.pixels``."""
-
-    def __init__(self, where: str, message: str) -> None:
-        super().__init__(f"{where}: {message}")
-        self.where = where
-        self.message = message
-
-
-class InputAdapter(Protocol):
-    kind: str
-    accepts_files: bool  # multipart uploads (``from_files``) besides JSON instances
-
-    def instance_model(self) -> type[BaseModel]:
-        """The pydantic model of one JSON instance; its schema goes in the OpenAPI document."""
-
-    def from_instances(self, instances: list[BaseModel]) -> np.ndarray:
-        """Validated instances to one batch for the backend."""
-
-    def from_json(self, instances: list[Any]) -> np.ndarray | None:
-        """A fast path for parsed JSON instances that are plainly valid; ``None`` sends them through
-        the schema instead (which names what is wrong)."""
-
-    def from_files(self, files: list[tuple[str, bytes]]) -> np.ndarray:
-        """Uploaded (filename, content) pairs to one batch (only where ``accepts_files``)."""
-
-    def example(self) -> np.ndarray | None:
-        """One typical input batch, to trace and warm the backend with; ``None`` where there is nothing to trace."""
-
-    def describe(self) -> dict[str, Any]:
-        """What the model takes, for ``GET /v1/model``."""
-
-
-INPUTS: dict[str, Callable[[Any], InputAdapter]] = {}
-
-
-def register_inputs(*dataset_names: str):
-    def wrap(factory):
-        for name in dataset_names:
-            INPUTS[name] = factory
-        return factory
-
-    return wrap
-
-
-def inputs_for(dataset_name: str, dataset: Any) -> InputAdapter:
-    import kiln.serve.table_inputs  # noqa: F401  (registers "tabular")
-    import kiln.serve.text_inputs  # noqa: F401  (registers "text" and "text_pairs")
-
-    if dataset_name not in INPUTS:
-        raise KilnError(f"serving runs of the {dataset_name!r} data set is not supported yet; "
-                        f"servable data sets: {', '.join(sorted(INPUTS))}")
-    return INPUTS[dataset_name](dataset)
-
-
-# ---- images ------------------------------------------------------------------------------------
+from kiln.data.pixels import fit_image
+from kiln.errors import InputError
 
 MAX_IMAGE_SIDE = 4096  # pixels; larger uploads are refused before decoding (decompression bombs)
 IMAGE_FORMATS = ["PNG", "JPEG"]
 
 
-@register_inputs("mnist")
 class ImageInputs:
     """Images: pixel arrays in the model's shape, or base64 PNG/JPEG, or uploaded PNG/JPEG files.
 
@@ -95,8 +29,8 @@ class ImageInputs:
     kind = "image"
     accepts_files = True
 
-    def __init__(self, dataset: Any) -> None:
-        self.shape = tuple(dataset.input_shape)  # (C, H, W)
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = tuple(shape)  # (C, H, W)
         c, h, w = self.shape
         pixel = Annotated[float, Field(ge=0, le=255)]
         row = Annotated[list[pixel], Field(min_length=w, max_length=w)]
@@ -177,10 +111,10 @@ class ImageInputs:
     def _from_pixels(self, pixels: list, scale: str, where: str) -> np.ndarray:
         arr = np.asarray(pixels, dtype=np.float64).reshape(self.shape)  # lengths checked by the schema
         if not np.isfinite(arr).all():
-            raise BadInput(where, "pixel values must be finite numbers")
+            raise InputError(where, "pixel values must be finite numbers")
         if scale == "unit":
             if arr.max() > 1.0:
-                raise BadInput(where, f"with scale=unit pixels must be in [0, 1], got a maximum of {arr.max():g}")
+                raise InputError(where, f"with scale=unit pixels must be in [0, 1], got a maximum of {arr.max():g}")
             arr = arr * 255.0
         return np.rint(arr).astype(np.uint8)
 
@@ -189,7 +123,7 @@ class ImageInputs:
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise BadInput(where, "not valid base64 (standard alphabet, padded)") from None
+            raise InputError(where, "not valid base64 (standard alphabet, padded)") from None
 
     def _decode(self, data: bytes, where: str) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -197,12 +131,12 @@ class ImageInputs:
         try:
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
                 if max(img.size) > MAX_IMAGE_SIDE:
-                    raise BadInput(where, f"image is {img.size[0]}x{img.size[1]}; the largest side allowed is "
+                    raise InputError(where, f"image is {img.size[0]}x{img.size[1]}; the largest side allowed is "
                                           f"{MAX_IMAGE_SIDE} pixels")
                 img.load()
                 return fit_image(img, self.shape)  # the same conversion as `kiln predict`
-        except BadInput:
+        except InputError:
             raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             reason = "unknown format" if isinstance(e, UnidentifiedImageError) else str(e)
-            raise BadInput(where, f"not a readable PNG or JPEG image ({reason})") from None
+            raise InputError(where, f"not a readable PNG or JPEG image ({reason})") from None

@@ -1,4 +1,4 @@
-"""Text instances: a source text for a ``text_pairs`` (sequence-to-sequence) run, a prompt and its sampling
+"""Served text requests: a source text for a ``text_pairs`` (sequence-to-sequence) run, a prompt and its sampling
 settings for a ``text`` (language model) run.
 
 Both are checked here against the run's own tokenizer (a character tokenizer knows only the characters of
@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, create_model
 
-from kiln.errors import KilnError
-from kiln.serve.inputs import BadInput, register_inputs
+from kiln.data.requests import objects
+from kiln.errors import InputError, KilnError
 
 MAX_TEXT_CHARS = 4096  # a source or a prompt; a language model reads only its last `context` tokens anyway
 MAX_NEW_TOKENS = 512  # per prompt: generation holds the worker one token at a time
@@ -25,39 +25,30 @@ MAX_SEED = 2**63 - 1
 STRICT = ConfigDict(extra="forbid")
 
 
-def objects(items: list[Any]) -> np.ndarray:
-    """A 1-d object array of ``items`` (which numpy must not unpack into more dimensions)."""
-    out = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        out[i] = item
-    return out
-
-
 def token_count(tokenizer: Any, text: str, where: str) -> int:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadInput(where, "the text holds a lone surrogate (\\ud800-\\udfff), which is not a character") from None
+        raise InputError(where, "the text holds a lone surrogate (\\ud800-\\udfff), which is not a character") from None
     try:
         return len(tokenizer.encode(text))
     except KilnError as e:
-        raise BadInput(where, str(e)) from None
+        raise InputError(where, str(e)) from None
 
 
 def _text(description: str) -> Any:
     return Annotated[str, Strict(), Field(min_length=1, max_length=MAX_TEXT_CHARS, description=description)]
 
 
-@register_inputs("text_pairs")
 class SourceInputs:
     """``{"text": source}``; answered with the greedy target text (``Run.translate``)."""
 
     kind = "text"
     accepts_files = False
 
-    def __init__(self, dataset: Any) -> None:
-        self.tokenizer = dataset.tokenizer
-        self.steps = dataset.source_steps
+    def __init__(self, tokenizer: Any, source_steps: int) -> None:
+        self.tokenizer = tokenizer
+        self.steps = source_steps
         self._model = create_model(
             "SourceInstance", __config__=STRICT,
             text=(_text(f"the source text: at most {self.steps} tokens ({self.tokenizer.kind} tokenizer), the "
@@ -71,7 +62,7 @@ class SourceInputs:
             where = f"instances.{i}.text"
             n = token_count(self.tokenizer, inst.text, where)
             if n > self.steps:
-                raise BadInput(where, f"{n} tokens; this model reads at most {self.steps} (the longest source it "
+                raise InputError(where, f"{n} tokens; this model reads at most {self.steps} (the longest source it "
                                       "was trained on)")
         return objects([inst.text for inst in instances])
 
@@ -86,16 +77,15 @@ class SourceInputs:
                 "max_characters": MAX_TEXT_CHARS, "tokenizer": self.tokenizer.kind}
 
 
-@register_inputs("text")
 class PromptInputs:
     """A prompt with the sampling settings of ``Run.generate``; answered with the text after the prompt."""
 
     kind = "prompt"
     accepts_files = False
 
-    def __init__(self, dataset: Any) -> None:
-        self.tokenizer = dataset.tokenizer
-        self.context = dataset.input_shape[0]
+    def __init__(self, tokenizer: Any, context: int) -> None:
+        self.tokenizer = tokenizer
+        self.context = context
         vocab = self.tokenizer.vocab_size
         number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
         integer = Annotated[int, Strict()]
@@ -119,7 +109,7 @@ class PromptInputs:
         requests = []
         for i, inst in enumerate(instances):
             if token_count(self.tokenizer, inst.prompt, f"instances.{i}.prompt") == 0:
-                raise BadInput(f"instances.{i}.prompt", "the prompt gives no tokens; give some text")
+                raise InputError(f"instances.{i}.prompt", "the prompt gives no tokens; give some text")
             requests.append(inst.model_dump())
         return objects(requests)
 

@@ -1,25 +1,90 @@
-"""Evaluation over whole in-memory splits: model outputs in large batches, then the task's metrics.
+"""Evaluation: a model's outputs over batches of a split, then the task's metrics.
 
 - multiclass: loss (cross-entropy), accuracy, macro F1
 - binary: also ROC-AUC, PR-AUC (average precision), F1, precision and recall at the decision threshold,
   log loss and Brier score of the positive class's probability
 - regression: loss (MSE of the standardised target), MAE, RMSE and R2 in the target's own units
+- lm, seq2seq: loss (cross-entropy per target token), perplexity, token accuracy; seq2seq also the share of
+  samples whose greedy output is exactly the target
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kiln.data.kind import DataKind
+from kiln.training.objectives import TOKEN_TASKS, Objective
+
 TASK_METRICS = {
     "multiclass": ("loss", "accuracy", "macro_f1"),
     "binary": ("loss", "accuracy", "roc_auc", "pr_auc", "f1", "precision", "recall", "log_loss", "brier"),
     "regression": ("loss", "mae", "rmse", "r2"),
+    "lm": ("loss", "perplexity", "token_accuracy"),
+    "seq2seq": ("loss", "perplexity", "token_accuracy", "exact_match"),
 }
+# Metrics early stopping may watch, and those of them that are better when higher.
+MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "val_roc_auc", "val_pr_auc", "val_f1",
+            "val_mae", "val_rmse", "val_r2")
+HIGHER_IS_BETTER = ("accuracy", "roc_auc", "pr_auc", "f1", "r2")
+SHOWN = ("loss", "accuracy", "roc_auc", "rmse", "r2", "perplexity", "token_accuracy", "exact_match")
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, kind: DataKind, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+             device: torch.device, precision=None, threshold: float = 0.5, exact: bool = True) -> dict[str, float]:
+    """The task's metrics over (stored inputs, targets) batches; ``exact``: with seq2seq's greedy exact match."""
+    was_training = model.training
+    model.eval()
+    try:
+        if kind.task in TOKEN_TASKS:
+            return _token_metrics(model, kind, batches, device, precision, exact)
+        outputs, targets = [], []
+        for xb, yb in batches:
+            outputs.append(_forward(model, kind.to_input(xb.to(device)), precision).float().cpu())
+            targets.append(yb)
+    finally:
+        model.train(was_training)
+    y = torch.cat(targets) if targets else torch.empty(0)
+    return task_metrics(kind.task, torch.cat(outputs) if outputs else torch.empty(0), y, threshold=threshold,
+                        target_scale=kind.target_scale)
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor, precision) -> torch.Tensor:
+    with precision.autocast() if precision is not None else contextlib.nullcontext():
+        return model(x)
+
+
+def _token_metrics(model, kind: DataKind, batches, device, precision, exact: bool) -> dict[str, float]:
+    objective = Objective(kind.task)
+    loss_sum, tokens, correct, matches, rows = 0.0, 0, 0, 0, 0
+    for xb, yb in batches:
+        xb, yb = xb.to(device), yb.to(device)
+        logits = _forward(model, xb, precision).float()
+        right, counted = objective.counts(logits, yb)
+        loss_sum += float(objective.loss(logits, yb)) * int(counted)
+        tokens += int(counted)
+        correct += int(right)
+        found = kind.exact_matches(model, xb, yb) if exact else None
+        if found is not None:
+            matches += found
+            rows += len(xb)
+    loss = loss_sum / max(tokens, 1)
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1),
+           "tokens": tokens}
+    if rows:
+        out |= {"exact_match": matches / rows, "samples": rows}
+    return out
+
+
+def metrics_line(metrics: dict[str, float]) -> str:
+    """The few metrics a progress or result line shows."""
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in SHOWN if k in metrics)
 THRESHOLD_CANDIDATES = 101  # binary decision thresholds tried on validation: 0.00, 0.01, ..., 1.00
 
 

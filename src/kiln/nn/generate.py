@@ -1,5 +1,6 @@
-"""Generation with a trained language or sequence-to-sequence model: sampling, and incremental decoding
+"""Generation with a language or sequence-to-sequence model, on token ids: sampling, and incremental decoding
 with a key/value cache so that each new token costs one step instead of a pass over the whole context.
+(Texts become ids and ids texts in the text kinds of data, :mod:`kiln.data.text`.)
 
 With ``cache=False`` every token recomputes the window from scratch (the reference the cache is tested
 against). Once a text is longer than the model's context, both read only the last ``context`` tokens: the
@@ -134,28 +135,4 @@ def translate_ids(model: nn.Module, sources: torch.Tensor, bos: int, eos: int, m
     out = []
     for row in prefix[:, 1:].tolist():
         out.append(row[: row.index(eos)] if eos in row else row)
-    return out
-
-
-def generate_text(model: nn.Module, tokenizer, prompt: str, s: Sampling, cache: bool = True) -> str:
-    """The text generated after ``prompt`` (without the prompt), cut before the first stop string."""
-    out: list[int] = []
-    for token in generate_ids(model, torch.tensor(tokenizer.encode(prompt), dtype=torch.int64), s, cache):
-        out.append(token)
-        if s.stop:
-            text = tokenizer.decode(out)
-            found = [text.find(stop) for stop in s.stop if stop in text]
-            if found:
-                return text[: min(found)]
-    return tokenizer.decode(out)
-
-
-def translate(model: nn.Module, dataset, sources: list[str], batch_size: int = 256, cache: bool = True) -> list[str]:
-    """Greedy target text for each source text (a ``text_pairs`` run)."""
-    tok = dataset.tokenizer
-    out: list[str] = []
-    for i in range(0, len(sources), batch_size):
-        ids = dataset.encode_sources(sources[i:i + batch_size])
-        out += [tok.decode(row) for row in translate_ids(model, ids, tok.special("<bos>"), tok.special("<eos>"),
-                                                         dataset.target_steps, cache)]
     return out

@@ -1,0 +1,200 @@
+"""What every kind of data provides: the one interface between the rest of kiln and the data.
+
+A kind of data (MNIST's images, tables, text, text pairs, ...) is one module of this package, registered
+under the name that ``data.dataset`` uses. It is the single place that knows
+
+- its config fields (``Config``: the ``data`` section of a config file),
+- how its data is read, split and preprocessed, and what a run directory keeps of that (``save``,
+  ``run_files``) so that everything after training works from the run directory alone,
+- the task its models learn (which fixes the head, the loss and the metrics) and the block fields it
+  decides (a class count, a vocabulary),
+- how stored samples become model input, in training (``gather``, ``to_input``, ``augment``) and in
+  evaluation (``eval_batches``),
+- how a user's array, a file, a JSON request (``inputs``) or a table row becomes model input, and an output an
+  answer (``predict_files``, ``render``, ``decode_batch``).
+
+Training, ``Run``, serving, export, deploy and the CLI ask a kind object; none of them asks which kind it is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from kiln.data.splits import Splits
+from kiln.errors import ConfigError, DataError, KilnError
+from kiln.nn.base import BlockSpec, Shape
+from kiln.registry import KINDS
+from kiln.schema import StrictModel
+
+if TYPE_CHECKING:
+    from kiln.data.requests import InputAdapter
+
+
+class DataSpec(StrictModel):
+    """The fields of the ``data`` section that every kind has; each kind adds its own."""
+
+    dataset: str
+    root: str | None = None  # folder with the data files; default: $KILN_DATA, else the download cache
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)  # of the training data, held out for validation
+    split_seed: int | None = None  # seed of the train/val/test split; default: the run's seed
+
+
+class DataKind:
+    """The interface. A subclass sets the class attributes and overrides what its data needs."""
+
+    Config: ClassVar[type[DataSpec]]
+    description: ClassVar[str]  # "image", "table", "text": how messages name a run of this kind
+    usage: ClassVar[str]  # what to do with a finished run of this kind (said when a command does not apply)
+    run_files: ClassVar[tuple[str, ...]] = ()  # files it adds to a run directory (written by `save`)
+    trains_by_steps: ClassVar[bool] = False  # True: train.steps random batches; False: epochs over the samples
+    decodes: ClassVar[bool] = False  # answers are decoded step by step (text), not one forward pass
+    input_name: ClassVar[str] = "inputs"  # the name of an exported graph's input
+    task: str = "multiclass"  # multiclass | binary | regression | lm | seq2seq
+    input_shape: Shape
+    class_names: list[str] = []
+
+    def __init__(self, cfg: DataSpec, seed: int, run_path: Path | None = None) -> None:
+        """``cfg`` is the data section, ``seed`` the split seed; ``run_path`` reopens the kind as a finished run
+        saved it, without its training data."""
+        self.cfg, self.seed = cfg, seed
+
+    # ---- what a run of this kind is --------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.cfg.dataset
+
+    @property
+    def target_scale(self) -> tuple[float, float]:
+        """(mean, std) that turn a standardised regression target back into its own units."""
+        return (0.0, 1.0)
+
+    @property
+    def target_name(self) -> str | None:
+        """The name of what a regression predicts, for answers that describe themselves."""
+        return None
+
+    def block_fields(self) -> dict[str, dict[str, Any]]:
+        """Block fields the data decides, by block type (filled in where the config leaves them unset)."""
+        return {"classifier": {"classes": len(self.class_names)}}
+
+    def check_model(self, specs: list[BlockSpec]) -> None:
+        """Refuse, before anything is written, a model this kind of data cannot train."""
+
+    def report(self) -> list[str]:
+        """Lines for the training log describing what was read and inferred."""
+        return []
+
+    # ---- data --------------------------------------------------------------------------------------
+
+    def load(self, progress=None) -> Splits:
+        raise NotImplementedError
+
+    def save(self, run_path: Path) -> None:
+        """Write ``run_files``: what the run directory needs to reopen this kind without the training data."""
+
+    def samples(self, x: torch.Tensor) -> int:
+        """How many training samples a stored split holds (what a batch draws indices from)."""
+        return len(x)
+
+    def gather(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored samples ``idx`` of a split and their targets."""
+        return x[idx], y[idx]
+
+    def eval_batches(self, x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole split once, in batches of at most ``size`` samples (stored inputs, targets)."""
+        for start in range(0, len(x), size):
+            yield x[start:start + size], y[start:start + size]
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored samples (a batch) to the tensor the model reads."""
+        return x.to(torch.float32)
+
+    def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Random training-time changes of model input (none unless the kind has them)."""
+        return x
+
+    def exact_matches(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int | None:
+        """How many samples the model's greedy output gets entirely right, for kinds with such a metric."""
+        return None
+
+    # ---- inference ---------------------------------------------------------------------------------
+
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """A user's array (``Run.predict``) as a batch of stored samples."""
+        return x[None] if x.dim() == len(self.input_shape) else x
+
+    def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """``n`` random stored inputs of the right dtype and range (checking an export without data)."""
+        raise NotImplementedError
+
+    def inputs(self) -> InputAdapter:
+        """The adapter that turns a served request's JSON instances (or uploaded files) into one batch."""
+        raise KilnError(f"serving {self.description} runs is not supported")
+
+    def predict_files(self, run, paths: list[str | Path]) -> list[dict[str, Any]]:
+        """Predictions for files (`kiln predict`), one record per input."""
+        raise KilnError(f"{run.path} is {self.description} run: {self.usage}")
+
+    def render(self, records: list[dict[str, Any]]) -> str:
+        """``predict_files``' records as the text `kiln predict` prints."""
+        raise NotImplementedError
+
+    def decode_batch(self, run, batch: np.ndarray) -> np.ndarray:
+        """For kinds that ``decodes``: the answers to one served batch (texts)."""
+        raise NotImplementedError
+
+
+HEADS = {"classifier": ("binary", "multiclass"), "regressor": ("regression",)}  # the head of each task
+
+
+def resolve(cfg, kind: DataKind):
+    """``cfg`` (a Config) with what the data decides filled in (class count, a table's column layout, a
+    vocabulary), so the saved config is complete; refuses a head that does not fit the kind's task."""
+    fill = kind.block_fields()
+    blocks = []
+    for i, b in enumerate(cfg.model.blocks):
+        if b.type in HEADS and kind.task not in HEADS[b.type]:
+            head = next(h for h, tasks in HEADS.items() if kind.task in tasks)
+            raise ConfigError(f"model.blocks.{i} ({b.type}): the task is {kind.task}; end the model with `{head}`")
+        unset = {k: v for k, v in fill.get(b.type, {}).items() if getattr(b, k) is None}
+        blocks.append(b.model_copy(update=unset) if unset else b)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"blocks": blocks})})
+
+
+def find_data(path: str | None, root: str | None, what: str) -> Path:
+    """``data.path`` as given when it exists, else under ``root``, else under $KILN_DATA."""
+    if path is None:
+        raise ConfigError(f"data.path: give {what} (relative to data.root, the current directory or $KILN_DATA)")
+    given = Path(path).expanduser()
+    candidates = [given] if given.is_absolute() else [
+        *([Path(root).expanduser() / given] if root else []),
+        given,
+        *([Path(os.environ["KILN_DATA"]) / given] if os.environ.get("KILN_DATA") else []),
+    ]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise DataError(f"data.path {path!r}: not found (looked at {', '.join(map(str, candidates))}); give {what} "
+                    "relative to data.root, the current directory or $KILN_DATA")
+
+
+def kind_class(name: str) -> type[DataKind]:
+    """The kind registered as ``name`` (kinds register when ``kiln.data`` is imported, as kiln.config does)."""
+    return KINDS.get(name)
+
+
+def open_kind(data_cfg: DataSpec, seed: int, run_path: Path | None = None) -> DataKind:
+    """The kind ``data_cfg.dataset`` names; ``run_path`` reopens it as a finished run saved it.
+
+    Its splits use ``data.split_seed`` when set, else the run's seed: varying the seed alone then
+    varies initialisation and order while every run keeps the same validation samples."""
+    split_seed = seed if data_cfg.split_seed is None else data_cfg.split_seed
+    return kind_class(data_cfg.dataset)(data_cfg, split_seed, run_path)

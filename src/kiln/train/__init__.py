@@ -1,1 +1,0 @@
-"""Training: the loop, optimisers and schedules, precision, checkpoints, metrics."""

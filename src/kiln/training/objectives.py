@@ -1,0 +1,48 @@
+"""What a task trains on: its loss, and what a step counts for the progress line (right answers out of how many).
+
+- classification (multiclass, binary): cross-entropy, optionally class-weighted and label-smoothed; a sample is
+  right when its largest logit is its class.
+- regression: mean squared error of the standardised target; nothing counts as right.
+- tokens (lm, seq2seq): cross-entropy over every target token that is not padding (``IGNORE``); a token is right
+  when it is the most likely one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.data.text import IGNORE
+
+TOKEN_TASKS = ("lm", "seq2seq")
+
+
+class Objective:
+    def __init__(self, task: str, class_weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        self.task = task
+        self.class_weight = class_weight
+        self.label_smoothing = label_smoothing
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a batch (float32 logits)."""
+        if self.task == "regression":
+            return F.mse_loss(logits[:, 0], y)
+        if self.task in TOKEN_TASKS:
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
+
+    def counts(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """(right answers, how many were counted): samples, or for tokens the targets that are not padding. Both
+        stay on the device: reading them forces a sync."""
+        if self.task == "regression":
+            return torch.zeros((), dtype=torch.long, device=y.device), len(y)
+        if self.task in TOKEN_TASKS:
+            keep = y != IGNORE
+            return ((logits.argmax(-1) == y) & keep).sum(), keep.sum()
+        return (logits.argmax(1) == y).sum(), len(y)
+
+    def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each sample's own loss (unweighted, unsmoothed): how hard the sample still is (train.hard_examples)."""
+        if self.task == "regression":
+            return (logits[:, 0] - y).square()
+        return F.cross_entropy(logits, y, reduction="none")

@@ -1,0 +1,170 @@
+"""A training run from start to finish, readable top to bottom: config -> kind of data + model -> trainer ->
+run directory. One path for every kind of data.
+
+Everything is validated (config, model shapes, data files) before anything is written, so a failed start
+leaves existing files as they were.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+import yaml
+
+from kiln.data.kind import DataKind, open_kind, resolve
+from kiln.data.splits import Splits
+from kiln.errors import ConfigError, RunDirError
+from kiln.fsutil import atomic_write_text
+from kiln.nn import KilnModel, build_model
+from kiln.nn.fuse import fuse
+from kiln.rundir import RunDir
+from kiln.training.checkpoint import load_weights, save_weights
+from kiln.training.metrics import TASK_METRICS, choose_threshold, metrics_line
+from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
+from kiln.training.progress import TrainProgress
+from kiln.training.trainer import Trainer
+from kiln.version import __version__
+
+
+@dataclass
+class Trained:
+    """What a finished training hands to ``kiln.Run``: everything is also in the run directory."""
+
+    run_dir: RunDir
+    cfg: Any
+    model: KilnModel
+    device: torch.device
+    kind: DataKind
+
+
+def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = None,
+              live: bool | None = None) -> Trained:
+    """Train ``cfg`` (a validated Config) into ``run_dir``; with ``resume``, continue it from its last checkpoint
+    (``saved``: the config it was started with, as a dict)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    precision = pick_precision(cfg.train.precision, device)
+    kind = open_kind(cfg.data, cfg.seed, run_dir.path if resume else None)
+    cfg = resolve(cfg, kind)
+    check_task_settings(cfg.train, kind.task)
+    kind.check_model(cfg.blocks)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.blocks, kind.input_shape).to(device)
+    use_fuse, fuse_reason = pick_fuse(cfg.train.fuse, device)
+    execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
+    if resume:
+        check_resumable(run_dir, cfg, saved)
+    else:
+        run_dir.check_new()
+    display = TrainProgress(cfg.train.epochs if not kind.trains_by_steps else 1, live=live)
+    data = kind.load(progress=display.log)
+    if len(data.train_x) == 0:
+        raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
+    trainer = Trainer(cfg, run_dir, kind, data, model, device, precision, display)
+    if not resume:
+        run_dir.create()
+        kind.save(run_dir.path)
+    atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())  # on resume: the epochs or steps may have changed
+    for line in kind.report():
+        display.log(line)
+    manifest = _manifest(cfg, data, device, precision, model, execution)
+    run_dir.write_json(RunDir.MANIFEST, manifest)
+    if resume:
+        trainer.restore()
+        display.log(f"resuming {run_dir.path} at step {trainer.state.global_step}")
+    display.log(f"training {cfg.name}: {manifest['parameters']:,} parameters, {trainer.plan.describe()}, "
+                f"device {device}, precision {precision.name} ({precision.reason})")
+    for line in execution["fuse"]:
+        display.log(f"fused {line} ({fuse_reason})")
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        # No checkpoint here: the interrupted step may be half applied. The last one is consistent.
+        display.close()
+        raise RunDirError(f"interrupted; the last checkpoint is in {run_dir.path}. Continue with "
+                          f"`{run_dir.resume_hint()}`") from None
+    _finish(cfg, trainer, manifest)
+    return Trained(run_dir, cfg, model.eval(), device, kind)
+
+
+def _finish(cfg, trainer: Trainer, manifest: dict) -> None:
+    """Final weights, the threshold of a binary task, metrics on validation and test, results.json."""
+    run_dir, data, model, s = trainer.run_dir, trainer.data, trainer.model, trainer.state
+    summary = trainer.plan.finish()
+    es = cfg.train.early_stopping
+    if es and es.restore_best and (run_dir / RunDir.BEST).is_file():
+        load_weights(run_dir / RunDir.BEST, model)
+    save_weights(run_dir / RunDir.WEIGHTS, model, {"steps": s.global_step, "epochs": s.epoch})
+    threshold = 0.5
+    if cfg.train.threshold_metric and len(data.val_x):
+        threshold = choose_threshold(*trainer.outputs("val"), cfg.train.threshold_metric)
+    val = trainer.evaluate("val", threshold) if len(data.val_x) else {}
+    test = val if data.test_x is data.val_x else trainer.evaluate("test", threshold)  # a text's held-out tail
+    results = {**summary, "val": val, "test": test, "task": trainer.kind.task, "threshold": threshold,
+               "train_seconds": round(s.train_seconds, 3)}
+    run_dir.write_json(RunDir.RESULTS, results)
+    run_dir.append_metrics({"kind": "test", "step": s.global_step, **test})
+    run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "completed"})
+    trainer.display.log(f"test {metrics_line(test) or '(no held-out data)'}  ({run_dir.path})")
+
+
+def check_task_settings(t, task: str) -> None:
+    """Settings that only some tasks have, refused before anything is written."""
+    es = t.early_stopping
+    if es and es.monitor.startswith("val_") and es.monitor[4:] not in TASK_METRICS[task]:
+        raise ConfigError(f"train.early_stopping.monitor: {es.monitor} is not a metric of a {task} task; "
+                          f"choose one of {', '.join('val_' + m for m in TASK_METRICS[task])}")
+    if t.threshold_metric and task != "binary":
+        raise ConfigError(f"train.threshold_metric applies to binary classification; this task is {task}")
+    classification = task in ("binary", "multiclass")
+    for name, value in (("class_weights", t.class_weights), ("label_smoothing", t.label_smoothing)):
+        if value and not classification:
+            raise ConfigError(f"train.{name} applies to classification; this task is {task}")
+    if t.hard_examples and es and es.monitor.startswith("train_"):
+        raise ConfigError(f"train.early_stopping.monitor: {es.monitor} is measured on the hard examples alone from "
+                          f"epoch {t.hard_examples.from_epoch} (train.hard_examples); monitor a val_ metric")
+
+
+def check_resumable(run_dir: RunDir, cfg, saved: dict | None) -> None:
+    """A run continues only from its own checkpoint and with its own config (but for its length)."""
+    if not run_dir.is_run():
+        raise RunDirError(f"--resume: {run_dir.path} is not a kiln run directory")
+    if not (run_dir / RunDir.LAST).is_file():
+        raise RunDirError(f"--resume: {run_dir.path} has no checkpoint yet ({RunDir.LAST}); start it again instead")
+    saved = saved if saved is not None else yaml.safe_load((run_dir / RunDir.CONFIG).read_text())
+    new = cfg.to_dict()
+    for d in (saved, new):
+        d["train"].pop("epochs"), d["train"].pop("steps")
+    if saved != new:
+        diff = [k for k in new if new[k] != saved.get(k)]
+        raise ConfigError(f"--resume: the config differs from the one {run_dir.path} was trained with "
+                          f"(sections: {', '.join(diff)}); only train.epochs and train.steps may change on resume")
+
+
+def _manifest(cfg, data: Splits, device: torch.device, precision: Precision, model: KilnModel,
+              execution: dict) -> dict:
+    return {
+        "kiln": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "seed": cfg.seed,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": precision.name,
+        "precision_reason": precision.reason,
+        "execution": execution,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "data_checksums": data.checksums,
+        "samples": {"train": len(data.train_x), "val": len(data.val_x), "test": len(data.test_x)},
+        "command": " ".join(sys.argv),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "status": "running",
+    }

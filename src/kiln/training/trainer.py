@@ -1,0 +1,199 @@
+"""The one training loop, for every kind of data: steps, progress, checkpoints and resume.
+
+How batches are drawn and when to evaluate is the plan's business (:mod:`kiln.training.plans`); what a
+batch is (images, table rows, token windows) the kind of data's; what the loss is the task's
+(:mod:`kiln.training.objectives`). Everything else happens here once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kiln.data.kind import DataKind
+from kiln.data.splits import Splits
+from kiln.errors import ConfigError
+from kiln.nn import KilnModel
+from kiln.rundir import RunDir
+from kiln.training.checkpoint import load_checkpoint, save_checkpoint
+from kiln.training.metrics import evaluate, model_outputs
+from kiln.training.objectives import Objective
+from kiln.training.optim import backward_and_step, make_optimizer, make_scheduler
+from kiln.training.plans import plan_for
+from kiln.training.precision import Precision
+from kiln.training.progress import TrainProgress
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed (epoch plans)
+    step_in_epoch: int = 0  # steps done of the current period (an epoch, or all steps)
+    global_step: int = 0
+    loss_sum: float = 0.0  # since the period began (or the last progress line, for step plans)
+    correct: int = 0
+    counted: int = 0  # what loss_sum and correct are over: samples, or target tokens
+    seen: int = 0  # samples trained on in the current period
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs since the monitored metric last improved
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch or per-evaluation metrics
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: RunDir, kind: DataKind, data: Splits, model: KilnModel, device: torch.device,
+                 precision: Precision, display: TrainProgress) -> None:
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir, self.kind, self.data, self.model, self.device = run_dir, kind, data, model, device
+        self.precision, self.inference = precision, precision.for_inference()
+        self.display = display
+        self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
+        self._on_device = {"train": (self.train_x, self.train_y)}
+        self.plan = plan_for(self)
+        self.optimizer = make_optimizer(model, self.t.optimizer, device)
+        self.scheduler = make_scheduler(self.optimizer, self.t.schedule, self.plan.total_steps)
+        hard = self.t.hard_examples
+        # Each sample's loss when last trained on (inf: not yet seen), for hard_examples' choice.
+        n = kind.samples(self.train_x)
+        self.last_loss = torch.full((n,), math.inf, device=device) if hard and hard.select == "hardest" else None
+        self.scaler = precision.grad_scaler()
+        self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.state = TrainState()
+        # Penalties apply to weight matrices and kernels, not to biases or normalisation scales.
+        self.penalised = [p for p in model.parameters() if p.dim() > 1]
+        weight = class_weights(self.t.class_weights, data.train_y, kind).to(device) if self.t.class_weights else None
+        self.objective = Objective(kind.task, weight, self.t.label_smoothing)
+
+    def device_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self._on_device:
+            self._on_device[split] = tuple(t.to(self.device) for t in self.data.split(split))
+        return self._on_device[split]
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state(), "augment": self.aug_gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def save(self) -> None:
+        tracked = {"last_loss": self.last_loss} if self.last_loss is not None else None
+        save_checkpoint(self.run_dir / RunDir.LAST, model=self.model, optimizer=self.optimizer,
+                        scheduler=self.scheduler, scaler=self.scaler, rng=self.rng_state(),
+                        progress=self.state.__dict__, tracked=tracked)
+
+    def restore(self) -> None:
+        rng, progress, tracked = load_checkpoint(self.run_dir / RunDir.LAST, model=self.model,
+                                                 optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        self.state = TrainState(**progress)
+        if self.last_loss is not None:
+            self.last_loss.copy_(tracked["last_loss"])
+        torch.set_rng_state(rng["torch"])
+        self.aug_gen.set_state(rng["augment"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.run_dir.keep_metrics_until(self.state.global_step)
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def penalty(self) -> torch.Tensor | float:
+        total: torch.Tensor | float = 0.0
+        if self.t.l1:
+            total = total + self.t.l1 * sum(p.abs().sum() for p in self.penalised)
+        if self.t.l2:
+            total = total + self.t.l2 * sum(p.square().sum() for p in self.penalised)
+        return total
+
+    def step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """One optimiser step on the samples ``idx``; returns (summed loss, right answers, how many counted)."""
+        x, y = self.kind.gather(self.train_x, self.train_y, idx)
+        x = self.kind.augment(self.kind.to_input(x), self.aug_gen)
+        with self.precision.autocast():
+            logits = self.model(x)
+        logits = logits.float()
+        loss = self.objective.loss(logits, y)
+        correct, counted = self.objective.counts(logits.detach(), y)
+        if self.last_loss is not None:
+            self.last_loss[idx] = self.objective.sample_losses(logits.detach(), y)
+        backward_and_step(loss + self.penalty(), self.model, self.optimizer, self.scheduler, self.scaler,
+                          self.t.grad_clip)
+        return loss.detach() * counted, correct, counted
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        s, t, plan = self.state, self.t, self.plan
+        self.model.train()
+        plan.begin()
+        while not plan.done():
+            batches = plan.batches()
+            # Sums stay on the device; reading them forces a sync, so only every log_every steps.
+            loss_sum = torch.tensor(s.loss_sum, device=self.device)
+            correct = torch.tensor(s.correct, device=self.device)
+            counted = torch.tensor(s.counted, device=self.device)
+            self.display.start_epoch(s.epoch, len(batches), s.step_in_epoch)
+            t0, seen0 = time.perf_counter(), s.seen
+            for i in range(s.step_in_epoch, len(batches)):
+                step_loss, step_correct, step_counted = self.step(batches[i])
+                loss_sum += step_loss
+                correct += step_correct
+                counted += step_counted
+                s.seen += len(batches[i])
+                s.step_in_epoch, s.global_step = i + 1, s.global_step + 1
+                last = i + 1 == len(batches)
+                if s.global_step % t.log_every == 0 or last:
+                    s.loss_sum, s.correct, s.counted = loss_sum.item(), int(correct.item()), int(counted.item())
+                    loss, accuracy = s.loss_sum / max(s.counted, 1), s.correct / max(s.counted, 1)
+                    rate = (s.seen - seen0) / max(time.perf_counter() - t0, 1e-9)
+                    self.display.update(s.epoch, i + 1, len(batches), loss, accuracy, rate)
+                    self.run_dir.append_metrics({"kind": "step", **plan.step_record(), "step": s.global_step,
+                                                 "loss": loss, "accuracy": accuracy,
+                                                 "lr": self.scheduler.get_last_lr()[0], "samples_per_s": rate})
+                    if plan.reset_each_log and not last:
+                        loss_sum.zero_(), correct.zero_(), counted.zero_()
+                        s.loss_sum, s.correct, s.counted = 0.0, 0, 0
+                if not last:
+                    plan.after_step(s.global_step)
+                if s.global_step % t.checkpoint_every == 0 and not last:
+                    s.loss_sum, s.correct, s.counted = loss_sum.item(), int(correct.item()), int(counted.item())
+                    s.train_seconds += time.perf_counter() - t0
+                    t0, seen0 = time.perf_counter(), s.seen
+                    self.save()
+            s.train_seconds += time.perf_counter() - t0
+            plan.end_period(s.loss_sum / max(s.counted, 1), s.correct / max(s.counted, 1))
+            s.step_in_epoch, s.loss_sum, s.correct, s.counted, s.seen = 0, 0.0, 0, 0, 0
+            self.save()
+        self.display.close()
+
+    # ---- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, split: str, threshold: float = 0.5) -> dict[str, float]:
+        """The task's metrics on a whole split, in the precision inference uses."""
+        x, y = self.data.split(split)
+        return evaluate(self.model, self.kind, self.kind.eval_batches(x, y, self.plan.eval_size), device=self.device,
+                        precision=self.inference, threshold=threshold)
+
+    def outputs(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.split(split)
+        return model_outputs(self.model, x, self.kind.to_input, batch_size=self.t.eval_batch_size,
+                             device=self.device, precision=self.inference), y
+
+
+def class_weights(setting: str | list[float], train_y: torch.Tensor, kind: DataKind) -> torch.Tensor:
+    """Per-class loss weights: as given, or ``auto``: inverse class frequency in the training split (mean 1)."""
+    classes = len(kind.class_names)
+    if setting == "auto":
+        counts = torch.bincount(train_y, minlength=classes).to(torch.float32)
+        return torch.where(counts > 0, len(train_y) / (classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    if len(setting) != classes:
+        raise ConfigError(f"train.class_weights has {len(setting)} weights but the data set has {classes} classes "
+                          f"({', '.join(kind.class_names)})")
+    return torch.tensor(setting, dtype=torch.float32)
