@@ -111,6 +111,15 @@ def test_preprocessing_saved_and_reapplied_identically(table_csv: Path, tmp_path
 # ---- malformed input ----------------------------------------------------------------------------------
 
 
+def test_quoted_fields_keep_line_breaks_and_the_delimiter_is_sniffed(tmp_path: Path) -> None:
+    """A quoted value may hold line breaks and the delimiter; rows are then named by their first line."""
+    path = tmp_path / "notes.csv"
+    path.write_bytes(b'id;note;score\r\n1;"first line\r\nsecond; line";3.5\r\n2;plain;4\r\n3;"said ""hi""";5\r\n')
+    table = read_table(path)
+    assert table.columns["note"] == ["first line\r\nsecond; line", "plain", 'said "hi"']
+    assert table.columns["score"] == ["3.5", "4", "5"] and table.where == ["line 3", "line 4", "line 5"]
+
+
 def test_ragged_row_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text("a,b,target\n1,2,x\n3,4,y,extra\n5,6,x\n")
