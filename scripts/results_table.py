@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -40,9 +41,17 @@ class ResultsError(Exception):
 class Benchmark:
     script: str
     defaults: dict  # the script's argparse defaults: options at these are left out of the command
-    not_variant: frozenset  # options that size or place the sample, so do not split rows
+    not_variant: frozenset  # options that only size or place the sample; any other option, new ones too, splits rows
     options: Callable[[dict], dict]  # the run's options from its JSON, named as the script's flags
     cells: Callable[[dict, dict], tuple[str, str, str]]  # (what was measured, result, conditions)
+
+
+class Result(NamedTuple):
+    stamp: str  # the UTC time in the file's name: YYYYMMDDTHHMMSSZ, so it sorts as text
+    path: Path
+    options: dict
+    variant: dict
+    data: dict
 
 
 # ---- formatting --------------------------------------------------------------------------------
@@ -104,18 +113,17 @@ def mnist_speed_cells(data: dict, options: dict) -> tuple[str, str, str]:
               + "".join(f"; kiln **{r:.2f}x** faster than {SYSTEMS.get(s, s)}" for s, r in data["kiln_speedup"].items())
               + "; median test accuracy "
               + " / ".join(pct(v["test_accuracy_median"]) for v in summary.values()))
-    kiln = results.get("kiln", [])
+    kiln, inference = results.get("kiln", []), summary.get("kiln", {}).get("inference", {})
     if kiln and "train_flop_per_sample" in kiln[0]:  # recorded since the FLOP count was added
         achieved = [kiln[0]["train_flop_per_sample"] * r["train_samples"] * options["epochs"] / r["train_seconds"] / 1e9
                     for r in kiln]
         peak = statistics.median(a / r["peak_gflops"] for a, r in zip(achieved, kiln, strict=True))
-        inference = summary["kiln"]["inference"]
         result += (f"; kiln trains at {statistics.median(achieved):.1f} GFLOP/s, {peak * 100:.1f}% of the measured "
                    f"fp32 peak, predicts {inference['predict_samples_per_s']:,.0f} samples/s, batch-1 latency p50 "
                    f"{inference['batch1_latency_ms_p50']:.2f} ms")
     versions = {k: v for r in results.values() for k, v in r[0]["versions"].items()}
     conditions = f"{machine(data['hardware'])}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
-    conditions += f"; {threads(options['threads'], summary.get('kiln', {}).get('inference', {}).get('threads'))}"
+    conditions += f"; {threads(options['threads'], inference.get('threads'))}"
     if kiln and "precision" in kiln[0]:
         conditions += f"; kiln in {kiln[0]['precision'].split(' ')[0]}"
     return what, result, conditions
@@ -124,7 +132,7 @@ def mnist_speed_cells(data: dict, options: dict) -> tuple[str, str, str]:
 def time_to_accuracy_options(data: dict) -> dict:
     options = {k: v for k, v in data["args"].items() if k != "flops"}  # --flops: the driver's own worker call
     config = Path(options["config"])  # recorded absolute: from the repository root, as the command takes it
-    options["config"] = str(config.relative_to(config.parents[1]) if config.parent.name == "examples" else config)
+    options["config"] = str(Path("examples", config.name) if config.parent.name == "examples" else config)
     return options
 
 
@@ -226,8 +234,8 @@ def format_errors(path: Path, name: str):
         raise ResultsError(f"{path}: not a {name} result as this script reads it: {type(e).__name__}: {e}") from None
 
 
-def read(path: Path) -> tuple[str, str, dict, dict]:
-    """(benchmark name, time stamp, options, data) of one results file."""
+def read(path: Path) -> tuple[str, Result]:
+    """The benchmark name and the result of one file."""
     match = FILE_NAME.fullmatch(path.name)
     if not match:
         raise ResultsError(f"{path}: not named <benchmark>-<YYYYMMDDTHHMMSSZ>.json as the benchmarks write it")
@@ -239,40 +247,39 @@ def read(path: Path) -> tuple[str, str, dict, dict]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ResultsError(f"{path}: cannot be read as JSON: {e}") from None
     with format_errors(path, name):
-        return name, match["stamp"], BENCHMARKS[name].options(data), data
+        options = BENCHMARKS[name].options(data)
+    variant = {k: v for k, v in options.items() if k not in BENCHMARKS[name].not_variant}
+    return name, Result(match["stamp"], path, options, variant, data)
 
 
 def table(results: Path) -> str:
     paths = sorted(results.glob("*.json"))
     if not paths:
         raise ResultsError(f"{results}: no benchmark results (*.json) in it")
-    newest: dict[tuple[str, str], tuple] = {}
+    newest: dict[tuple[str, str], Result] = {}
     for path in paths:
-        name, stamp, options, data = read(path)
-        bench = BENCHMARKS[name]
-        variant = {k: v for k, v in options.items() if k not in bench.not_variant}
-        key = (name, json.dumps(variant, sort_keys=True))
-        if key not in newest or stamp > newest[key][0]:
-            newest[key] = (stamp, path, options, data, variant)
+        name, r = read(path)
+        key = (name, json.dumps(r.variant, sort_keys=True))
+        if key not in newest or r.stamp > newest[key].stamp:
+            newest[key] = r
 
     def order(key: tuple[str, str]) -> tuple:
         # benchmarks in a fixed order; within one, the variant with fewest options changed from the defaults first
-        name, _ = key
-        changed = sum(v != BENCHMARKS[name].defaults.get(k) for k, v in newest[key][4].items())
-        return list(BENCHMARKS).index(name), changed, key[1]
+        name, variant = key
+        changed = sum(v != BENCHMARKS[name].defaults.get(k) for k, v in newest[key].variant.items())
+        return list(BENCHMARKS).index(name), changed, variant
 
     lines = ["| benchmark | result | conditions | command |", "|---|---|---|---|"]
     for key in sorted(newest, key=order):
-        stamp, path, options, data, variant = newest[key]
-        bench = BENCHMARKS[key[0]]
-        with format_errors(path, key[0]):
-            what, result, conditions = bench.cells(data, options)
-        changed = flags(bench, variant)  # what sets this row apart from the benchmark's default one
+        r, bench = newest[key], BENCHMARKS[key[0]]
+        with format_errors(r.path, key[0]):
+            what, result, conditions = bench.cells(r.data, r.options)
+        changed = flags(bench, r.variant)  # what sets this row apart from the benchmark's default one
         if changed:
             what += f" (with `{' '.join(changed)}`)"
-        when = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
-        conditions = f"{when:%Y-%m-%d %H:%M} UTC ({path.name}); {conditions}"
-        cells = [what, result, conditions, f"`{' '.join(['python', bench.script, *flags(bench, options)])}`"]
+        when = datetime.strptime(r.stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        conditions = f"{when:%Y-%m-%d %H:%M} UTC ({r.path.name}); {conditions}"
+        cells = [what, result, conditions, f"`{' '.join(['python', bench.script, *flags(bench, r.options)])}`"]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -285,12 +292,12 @@ def with_table(readme: Path, text: str, rows: str) -> str:
     return f"{head}{BEGIN}\n{rows}{END}{rest.split(END, 1)[1]}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="only check that README.md's table is current")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="folder of result files")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    args = p.parse_args(argv)
+    args = p.parse_args()
     try:
         text = args.readme.read_text(encoding="utf-8")
         new = with_table(args.readme, text, table(args.results))
