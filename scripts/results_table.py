@@ -189,13 +189,15 @@ def serve_cells(data: dict, options: dict) -> tuple[str, str, str]:
     by = {(r["server"], r["concurrency"]): r for r in data["results"]}
     top, low, servers = max(options["concurrency"]), min(options["concurrency"]), options["servers"]
     s, env = data["settings"], data["environment"]
-    what = (f"`kiln serve` ({', '.join(x for x in servers if x != 'plain-fastapi')}) vs a plain FastAPI endpoint: "
+    kiln = [x for x in servers if x != "plain-fastapi"]
+    what = (f"`kiln serve` ({', '.join(kiln)}) vs a plain FastAPI endpoint: "
             f"{s['payload']}; {s['load_generator']}; {options['duration']:g} s per point")
     result = f"at concurrency {top}: " + ", ".join(
         f"{x} {by[x, top]['rps']:,.0f} req/s (p99 {by[x, top]['p99_ms']:.0f} ms)" for x in servers)
     plain = by.get(("plain-fastapi", top))
     if plain and plain["rps"]:
-        result += ": " + " / ".join(f"{by[x, top]['rps'] / plain['rps']:.1f}x" for x in servers if x != "plain-fastapi")
+        result += (f"; {' / '.join(kiln)} **" + " / ".join(f"{by[x, top]['rps'] / plain['rps']:.1f}x" for x in kiln)
+                   + "** the plain endpoint's req/s")
     result += (f"; at concurrency {low}, p50 " + " / ".join(f"{by[x, low]['p50_ms']:.2f}" for x in servers)
                + f" ms; {sum(r['errors'] for r in data['results'])} errors")
     conditions = (f"{env['cpu']}, {env['cores']} cores, Python {env['python']}; torch {env['torch']}, onnxruntime "
