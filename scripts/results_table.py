@@ -189,12 +189,11 @@ def serve_cells(data: dict, options: dict) -> tuple[str, str, str]:
     by = {(r["server"], r["concurrency"]): r for r in data["results"]}
     top, low, servers = max(options["concurrency"]), min(options["concurrency"]), options["servers"]
     s, env = data["settings"], data["environment"]
-    kiln = [x for x in servers if x != "plain-fastapi"]
-    what = (f"`kiln serve` ({', '.join(kiln)}) vs a plain FastAPI endpoint: "
+    kiln, plain = [x for x in servers if x != "plain-fastapi"], by.get(("plain-fastapi", top))
+    what = (f"`kiln serve` ({', '.join(kiln)})" + (" vs a plain FastAPI endpoint" if plain else "") + ": "
             f"{s['payload']}; {s['load_generator']}; {options['duration']:g} s per point")
     result = f"at concurrency {top}: " + ", ".join(
         f"{x} {by[x, top]['rps']:,.0f} req/s (p99 {by[x, top]['p99_ms']:.0f} ms)" for x in servers)
-    plain = by.get(("plain-fastapi", top))
     if plain and plain["rps"]:
         result += (f"; {' / '.join(kiln)} **" + " / ".join(f"{by[x, top]['rps'] / plain['rps']:.1f}x" for x in kiln)
                    + "** the plain endpoint's req/s")
