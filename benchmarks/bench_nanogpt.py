@@ -293,8 +293,11 @@ def main() -> None:
     print("\nkiln sample (temperature 0.8, top-k 40, seed 1):\n" + results["kiln"][-1]["sample"])
     out = HERE / "results" / f"nanogpt-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "compute_floor": floor,
-                               "results": results}, indent=2))
+    # args and hardware: the options and machine printed above, for scripts/results_table.py's row and command
+    hardware = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                "python": platform.python_version()}
+    out.write_text(json.dumps({"args": vars(args), "hardware": hardware, "threads": args.threads,
+                               "torch": torch.__version__, "compute_floor": floor, "results": results}, indent=2))
     print(f"\nwrote {out}")
 
 

@@ -1,0 +1,321 @@
+"""README.md's results table, made from the benchmark results in benchmarks/results/*.json.
+
+Each file there is one benchmark run, named <benchmark>-<UTC time>.json by the benchmark that wrote it; the
+files are the history and are never edited. The table has one row per benchmark and variant, from the newest
+file of that variant (by the time in its name). A variant is a benchmark's recorded options except those that
+only size or place the sample: how many repetitions or seeds, which systems or servers ran beside kiln, the
+seconds per load point, the run directory served. So rerunning `bench_mnist_speed.py --reps 5` replaces the
+`--reps 3` row, while `--threads 1` or a `--set` override keeps a row of its own.
+
+    python scripts/results_table.py            # rewrite the table between the markers in README.md
+    python scripts/results_table.py --check    # exit 1 if README.md's table is not what this would write
+
+Standard library only (no torch, no kiln), so it runs in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+FILE_NAME = re.compile(r"(?P<benchmark>[a-z0-9_]+)-(?P<stamp>\d{8}T\d{6}Z)\.json")
+SYSTEMS = {"kiln": "kiln", "kiln-fp32": "kiln fp32", "eager": "eager PyTorch", "keras": "Keras 3"}
+
+
+class ResultsError(Exception):
+    """A results file or README the table cannot be made from; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    script: str
+    defaults: dict  # the script's argparse defaults: options at these are left out of the command
+    not_variant: frozenset  # options that only size or place the sample; any other option, new ones too, splits rows
+    options: Callable[[dict], dict]  # the run's options from its JSON, named as the script's flags
+    cells: Callable[[dict, dict], tuple[str, str, str]]  # (what was measured, result, conditions)
+
+
+class Result(NamedTuple):
+    stamp: str  # the UTC time in the file's name: YYYYMMDDTHHMMSSZ, so it sorts as text
+    path: Path
+    options: dict
+    variant: dict
+    data: dict
+
+
+# ---- formatting --------------------------------------------------------------------------------
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """Median, with min-max when there is more than one value."""
+    med = f"{statistics.median(values):.{digits}f}"
+    return med if len(values) == 1 else f"{med} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def pct(fraction: float) -> str:
+    return f"{fraction * 100:.2f}%"
+
+
+def machine(hw: dict | None) -> str:
+    if not hw:
+        return "CPU not recorded"
+    return f"{hw.get('cpu') or hw['machine']}, {hw['cores']} cores, Python {hw['python']}"
+
+
+def threads(n: int | None, actual: int | None = None) -> str:
+    if n:
+        return plural(n, "thread")
+    return "default threads" + (f" ({actual})" if actual else "")
+
+
+def flags(benchmark: Benchmark, options: dict) -> list[str]:
+    """The command-line words that give these options, leaving out those at the script's defaults."""
+    words = []
+    for name, value in options.items():
+        if value in (None, [], False) or value == benchmark.defaults.get(name):
+            continue
+        if name == "overrides":  # recorded as a list, given as one --set per override
+            words += [f"--set {o}" for o in value]
+            continue
+        values = value if isinstance(value, list) else [value]
+        words += [f"--{name.replace('_', '-')}", *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)]
+    return words
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# ---- the benchmarks' formats -------------------------------------------------------------------
+
+def mnist_speed_options(data: dict) -> dict:
+    # --worker, --data and --seed are the driver's arguments to its worker processes, not the user's
+    return {k: v for k, v in data["args"].items() if k not in ("worker", "data", "seed")}
+
+
+def mnist_speed_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    summary, results = data["summary"], data["results"]
+    labels = [SYSTEMS.get(s, s) for s in summary]
+    what = (f"seed_hybrid training on MNIST, {plural(options['epochs'], 'epoch')}, batch 64, Adam 1e-3: "
+            + " vs ".join(labels))
+    result = (f"seconds per epoch, median (min-max) of {plural(options['reps'], 'seed')}: "
+              + ", ".join(f"{SYSTEMS.get(s, s)} {spread(v['seconds_per_epoch'])}" for s, v in summary.items())
+              + "".join(f"; kiln **{r:.2f}x** faster than {SYSTEMS.get(s, s)}" for s, r in data["kiln_speedup"].items())
+              + "; median test accuracy "
+              + " / ".join(pct(v["test_accuracy_median"]) for v in summary.values()))
+    kiln, inference = results.get("kiln", []), summary.get("kiln", {}).get("inference", {})
+    if kiln and "train_flop_per_sample" in kiln[0]:  # recorded since the FLOP count was added
+        achieved = [kiln[0]["train_flop_per_sample"] * r["train_samples"] * options["epochs"] / r["train_seconds"] / 1e9
+                    for r in kiln]
+        peak = statistics.median(a / r["peak_gflops"] for a, r in zip(achieved, kiln, strict=True))
+        result += (f"; kiln trains at {statistics.median(achieved):.1f} GFLOP/s, {peak * 100:.1f}% of the measured "
+                   f"fp32 peak, predicts {inference['predict_samples_per_s']:,.0f} samples/s, batch-1 latency p50 "
+                   f"{inference['batch1_latency_ms_p50']:.2f} ms")
+    versions = {k: v for r in results.values() for k, v in r[0]["versions"].items()}
+    conditions = f"{machine(data['hardware'])}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
+    conditions += f"; {threads(options['threads'], inference.get('threads'))}"
+    if kiln and "precision" in kiln[0]:
+        conditions += f"; kiln in {kiln[0]['precision'].split(' ')[0]}"
+    return what, result, conditions
+
+
+def time_to_accuracy_options(data: dict) -> dict:
+    options = {k: v for k, v in data["args"].items() if k != "flops"}  # --flops: the driver's own worker call
+    config = Path(options["config"])  # recorded absolute: from the repository root, as the command takes it
+    options["config"] = str(Path("examples", config.name) if config.parent.name == "examples" else config)
+    return options
+
+
+def time_to_accuracy_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    runs, flops = data["runs"], data["flops"]
+    walls = [r["wall_seconds"] for r in runs]
+    gflops = statistics.median(flops["train_flop_per_sample"] * flops["samples_trained"] / r["train_seconds"] / 1e9
+                               for r in runs)
+    what = (f"`kiln train {options['config']}`: wall time from start to printed test accuracy (imports, data, "
+            f"training, evaluation); goal {options['target'] * 100:g}% in {options['budget']:g} s")
+    result = (f"**{data['hits']} of {len(runs)} seeds** reached the goal; test accuracy "
+              f"{spread([r['test_accuracy'] * 100 for r in runs])}%; wall {spread(walls, 1)} s, of which the "
+              f"training loop {spread([r['train_seconds'] for r in runs], 1)} s; the loop at {gflops:.1f} GFLOP/s, "
+              f"{gflops / flops['peak_gflops'] * 100:.1f}% of the measured fp32 peak")
+    conditions = (f"{machine(data['hardware'])}; torch {flops['torch']}, kiln {flops['kiln']}; "
+                  f"{threads(None, flops['threads'])}")
+    return what, result, conditions
+
+
+def nanogpt_options(data: dict) -> dict:
+    # Files written before the options were recorded hold only the thread count; they ran the default seed.
+    options = data.get("args", {"threads": data["threads"]})
+    return {"reps": len(data["results"]["kiln"]),
+            **{k: v for k, v in options.items() if k not in ("reps", "worker", "floor")}}
+
+
+def nanogpt_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    results = data["results"]
+    loss = {name: [r["val_loss"] for r in rs] for name, rs in results.items()}
+    secs = {name: [r["loop_seconds"] for r in rs] for name, rs in results.items()}
+    what = ("nanoGPT's CPU configuration (Tiny Shakespeare, characters, 2000 steps): kiln "
+            "(`examples/shakespeare_char.yaml`) vs a plain nanoGPT-style PyTorch loop")
+    result = (f"val loss, median (min-max) of {plural(options['reps'], 'run')}: kiln {spread(loss['kiln'], 3)}, plain "
+              f"{spread(loss['plain'], 3)}; training loop kiln {spread(secs['kiln'], 1)} s, plain "
+              f"{spread(secs['plain'], 1)} s: plain / kiln "
+              f"{statistics.median(secs['plain']) / statistics.median(secs['kiln']):.2f}x")
+    floor = data.get("compute_floor")  # recorded since the floor was measured
+    if floor:
+        result += (f"; compute floor {floor['tflop']:.2f} TFLOP, at least {floor['floor_seconds']:.0f} s at the best "
+                   f"fp32 matmul rate ({max(floor['fp32_gflops'].values()):.0f} GFLOP/s)")
+    conditions = (f"{machine(data.get('hardware'))}; torch {data['torch']}; "
+                  f"{threads(options['threads'], results['kiln'][0]['threads'])}")
+    return what, result, conditions
+
+
+def serve_options(data: dict) -> dict:
+    s = data["settings"]
+    return {"run": s["run"], "duration": s["duration_s"], "warmup": s["warmup_s"], "concurrency": s["concurrency"],
+            "servers": list(dict.fromkeys(r["server"] for r in data["results"])), "max_batch": s["max_batch"],
+            "max_wait_ms": s["max_wait_ms"]}
+
+
+def serve_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    by = {(r["server"], r["concurrency"]): r for r in data["results"]}
+    top, low, servers = max(options["concurrency"]), min(options["concurrency"]), options["servers"]
+    s, env = data["settings"], data["environment"]
+    kiln, plain = [x for x in servers if x != "plain-fastapi"], by.get(("plain-fastapi", top))
+    what = (f"`kiln serve` ({', '.join(kiln)})" + (" vs a plain FastAPI endpoint" if plain else "") + ": "
+            f"{s['payload']}; {s['load_generator']}; {options['duration']:g} s per point")
+    result = f"at concurrency {top}: " + ", ".join(
+        f"{x} {by[x, top]['rps']:,.0f} req/s (p99 {by[x, top]['p99_ms']:.0f} ms)" for x in servers)
+    if plain and plain["rps"]:
+        result += (f"; {' / '.join(kiln)} **" + " / ".join(f"{by[x, top]['rps'] / plain['rps']:.1f}x" for x in kiln)
+                   + "** the plain endpoint's req/s")
+    result += (f"; at concurrency {low}, p50 " + " / ".join(f"{by[x, low]['p50_ms']:.2f}" for x in servers)
+               + f" ms; {sum(r['errors'] for r in data['results'])} errors")
+    conditions = (f"{env['cpu']}, {env['cores']} cores, Python {env['python']}; torch {env['torch']}, onnxruntime "
+                  f"{env['onnxruntime']}, FastAPI {env['fastapi']}, uvicorn {env['uvicorn']}, kiln {env['kiln']}; "
+                  f"load average {env['load_average_at_start'][0]:.1f} at start")
+    return what, result, conditions
+
+
+BENCHMARKS = {
+    "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
+                             {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None},
+                             frozenset({"reps", "systems"}), mnist_speed_options, mnist_speed_cells),
+    "time_to_accuracy": Benchmark("benchmarks/bench_time_to_accuracy.py",
+                                  {"config": "examples/mnist_seed_99_fast.yaml", "seeds": [0, 1, 2], "target": 0.99,
+                                   "budget": 30.0, "overrides": []},
+                                  frozenset({"seeds"}), time_to_accuracy_options, time_to_accuracy_cells),
+    "nanogpt": Benchmark("benchmarks/bench_nanogpt.py", {"reps": 2, "threads": None, "seed": 1337},
+                         frozenset({"reps", "seed"}), nanogpt_options, nanogpt_cells),
+    "serve": Benchmark("benchmarks/bench_serve.py",
+                       {"run": None, "duration": 20.0, "warmup": 2.0, "concurrency": [1, 8, 64],
+                        "servers": ["kiln-torch", "kiln-onnx", "plain-fastapi"], "max_batch": 64, "max_wait_ms": 2.0},
+                       frozenset({"run", "duration", "warmup", "concurrency", "servers"}), serve_options, serve_cells),
+}
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+@contextmanager
+def format_errors(path: Path, name: str):
+    """A file that lacks a field, or holds one of another type, is named in the error, not in a traceback."""
+    try:
+        yield
+    except KeyError as e:
+        raise ResultsError(f"{path}: not a {name} result as this script reads it: missing field {e}") from None
+    except (IndexError, TypeError, ValueError, AttributeError) as e:
+        raise ResultsError(f"{path}: not a {name} result as this script reads it: {type(e).__name__}: {e}") from None
+
+
+def read(path: Path) -> tuple[str, Result]:
+    """The benchmark name and the result of one file."""
+    match = FILE_NAME.fullmatch(path.name)
+    if not match:
+        raise ResultsError(f"{path}: not named <benchmark>-<YYYYMMDDTHHMMSSZ>.json as the benchmarks write it")
+    name = match["benchmark"]
+    if name not in BENCHMARKS:
+        raise ResultsError(f"{path}: unknown benchmark {name!r}; this script reads {', '.join(BENCHMARKS)}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResultsError(f"{path}: cannot be read as JSON: {e}") from None
+    with format_errors(path, name):
+        options = BENCHMARKS[name].options(data)
+    variant = {k: v for k, v in options.items() if k not in BENCHMARKS[name].not_variant}
+    return name, Result(match["stamp"], path, options, variant, data)
+
+
+def table(results: Path) -> str:
+    paths = sorted(results.glob("*.json"))
+    if not paths:
+        raise ResultsError(f"{results}: no benchmark results (*.json) in it")
+    newest: dict[tuple[str, str], Result] = {}
+    for path in paths:
+        name, r = read(path)
+        key = (name, json.dumps(r.variant, sort_keys=True))
+        if key not in newest or r.stamp > newest[key].stamp:
+            newest[key] = r
+
+    def order(key: tuple[str, str]) -> tuple:
+        # benchmarks in a fixed order; within one, the variant with fewest options changed from the defaults first
+        name, variant = key
+        changed = sum(v != BENCHMARKS[name].defaults.get(k) for k, v in newest[key].variant.items())
+        return list(BENCHMARKS).index(name), changed, variant
+
+    lines = ["| benchmark | result | conditions | command |", "|---|---|---|---|"]
+    for key in sorted(newest, key=order):
+        r, bench = newest[key], BENCHMARKS[key[0]]
+        with format_errors(r.path, key[0]):
+            what, result, conditions = bench.cells(r.data, r.options)
+        changed = flags(bench, r.variant)  # what sets this row apart from the benchmark's default one
+        if changed:
+            what += f" (with `{' '.join(changed)}`)"
+        when = datetime.strptime(r.stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+        conditions = f"{when:%Y-%m-%d %H:%M} UTC ({r.path.name}); {conditions}"
+        cells = [what, result, conditions, f"`{' '.join(['python', bench.script, *flags(bench, r.options)])}`"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def with_table(readme: Path, text: str, rows: str) -> str:
+    """README's text with the part between the markers replaced by the table."""
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ResultsError(f"{readme}: needs one line {BEGIN} and, after it, one line {END} around the results table")
+    head, rest = text.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{rows}{END}{rest.split(END, 1)[1]}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="only check that README.md's table is current")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="folder of result files")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = p.parse_args()
+    try:
+        text = args.readme.read_text(encoding="utf-8")
+        new = with_table(args.readme, text, table(args.results))
+    except (OSError, ResultsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{args.readme}: the results table is not the one {args.results} gives; "
+                  "run `python scripts/results_table.py` and commit README.md", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        args.readme.write_text(new, encoding="utf-8")
+        print(f"wrote the results table into {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
