@@ -39,14 +39,24 @@ def _checkpoint_step(path: Path) -> int | None:
         return None
 
 
-def test_kill_mid_epoch_then_resume_matches_uninterrupted(mnist_root, tmp_path):
-    config = _config(tmp_path)
-    reference = kiln.train(config, out=tmp_path / "reference", live=False)
+def _lm_config(tmp_path: Path) -> Path:
+    """A tiny language model with dropout (its random stream must resume exactly) on a small corpus."""
+    from test_text import CORPUS, lm_config
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", str(config), "--out", str(killed)],
+    (tmp_path / "corpus.txt").write_text(CORPUS)
+    cfg = lm_config(tmp_path / "corpus.txt", steps=80, checkpoint_every=10, log_every=5, eval_every=20,
+                    grad_clip=1.0, schedule={"name": "cosine", "warmup": 0.1})
+    cfg["model"]["blocks"][2]["dropout"] = 0.1
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _kill_after_a_checkpoint(config: Path, out: Path) -> int:
+    """`kiln train` in a subprocess, killed with SIGKILL as soon as its first checkpoint is on disk; its step."""
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", str(config), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
-    last = killed / "checkpoints" / "last.safetensors"
+    last = out / "checkpoints" / "last.safetensors"
     deadline = time.monotonic() + 120
     try:
         while _checkpoint_step(last) is None:
@@ -57,22 +67,42 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(mnist_root, tmp_path):
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    step = _checkpoint_step(last)
-    epoch_steps = (85, 43)  # ceil(2700 / 32), then ceil(1350 / 32)
-    assert 0 < step < sum(epoch_steps) and step != epoch_steps[0], "must resume from mid-epoch"
-    assert not (killed / "model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    return _checkpoint_step(last)
 
-    resumed = kiln.train(config, out=killed, resume=True, live=False)
 
+def _assert_same_run(resumed: kiln.Run, reference: kiln.Run, record_kind: str) -> None:
     ref_w = load_file(str(reference.path / "model.safetensors"))
     res_w = load_file(str(resumed.path / "model.safetensors"))
     assert ref_w.keys() == res_w.keys()
     for name in ref_w:
         assert (ref_w[name] == res_w[name]).all(), f"{name} differs after resume"
     assert resumed.metrics["test"] == reference.metrics["test"]
-    epochs = [r for r in resumed.dir.read_metrics() if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [1, 2], "metrics.jsonl must hold each epoch once"
-    assert epochs == [r for r in reference.dir.read_metrics() if r["kind"] == "epoch"]
+    records = [r for r in resumed.dir.read_metrics() if r["kind"] == record_kind]
+    assert records == [r for r in reference.dir.read_metrics() if r["kind"] == record_kind]
+
+
+def test_kill_mid_epoch_then_resume_matches_uninterrupted(mnist_root, tmp_path):
+    config = _config(tmp_path)
+    reference = kiln.train(config, out=tmp_path / "reference", live=False)
+    step = _kill_after_a_checkpoint(config, tmp_path / "killed")
+    epoch_steps = (85, 43)  # ceil(2700 / 32), then ceil(1350 / 32)
+    assert 0 < step < sum(epoch_steps) and step != epoch_steps[0], "must resume from mid-epoch"
+    resumed = kiln.train(config, out=tmp_path / "killed", resume=True, live=False)
+    _assert_same_run(resumed, reference, "epoch")
+    epochs = [r["epoch"] for r in resumed.dir.read_metrics() if r["kind"] == "epoch"]
+    assert epochs == [1, 2], "metrics.jsonl must hold each epoch once"
+
+
+def test_kill_a_language_model_then_resume_matches_uninterrupted(tmp_path):
+    """Step-based training resumes the same way: the same batches, dropout and schedule after the kill."""
+    config = _lm_config(tmp_path)
+    reference = kiln.train(config, out=tmp_path / "reference", live=False)
+    step = _kill_after_a_checkpoint(config, tmp_path / "killed")
+    assert 0 < step < 80
+    resumed = kiln.train(config, out=tmp_path / "killed", resume=True, live=False)
+    _assert_same_run(resumed, reference, "eval")
+    assert [r["step"] for r in resumed.dir.read_metrics() if r["kind"] == "eval"] == [0, 20, 40, 60, 80]
 
 
 def test_resume_refuses_a_changed_config(mnist_root, tmp_path):
