@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,25 @@ SCHEMA_CASES = [
                  ["greater than or equal to 2"], id="hard-examples-from-epoch-1"),
     pytest.param(setting(train__hard_examples={"fraction": 0.5, "select": "easiest"}), "train.hard_examples.select",
                  ["'easiest'", "'hardest'", "'random'"], id="hard-examples-select"),
+    # numbers that make no sense (the hardening issue's corpus)
+    pytest.param(setting(seed=2**70), "seed", ["less than 4294967296"], id="seed-2**70"),
+    pytest.param(setting(train__optimizer__lr=float("inf")), "train.optimizer.lr", ["finite number"], id="lr-inf"),
+    pytest.param(setting(train__optimizer__lr=1e30), "train.optimizer.lr", ["less than or equal to 10"],
+                 id="lr-1e30"),
+    pytest.param(setting(model__blocks__0__filters=True), "model.blocks.0.filters", ["valid integer", "True"],
+                 id="filters-true"),
+    pytest.param(setting(model__blocks__3__units=64.0), "model.blocks.3.units", ["valid integer"],
+                 id="units-float"),
+    pytest.param(setting(model__blocks__3__units="64"), "model.blocks.3.units", ["valid integer", "'64'"],
+                 id="units-string"),
+    pytest.param(setting(data__augment__shift=1e30), "data.augment.shift", ["less than or equal to 1"],
+                 id="augment-shift-1e30"),
+    pytest.param(setting(data__augment__rotate=float("nan")), "data.augment.rotate", ["finite number"],
+                 id="augment-rotate-nan"),
+    pytest.param(setting(train__schedule__warmup=3), "train.schedule.warmup", ["less than or equal to 1"],
+                 id="warmup-3"),
+    pytest.param(setting(data__target="y"), "data.target", ["unknown key", "allowed keys"],
+                 id="a-field-of-another-kind"),
     # registry names and enumerations
     pytest.param(setting(train__optimizer__name="adamm"), "train.optimizer.name",
                  ["unknown optimizer 'adamm'", "did you mean 'adam'", "adamw", "sgd"], id="optimizer-typo"),
@@ -286,6 +306,40 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     assert_clear(message)
 
 
+def test_a_key_given_twice_is_refused_with_its_name_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(SEED_PATH.read_text() + "seed: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "the key 'seed' is given twice" in str(info.value) and f"{path}:" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["a: " + "[" * 50_000 + "]" * 50_000, "a:\n" + "".join(
+    "  " * i + "b:\n" for i in range(1, 3000))], ids=["lists-50000-deep", "mappings-3000-deep"])
+def test_yaml_nested_absurdly_deep_is_an_error_not_a_crash(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="nest"):
+        load_config(path)
+    assert time.perf_counter() - start < 10
+
+
+def test_alias_bombs_and_big_files_end_within_seconds(tmp_path: Path) -> None:
+    """A 1 MB string referred to 1,000 times (a YAML alias) once took minutes; a 10 MB config 46 s."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(SEED_PATH.read_text() + "x: &big " + "a" * 500_000 + "\ny: [" + ", ".join(["*big"] * 1000) + "]\n")
+    big = tmp_path / "big.yaml"
+    big.write_text(SEED_PATH.read_text() + "".join(f"k{i}: [1, 2, 3, 4, 5, 6, 7, 8]\n" for i in range(300_000)))
+    assert big.stat().st_size > 10_000_000
+    for path, fragment in ((bomb, "x: unknown key"), (big, "a config is a few kilobytes")):
+        start = time.perf_counter()
+        with pytest.raises(ConfigError) as info:
+            load_config(path, ["train.epochs=2"])
+        assert time.perf_counter() - start < 10
+        assert fragment in str(info.value) and len(str(info.value)) < 2000
+
+
 def test_config_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"\xff\xfe\x00\x81")
@@ -347,8 +401,9 @@ def test_set_values_are_yaml_scalars() -> None:
         "train.epochs": 3, "train.device": "cpu", "data.root": None, "train.optimizer.lr": 0.5,
         "data.download": False, "seed": 7,
     }
-    # YAML 1.1 reads 1e-4 (no dot) as a string; the schema still takes it as the number.
-    assert load_config(seed(), ["train.optimizer.lr=1e-4"]).train.optimizer.lr == pytest.approx(1e-4)
+    # YAML 1.1 reads 1e-4 (no dot) as a string; kiln's loader reads it as the number, as YAML 1.2 does.
+    assert parse_set(["train.optimizer.lr=1e-4"]) == {"train.optimizer.lr": 1e-4}
+    assert load_config(seed(), ["train.optimizer.lr=1e-4"]).train.optimizer.lr == 1e-4
 
 
 def test_set_with_a_bad_value_names_the_field() -> None:

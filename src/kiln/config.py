@@ -8,7 +8,9 @@ trains again as it is.
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -21,7 +23,7 @@ import kiln.training.optim  # noqa: F401  (fills the optimizer and schedule regi
 from kiln.errors import ConfigError
 from kiln.nn.base import BlockSpec
 from kiln.registry import BLOCKS, KINDS, OPTIMIZERS, SCHEDULES, did_you_mean
-from kiln.schema import StrictModel
+from kiln.schema import Pair, StrictModel
 from kiln.training.metrics import MONITORS
 
 BlockConfig = Annotated[Union[tuple(cls for _, cls in BLOCKS.items())], Field(discriminator="type")]  # noqa: UP007
@@ -29,6 +31,7 @@ BlockConfig = Annotated[Union[tuple(cls for _, cls in BLOCKS.items())], Field(di
 DataConfig = Annotated[Union[tuple(kind.Config for _, kind in KINDS.items())],  # noqa: UP007
                        Field(discriminator="dataset")]
 DEFAULT_DATASET = "mnist"
+MAX_CONFIG_BYTES = 2**20  # a config file is a few kilobytes; YAML parsing costs about 5 s per 10 MB here
 
 
 def _registered(registry, value: str) -> str:
@@ -44,11 +47,11 @@ class ModelConfig(StrictModel):
 
 class OptimizerConfig(StrictModel):
     name: str = "adam"
-    lr: PositiveFloat = 1e-3
+    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
     weight_decay: NonNegativeFloat = 0.0  # decoupled for adamw, L2-in-gradient for adam and sgd
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # sgd only
     nesterov: bool = False  # sgd only
-    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+    betas: Pair[float] = (0.9, 0.999)  # adam, adamw
 
     @field_validator("name")
     @classmethod
@@ -65,7 +68,7 @@ class OptimizerConfig(StrictModel):
 
 class ScheduleConfig(StrictModel):
     name: str = "constant"  # constant | cosine | onecycle
-    warmup: NonNegativeFloat = 0.0  # linear warm-up, as a fraction of all steps (onecycle default: 0.25)
+    warmup: float = Field(default=0.0, ge=0.0, le=1.0)  # linear warm-up, a fraction of all steps (onecycle: 0.25)
     final_lr_fraction: float = Field(default=0.0, ge=0.0, le=1.0)  # cosine/onecycle end, relative to lr
 
     @field_validator("name")
@@ -125,8 +128,8 @@ class TrainConfig(StrictModel):
 
 
 class Config(StrictModel):
-    name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$", max_length=200)
+    seed: int = Field(default=0, ge=0, lt=2**32)
     data: DataConfig = KINDS.get(DEFAULT_DATASET).Config()
     model: ModelConfig
     train: TrainConfig = TrainConfig()
@@ -165,6 +168,37 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, 
     return validate(raw, where)
 
 
+class ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where PyYAML has it
+    """Safe YAML (no Python objects) that refuses a key given twice in one mapping, and reads numbers the way
+    YAML 1.2 and people write them: ``1e-3`` is a float (PyYAML's YAML 1.1 rules read it as a string)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice in this mapping",
+                                                        key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+ConfigLoader.add_implicit_resolver(  # checked after YAML 1.1's own int and float forms
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+.0123456789"))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text to plain values with :class:`ConfigLoader`; a ConfigError naming the place when it is not YAML."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a safe loader: plain types only)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        raise ConfigError(f"{place}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config (sections go a few levels deep)") from None
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if path.is_dir():
         hint = (f" (to continue that run: kiln train {path / 'config.yaml'} --out {path} --resume)"
@@ -172,14 +206,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is a directory, not a config file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is {size / 2**20:.1f} MiB; a config is a few kilobytes (at most "
+                          f"{MAX_CONFIG_BYTES // 2**20} MiB): data belongs in the data files it names")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a UTF-8 text file") from None
+    raw = parse_yaml(text, str(path))
     if raw is None:
         raise ConfigError(f"{path} is empty; a config needs at least a model section")
     if not isinstance(raw, dict):
@@ -196,8 +231,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.epochs=3")
         try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
+            parsed = parse_yaml(value, f"--set {key.strip()}")
+        except ConfigError:
             parsed = value
         # YAML 1.1 reads yes/no/on/off as booleans; only true/false mean a boolean on the command line.
         if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
@@ -209,7 +244,10 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
     if isinstance(overrides, list):
         overrides = parse_set(overrides)
-    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy made of plain types
+    try:
+        raw = copy.deepcopy(raw)  # the caller's dict stays as it is; shared (YAML alias) values stay shared
+    except RecursionError:
+        raise ConfigError("the config is nested too deeply (sections go a few levels deep)") from None
     for dotted, value in overrides.items():
         parts = dotted.split(".")
         node: Any = raw
@@ -266,7 +304,8 @@ def _split_loc(loc: tuple) -> tuple[str, bool]:
 def _got(value: object) -> str:
     if isinstance(value, dict | list):
         return f" (got a {type(value).__name__})"
-    return f" (got {value!r})"
+    shown = repr(value)
+    return f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
 
 
 def format_errors(error: ValidationError, where: str) -> str:

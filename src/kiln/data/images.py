@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveInt
+from pydantic import Field, PositiveInt
 
 from kiln.data.image_inputs import ImageInputs
 from kiln.data.kind import DataKind, DataSpec
@@ -22,8 +22,8 @@ from kiln.schema import StrictModel
 class AugmentConfig(StrictModel):
     """Random per-sample affine transforms of training images, applied as batched tensor ops."""
 
-    shift: NonNegativeFloat = 0.0  # largest translation, as a fraction of the image size
-    rotate: NonNegativeFloat = 0.0  # largest rotation, degrees
+    shift: float = Field(default=0.0, ge=0.0, le=1.0)  # largest translation, as a fraction of the image size
+    rotate: float = Field(default=0.0, ge=0.0, le=180.0)  # largest rotation, degrees
     scale: float = Field(default=0.0, ge=0.0, lt=1.0)  # largest zoom in or out, as a fraction
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import ClassVar, Literal
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 from torch import nn
 
 from kiln.errors import ConfigError
 from kiln.nn.base import Activation, BlockSpec, Built, Shape, ShapeError, activation, expect
 from kiln.registry import BLOCKS
+from kiln.schema import PositivePair
 
 IMAGE_FIX = "image blocks must come before `flatten` or `rows_to_sequence`"
 
@@ -47,9 +48,9 @@ class Conv2d(BlockSpec):
 
     type: Literal["conv2d"] = "conv2d"
     filters: PositiveInt
-    kernel: PositiveInt | tuple[PositiveInt, PositiveInt] = 3
+    kernel: PositiveInt | PositivePair = 3
     stride: PositiveInt = 1
-    padding: Literal["valid", "same"] | int = Field(default="valid")
+    padding: Literal["valid", "same"] | NonNegativeInt = Field(default="valid")
     activation: Activation = "none"
     bias: bool = True
 
@@ -77,7 +78,7 @@ class Conv2d(BlockSpec):
 
 
 class _Pool(BlockSpec):
-    size: PositiveInt | tuple[PositiveInt, PositiveInt] = 2
+    size: PositiveInt | PositivePair = 2
     stride: PositiveInt | None = None  # default: the pool size (non-overlapping windows)
 
     example_input: ClassVar[Shape] = (2, 8, 8)
