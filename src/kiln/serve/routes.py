@@ -1,0 +1,34 @@
+"""The small routes: what the model is, liveness, readiness and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from kiln.serve.auth import check_key
+from kiln.serve.errors import ApiError, error_docs
+from kiln.serve.state import AppState
+
+
+def add_routes(app: FastAPI, state: AppState) -> None:
+    @app.get("/v1/model", summary="What the model is and takes", responses=error_docs(401))
+    async def model(request: Request) -> dict[str, Any]:
+        check_key(request, state.api_key)
+        return state.model_info
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="The model is loaded and warmed", responses=error_docs(503))
+    async def readyz() -> dict[str, str]:
+        if not state.ready:
+            raise ApiError(503, "not_ready", "the model is not loaded yet, or the server is shutting down")
+        return {"status": "ready"}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def prometheus() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
