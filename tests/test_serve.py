@@ -370,3 +370,21 @@ def test_cli_errors_are_one_line_exit_2(serve_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "--max-wait-ms" in capsys.readouterr().out
+
+
+def test_each_app_has_its_own_prometheus_registry(serve_run, client):
+    from prometheus_client import REGISTRY
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def predict_count(c) -> float:
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+        return sum(s.value for s in families["kiln_requests"].samples
+                   if s.name == "kiln_requests_total" and s.labels == {"code": "200", "route": "/v1/predict"})
+
+    before = predict_count(client)
+    with TestClient(create_app(serve_run)) as other:  # a second app in the same process
+        for _ in range(3):
+            assert other.post("/v1/predict", json={"instances": [{"pixels": GOOD}]}).status_code == 200
+        assert predict_count(other) == 3
+    assert predict_count(client) == before  # the other app's requests are not counted here
+    assert not any(m.name.startswith("kiln_") for m in REGISTRY.collect())  # nor in the global registry

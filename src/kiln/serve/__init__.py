@@ -11,6 +11,7 @@ from kiln.errors import KilnError
 
 try:
     import fastapi  # noqa: F401
+    import prometheus_client  # noqa: F401  (/metrics)
     import python_multipart  # noqa: F401  (image uploads)
     import uvicorn  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised by a test that hides the modules

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from kiln.serve.auth import check_key
 from kiln.serve.errors import ApiError, error_docs
+from kiln.serve.metrics import CONTENT_TYPE
 from kiln.serve.state import AppState
 
 
@@ -31,4 +32,4 @@ def add_routes(app: FastAPI, state: AppState) -> None:
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus() -> Response:
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
