@@ -189,6 +189,51 @@ def test_onnx_backend_matches_torch(tmp_path_factory, mnist_root):
     np.testing.assert_allclose(got, kiln.Run.load(run).predict(images).numpy(), atol=1e-5)
 
 
+def test_a_request_over_the_pixel_budget_is_refused(client):
+    """20 large PNGs in one 1.2 MB request once took 7.7 s to decode; a request's images may have
+    2 x 4096 x 4096 pixels in all, counted before each is decoded."""
+    big = png_bytes(np.zeros((4096, 4096, 3), dtype=np.uint8))  # 49 kB: flat images compress well
+    start = time.perf_counter()
+    resp = client.post("/v1/predict", files=[("files", (f"big{i}.png", big, "image/png")) for i in range(20)])
+    elapsed = time.perf_counter() - start
+    err = resp.json()["error"]
+    assert resp.status_code == 422 and err["code"] == "invalid_input", resp.text[:300]
+    assert err["details"][0]["loc"] == "files.2 (big2.png)" and "pixels in all" in err["message"]
+    assert elapsed < 5, f"{elapsed:.1f} s"  # two images decoded, not twenty
+    two = client.post("/v1/predict", files=[("files", (f"big{i}.png", big, "image/png")) for i in range(2)])
+    assert two.status_code == 200
+
+
+@pytest.mark.parametrize("form", ["files", "base64"])
+def test_image_decoding_does_not_hold_up_the_event_loop(client, monkeypatch, form):
+    import kiln.serve.inputs
+
+    fit_image = kiln.serve.inputs.fit_image
+    decoding = threading.Event()
+
+    def slow_fit_image(img, shape):  # stands for the decoding of large images: 1 s
+        decoding.set()
+        time.sleep(1.0)
+        return fit_image(img, shape)
+
+    monkeypatch.setattr(kiln.serve.inputs, "fit_image", slow_fit_image)
+    image = png_bytes(mnist_test_images(1)[0][0])
+    if form == "files":
+        request = {"files": [("files", ("d.png", image, "image/png"))]}
+    else:
+        request = {"json": {"instances": [{"image_base64": base64.b64encode(image).decode()}]}}
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(client.post("/v1/predict", **request)))
+    sender.start()
+    assert decoding.wait(timeout=30)
+    start = time.perf_counter()
+    assert client.get("/healthz").status_code == 200
+    waited = time.perf_counter() - start
+    sender.join(timeout=30)
+    assert answers[0].status_code == 200, answers[0].text[:300]
+    assert waited < 0.5, f"/healthz waited {waited:.2f} s for an image being decoded"
+
+
 class _SlowBackend:
     def __init__(self):
         self.batches = []
