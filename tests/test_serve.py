@@ -6,6 +6,8 @@ import asyncio
 import base64
 import importlib
 import io
+import logging
+import shutil
 import signal
 import sys
 import threading
@@ -187,6 +189,23 @@ def test_onnx_backend_matches_torch(tmp_path_factory, mnist_root):
         assert resp["model"]["backend"] == "onnx"
     got = np.array([[p["probabilities"][str(d)] for d in range(10)] for p in resp["predictions"]])
     np.testing.assert_allclose(got, kiln.Run.load(run).predict(images).numpy(), atol=1e-5)
+
+
+def test_a_model_giving_nan_is_a_server_fault_with_a_log_line(serve_run, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(serve_run, tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    weights["blocks.7.bias"][:] = float("nan")  # the output layer
+    save_file(weights, broken / "model.safetensors")
+    with TestClient(create_app(broken)) as c, caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        resp = c.post("/v1/predict", json={"instances": [{"pixels": GOOD}, {"pixels": GOOD}]})
+        metrics = c.get("/metrics").text
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "non_finite_output", resp.text
+    assert "instances.0" in resp.json()["error"]["message"]
+    assert 'kiln_request_errors_total{code="non_finite_output"} 1.0' in metrics
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("mnist_seed" in line and "not a finite number" in line and "500" in line for line in lines), lines
 
 
 def test_a_request_over_the_pixel_budget_is_refused(client):

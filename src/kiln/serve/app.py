@@ -56,7 +56,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
     install_error_handlers(app, state.metrics)
     app.add_api_route("/v1/predict", predict.answer, methods=["POST"], name="predict",
                       response_model=response_model(state.answers.prediction), summary=state.answers.summary,
-                      responses=error_docs(400, 401, 413, 415, 422, 503), openapi_extra={"requestBody": body})
+                      responses=error_docs(400, 401, 413, 415, 422, 500, 503), openapi_extra={"requestBody": body})
     add_routes(app, state)
     app.openapi = complete_openapi(app, defs, keyed=state.api_key is not None)  # type: ignore[method-assign]
     app.state.kiln = {"run": state.run, "settings": settings, "batcher": state.batcher, "metrics": state.metrics}

@@ -40,7 +40,7 @@ class BodyReader:
             files = await self._files(request, body)
             return await asyncio.to_thread(self.adapter.from_files, files)
         except BadInput as e:
-            raise bad_input(e) from None
+            raise ApiError(422, "invalid_input", str(e), [{"loc": e.where, "msg": e.message}]) from None
 
     async def _read(self, request: Request) -> bytes:
         limit = self.max_body_bytes
@@ -112,10 +112,6 @@ class BodyReader:
         if len(files) > self.max_instances:
             raise ApiError(422, "too_many_instances", f"{len(files)} files; at most {self.max_instances}")
         return files
-
-
-def bad_input(e: BadInput) -> ApiError:
-    return ApiError(422, "invalid_input", str(e), [{"loc": e.where, "msg": e.message}])
 
 
 def validation_details(e: ValidationError) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ class ErrorBody(BaseModel):
 _MEANINGS = {400: "malformed request (e.g. invalid JSON)", 401: "missing or wrong API key",
              404: "no such route", 413: "body over the size limit", 415: "unsupported content type",
              422: "well-formed but invalid input (shape, type, range, undecodable image, too many instances)",
+             500: "a server fault, e.g. the model gave a non-finite output",
              503: "not ready, or overloaded (retry later)"}
 
 

@@ -5,16 +5,20 @@ The middleware calls it directly, past FastAPI's routing (FastAPI only documents
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from kiln.serve.auth import check_key
 from kiln.serve.batcher import Overloaded
-from kiln.serve.body import JSON_TYPE, MULTIPART_TYPE, BodyReader, bad_input
+from kiln.serve.body import JSON_TYPE, MULTIPART_TYPE, BodyReader
 from kiln.serve.errors import ApiError, answer_error
-from kiln.serve.inputs import BadInput
+from kiln.serve.outputs import NotFinite
 from kiln.serve.state import AppState
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log, where `kiln serve` writes its lines
 
 
 class PredictRoute:
@@ -26,7 +30,10 @@ class PredictRoute:
         """The answer, errors included, as FastAPI's error handlers would give it."""
         try:
             return await self.answer(request)
-        except Exception as err:  # noqa: BLE001 - every failure is answered in the error model
+        except ApiError as err:
+            return answer_error(err, self.state.metrics)
+        except Exception as err:  # noqa: BLE001 - a server fault: logged, and answered in the error model
+            log.exception("kiln: POST /v1/predict failed")
             return answer_error(err, self.state.metrics)
 
     async def answer(self, request: Request) -> Response:
@@ -47,6 +54,8 @@ class PredictRoute:
                            headers={"Retry-After": "1"}) from None
         try:
             predictions = state.answers.answer(results)
-        except BadInput as e:
-            raise bad_input(e) from None
+        except NotFinite as e:
+            log.error("kiln: %s: %s; answered 500. The run's weights or model are broken: check them with "
+                      "`kiln evaluate`", state.model_ref["name"], e)
+            raise ApiError(500, "non_finite_output", f"{e}: a fault of the model, not of the request") from None
         return Response(orjson.dumps({"model": state.model_ref, "predictions": predictions}), media_type=JSON_TYPE)
