@@ -191,6 +191,14 @@ def test_onnx_backend_matches_torch(tmp_path_factory, mnist_root):
     np.testing.assert_allclose(got, kiln.Run.load(run).predict(images).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("key", ["schlüssel", "tab\tkey", " padded", "trailing "])
+def test_api_keys_that_headers_cannot_carry_are_refused_at_start(serve_run, monkeypatch, key):
+    """HTTP header values are latin-1 bytes without surrounding blanks: such a key could never be matched."""
+    monkeypatch.setenv("KILN_TEST_KEY", key)
+    with pytest.raises(kiln.KilnError, match="KILN_TEST_KEY.*printable ASCII"):
+        create_app(serve_run, api_key_env="KILN_TEST_KEY")
+
+
 def test_a_model_giving_nan_is_a_server_fault_with_a_log_line(serve_run, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 

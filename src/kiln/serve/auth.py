@@ -18,6 +18,10 @@ def api_key_from_env(name: str | None) -> str | None:
     key = os.environ.get(name)
     if not key:
         raise KilnError(f"--api-key-env {name}: that environment variable is unset or empty")
+    # Header values travel as latin-1 bytes and lose surrounding blanks: any other key could never be matched.
+    if not (key.isascii() and key.isprintable() and key == key.strip()):
+        raise KilnError(f"--api-key-env {name}: the key must be printable ASCII without leading or trailing "
+                        "spaces (HTTP header values cannot carry anything else reliably)")
     return key
 
 
