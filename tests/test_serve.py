@@ -174,7 +174,8 @@ def test_api_key(serve_run, monkeypatch):
         assert c.get("/v1/model", headers={"authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/v1/model").status_code == 401
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # probes stay open
-        assert "apiKey" in c.get("/openapi.json").json()["components"]["securitySchemes"]
+        spec = c.get("/openapi.json", headers={"x-api-key": "s3cret"}).json()
+        assert "apiKey" in spec["components"]["securitySchemes"]
     monkeypatch.delenv("KILN_TEST_KEY")
     with pytest.raises(kiln.KilnError, match="KILN_TEST_KEY"):
         create_app(serve_run, api_key_env="KILN_TEST_KEY")
@@ -189,6 +190,21 @@ def test_onnx_backend_matches_torch(tmp_path_factory, mnist_root):
         assert resp["model"]["backend"] == "onnx"
     got = np.array([[p["probabilities"][str(d)] for d in range(10)] for p in resp["predictions"]])
     np.testing.assert_allclose(got, kiln.Run.load(run).predict(images).numpy(), atol=1e-5)
+
+
+def test_with_a_key_metrics_and_the_api_document_need_it_too(serve_run, monkeypatch):
+    monkeypatch.setenv("KILN_TEST_KEY", "s3cret")
+    with TestClient(create_app(serve_run, api_key_env="KILN_TEST_KEY")) as c:
+        for path in ("/metrics", "/openapi.json", "/docs"):
+            refused = c.get(path)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized", path
+            assert c.get(path, headers={"authorization": "Bearer s3cret"}).status_code == 200, path
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        spec = c.get("/openapi.json", headers={"x-api-key": "s3cret"}).json()
+        assert spec["paths"]["/metrics"]["get"]["security"] == [{"apiKey": []}]
+        assert "security" not in spec["paths"]["/healthz"]["get"]
+    with TestClient(create_app(serve_run)) as c:  # without a key all of it is open
+        assert all(c.get(path).status_code == 200 for path in ("/metrics", "/openapi.json", "/docs"))
 
 
 @pytest.mark.parametrize("key", ["schlüssel", "tab\tkey", " padded", "trailing "])

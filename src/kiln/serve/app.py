@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from kiln.serve.body import BodyReader
 from kiln.serve.errors import error_docs, install_error_handlers
 from kiln.serve.middleware import Metered
-from kiln.serve.openapi import complete_openapi, predict_body, request_model, response_model
+from kiln.serve.openapi import add_document_routes, complete_openapi, predict_body, request_model, response_model
 from kiln.serve.predict import PredictRoute
 from kiln.serve.routes import add_routes
 from kiln.serve.settings import ServeSettings
@@ -51,13 +51,15 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
 
     info = state.model_info
     app = FastAPI(title=f"kiln: {info['name']}", version=info["version"], lifespan=lifespan,
-                  description=f"Predictions of the kiln run `{info['name']}` ({info['dataset']}, {info['task']}).")
+                  description=f"Predictions of the kiln run `{info['name']}` ({info['dataset']}, {info['task']}).",
+                  openapi_url=None, docs_url=None, redoc_url=None)  # served by add_document_routes instead
     app.add_middleware(Metered, metrics=state.metrics, direct={("POST", "/v1/predict"): predict})
     install_error_handlers(app, state.metrics)
     app.add_api_route("/v1/predict", predict.answer, methods=["POST"], name="predict",
                       response_model=response_model(state.answers.prediction), summary=state.answers.summary,
                       responses=error_docs(400, 401, 413, 415, 422, 500, 503), openapi_extra={"requestBody": body})
     add_routes(app, state)
+    add_document_routes(app, state.api_key)
     app.openapi = complete_openapi(app, defs, keyed=state.api_key is not None)  # type: ignore[method-assign]
     app.state.kiln = {"run": state.run, "settings": settings, "batcher": state.batcher, "metrics": state.metrics}
     return app

@@ -1,17 +1,20 @@
 """The OpenAPI document, made from the run: the request schema of its inputs, the answer of its task,
-the error bodies, and the API key where one is required."""
+the error bodies, and the API key where one is required; served at ``/openapi.json`` and ``/docs``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from kiln.serve.auth import check_key
 from kiln.serve.body import JSON_TYPE, MULTIPART_TYPE
 
-KEY_ROUTES = ("/v1/predict", "/v1/model")  # the documented routes that need the key when one is set
+KEY_ROUTES = ("/v1/predict", "/v1/model", "/metrics")  # the documented routes that need the key when one is set
 
 
 class ModelRef(BaseModel):
@@ -65,3 +68,19 @@ def complete_openapi(app: FastAPI, defs: dict[str, Any], keyed: bool) -> Callabl
         return app.openapi_schema or schema
 
     return openapi
+
+
+def add_document_routes(app: FastAPI, key: str | None) -> None:
+    """``/openapi.json`` and ``/docs`` (Swagger UI), which need the key when one is set: the document tells
+    the model's inputs (a table's columns) to whoever reads it. Create the app with ``openapi_url=None`` and
+    ``docs_url=None`` so that these replace FastAPI's own, which nothing guards."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def document(request: Request) -> JSONResponse:
+        check_key(request, key)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        check_key(request, key)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")

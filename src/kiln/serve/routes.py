@@ -1,4 +1,7 @@
-"""The small routes: what the model is, liveness, readiness and metrics."""
+"""The small routes: what the model is, liveness, readiness and metrics.
+
+Only the probes (``/healthz``, ``/readyz``) are open when an API key is set: metrics tell the traffic and
+the model's name and version to whoever reads them, and Prometheus sends the key as a Bearer token."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def add_routes(app: FastAPI, state: AppState) -> None:
         return {"status": "ready"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def prometheus() -> Response:
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **error_docs(401)})
+    async def prometheus(request: Request) -> Response:
+        check_key(request, state.api_key)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
