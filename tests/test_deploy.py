@@ -124,3 +124,46 @@ def test_every_kind_of_run_serves_from_its_deploy_folder_alone(which, request, t
             assert resp.status_code == 200, resp.text[:300]
             answers.append(resp.json()["predictions"])
     assert answers[0] == answers[1]
+
+
+def test_api_key_comes_from_a_kubernetes_secret_and_guards_all_but_the_probes(serve_run, tmp_path, capsys):
+    image, k8s = tmp_path / "image", tmp_path / "k8s"
+    assert main(["deploy", str(serve_run), "--docker", str(image), "--k8s", str(k8s),
+                 "--api-key-env", "KILN_API_KEY"]) == 0
+    assert "kubectl create secret generic mnist-seed-api-key --from-literal=api-key=" in capsys.readouterr().out
+    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert c["env"] == [{"name": "KILN_API_KEY",
+                         "valueFrom": {"secretKeyRef": {"name": "mnist-seed-api-key", "key": "api-key"}}}]
+    assert c["args"] == ["--api-key-env", "KILN_API_KEY"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # What the pod runs: the image's command with the Deployment's arguments, the Secret's key in the variable.
+    text = (image / "Dockerfile").read_text()
+    entrypoint = json.loads(next(line for line in text.splitlines() if line.startswith("ENTRYPOINT"))[11:])
+    assert entrypoint[-2:] == ["--api-key-env", "KILN_API_KEY"]
+    port = free_port()
+    args = entrypoint[1:] + c["args"]
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--host") + 1] = "127.0.0.1"
+    server = Server(serve_run, command=[sys.executable, "-m", "kiln", *args], cwd=image, env={"KILN_API_KEY": "k3y"})
+    server.port, server.url = port, f"http://127.0.0.1:{port}"
+    key = {"authorization": "Bearer k3y"}
+    try:
+        server.wait_ready()
+        for path in ("/healthz", "/readyz"):
+            assert httpx.get(server.url + path).status_code == 200, path
+        for path in ("/metrics", "/openapi.json", "/docs", "/v1/model"):
+            assert httpx.get(server.url + path).status_code == 401, path
+            assert httpx.get(server.url + path, headers=key).status_code == 200, path
+        body = {"instances": [{"pixels": [[0] * 28] * 28}]}
+        assert httpx.post(server.url + "/v1/predict", json=body).status_code == 401
+        assert httpx.post(server.url + "/v1/predict", json=body, headers=key).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_deploy_refuses_an_api_key_variable_that_is_no_variable_name(serve_run, tmp_path, capsys):
+    assert main(["deploy", str(serve_run), "--k8s", str(tmp_path / "k8s"), "--api-key-env", "MY-KEY"]) == 2
+    assert "not an environment variable name" in capsys.readouterr().err
+    assert not (tmp_path / "k8s").exists()

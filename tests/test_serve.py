@@ -6,6 +6,8 @@ import asyncio
 import base64
 import importlib
 import io
+import logging
+import shutil
 import signal
 import sys
 import threading
@@ -172,7 +174,8 @@ def test_api_key(serve_run, monkeypatch):
         assert c.get("/v1/model", headers={"authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/v1/model").status_code == 401
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # probes stay open
-        assert "apiKey" in c.get("/openapi.json").json()["components"]["securitySchemes"]
+        spec = c.get("/openapi.json", headers={"x-api-key": "s3cret"}).json()
+        assert "apiKey" in spec["components"]["securitySchemes"]
     monkeypatch.delenv("KILN_TEST_KEY")
     with pytest.raises(kiln.KilnError, match="KILN_TEST_KEY"):
         create_app(serve_run, api_key_env="KILN_TEST_KEY")
@@ -187,6 +190,91 @@ def test_onnx_backend_matches_torch(tmp_path_factory, mnist_root):
         assert resp["model"]["backend"] == "onnx"
     got = np.array([[p["probabilities"][str(d)] for d in range(10)] for p in resp["predictions"]])
     np.testing.assert_allclose(got, kiln.Run.load(run).predict(images).numpy(), atol=1e-5)
+
+
+def test_with_a_key_metrics_and_the_api_document_need_it_too(serve_run, monkeypatch):
+    monkeypatch.setenv("KILN_TEST_KEY", "s3cret")
+    with TestClient(create_app(serve_run, api_key_env="KILN_TEST_KEY")) as c:
+        for path in ("/metrics", "/openapi.json", "/docs"):
+            refused = c.get(path)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized", path
+            assert c.get(path, headers={"authorization": "Bearer s3cret"}).status_code == 200, path
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+        spec = c.get("/openapi.json", headers={"x-api-key": "s3cret"}).json()
+        assert spec["paths"]["/metrics"]["get"]["security"] == [{"apiKey": []}]
+        assert "security" not in spec["paths"]["/healthz"]["get"]
+    with TestClient(create_app(serve_run)) as c:  # without a key all of it is open
+        assert all(c.get(path).status_code == 200 for path in ("/metrics", "/openapi.json", "/docs"))
+
+
+@pytest.mark.parametrize("key", ["schlüssel", "tab\tkey", " padded", "trailing "])
+def test_api_keys_that_headers_cannot_carry_are_refused_at_start(serve_run, monkeypatch, key):
+    """HTTP header values are latin-1 bytes without surrounding blanks: such a key could never be matched."""
+    monkeypatch.setenv("KILN_TEST_KEY", key)
+    with pytest.raises(kiln.KilnError, match="KILN_TEST_KEY.*printable ASCII"):
+        create_app(serve_run, api_key_env="KILN_TEST_KEY")
+
+
+def test_a_model_giving_nan_is_a_server_fault_with_a_log_line(serve_run, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(serve_run, tmp_path / "broken")
+    weights = load_file(broken / "model.safetensors")
+    weights["blocks.7.bias"][:] = float("nan")  # the output layer
+    save_file(weights, broken / "model.safetensors")
+    with TestClient(create_app(broken)) as c, caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        resp = c.post("/v1/predict", json={"instances": [{"pixels": GOOD}, {"pixels": GOOD}]})
+        metrics = c.get("/metrics").text
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "non_finite_output", resp.text
+    assert "instances.0" in resp.json()["error"]["message"]
+    assert 'kiln_request_errors_total{code="non_finite_output"} 1.0' in metrics
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("mnist_seed" in line and "not a finite number" in line and "500" in line for line in lines), lines
+
+
+def test_a_request_over_the_pixel_budget_is_refused(client):
+    """20 large PNGs in one 1.2 MB request once took 7.7 s to decode; a request's images may have
+    2 x 4096 x 4096 pixels in all, counted before each is decoded."""
+    big = png_bytes(np.zeros((4096, 4096, 3), dtype=np.uint8))  # 49 kB: flat images compress well
+    start = time.perf_counter()
+    resp = client.post("/v1/predict", files=[("files", (f"big{i}.png", big, "image/png")) for i in range(20)])
+    elapsed = time.perf_counter() - start
+    err = resp.json()["error"]
+    assert resp.status_code == 422 and err["code"] == "invalid_input", resp.text[:300]
+    assert err["details"][0]["loc"] == "files.2 (big2.png)" and "pixels in all" in err["message"]
+    assert elapsed < 5, f"{elapsed:.1f} s"  # two images decoded, not twenty
+    two = client.post("/v1/predict", files=[("files", (f"big{i}.png", big, "image/png")) for i in range(2)])
+    assert two.status_code == 200
+
+
+@pytest.mark.parametrize("form", ["files", "base64"])
+def test_image_decoding_does_not_hold_up_the_event_loop(client, monkeypatch, form):
+    import kiln.data.image_inputs
+
+    fit_image = kiln.data.image_inputs.fit_image
+    decoding = threading.Event()
+
+    def slow_fit_image(img, shape):  # stands for the decoding of large images: 1 s
+        decoding.set()
+        time.sleep(1.0)
+        return fit_image(img, shape)
+
+    monkeypatch.setattr(kiln.data.image_inputs, "fit_image", slow_fit_image)
+    image = png_bytes(mnist_test_images(1)[0][0])
+    if form == "files":
+        request = {"files": [("files", ("d.png", image, "image/png"))]}
+    else:
+        request = {"json": {"instances": [{"image_base64": base64.b64encode(image).decode()}]}}
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(client.post("/v1/predict", **request)))
+    sender.start()
+    assert decoding.wait(timeout=30)
+    start = time.perf_counter()
+    assert client.get("/healthz").status_code == 200
+    waited = time.perf_counter() - start
+    sender.join(timeout=30)
+    assert answers[0].status_code == 200, answers[0].text[:300]
+    assert waited < 0.5, f"/healthz waited {waited:.2f} s for an image being decoded"
 
 
 class _SlowBackend:
@@ -368,3 +456,21 @@ def test_cli_errors_are_one_line_exit_2(serve_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "--max-wait-ms" in capsys.readouterr().out
+
+
+def test_each_app_has_its_own_prometheus_registry(serve_run, client):
+    from prometheus_client import REGISTRY
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def predict_count(c) -> float:
+        families = {f.name: f for f in text_string_to_metric_families(c.get("/metrics").text)}
+        return sum(s.value for s in families["kiln_requests"].samples
+                   if s.name == "kiln_requests_total" and s.labels == {"code": "200", "route": "/v1/predict"})
+
+    before = predict_count(client)
+    with TestClient(create_app(serve_run)) as other:  # a second app in the same process
+        for _ in range(3):
+            assert other.post("/v1/predict", json={"instances": [{"pixels": GOOD}]}).status_code == 200
+        assert predict_count(other) == 3
+    assert predict_count(client) == before  # the other app's requests are not counted here
+    assert not any(m.name.startswith("kiln_") for m in REGISTRY.collect())  # nor in the global registry

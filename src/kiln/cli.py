@@ -131,6 +131,9 @@ def _add_serving_commands(sub) -> None:
     d.add_argument("--image", help="image for the Deployment (default: <run name>:latest)")
     d.add_argument("--backend", choices=["torch", "onnx"], default="torch", help="serving backend in the image")
     d.add_argument("--wheel", help="a kiln wheel to install in the image (default: kiln[serve] from the index)")
+    d.add_argument("--api-key-env", metavar="NAME",
+                   help="the server requires the API key held in this environment variable; the Deployment "
+                        "sets it from the Secret <run name>-api-key (entry api-key), which you create")
 
 
 def cmd_serve(args) -> None:
@@ -153,15 +156,18 @@ def cmd_export(args) -> None:
 
 
 def cmd_deploy(args) -> None:
-    from kiln.deploy import deploy_docker, deploy_k8s
+    from kiln.deploy import SECRET_ENTRY, api_key_secret, deploy_docker, deploy_k8s
 
     if not (args.docker or args.k8s):
         raise KilnError("give --docker DIR and/or --k8s DIR")
     if args.docker:
-        deploy_docker(args.run, args.docker, backend=args.backend, wheel=args.wheel)
+        deploy_docker(args.run, args.docker, backend=args.backend, wheel=args.wheel, api_key_env=args.api_key_env)
         print(f"wrote {args.docker}: docker build -t IMAGE {args.docker}")
     if args.k8s:
-        deploy_k8s(args.run, args.k8s, image=args.image)
+        deploy_k8s(args.run, args.k8s, image=args.image, api_key_env=args.api_key_env)
+        if args.api_key_env:
+            print(f"the Deployment reads the API key from a Secret; create it first: kubectl create secret generic "
+                  f"{api_key_secret(args.run)} --from-literal={SECRET_ENTRY}=KEY")
         print(f"wrote {args.k8s}: kubectl apply -f {args.k8s}")
 
 

@@ -2,7 +2,9 @@
 
 ``deploy_docker`` writes ``Dockerfile``, ``.dockerignore`` and ``run/`` (the files serving reads);
 ``deploy_k8s`` writes ``deployment.yaml``, ``service.yaml`` and ``hpa.yaml``. Nothing existing is
-overwritten; every file is written atomically.
+overwritten; every file is written atomically. With an API key (``api_key_env``), the server requires the
+key held in that environment variable, and the Deployment sets it from the Secret ``<name>-api-key``
+(which the user creates: no key is ever written to a file here).
 """
 
 from __future__ import annotations
@@ -24,12 +26,32 @@ from kiln.version import __version__
 
 PORT = 8000
 UID = 10001  # the image's non-root user
+SECRET_ENTRY = "api-key"  # the entry of the Secret that holds the API key
 
 
 def _refuse_existing(paths: list[Path]) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing:
         raise KilnError(f"{', '.join(existing)} already exist(s); nothing was written. Choose an empty directory")
+
+
+def _check_env_name(name: str | None) -> None:
+    if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise KilnError(f"--api-key-env {name!r}: not an environment variable name (letters, digits and _, "
+                        "not starting with a digit)")
+
+
+def _run_name(run: RunDir) -> str:
+    return yaml.safe_load((run / RunDir.CONFIG).read_text()).get("name", run.path.name)
+
+
+def api_key_secret(run_dir: str | Path) -> str:
+    """The name of the Secret the Deployment reads the run's API key from."""
+    return _secret_name(k8s_name(_run_name(open_run_dir(run_dir))))
+
+
+def _secret_name(app: str) -> str:
+    return f"{app}-api-key"
 
 
 def k8s_name(name: str) -> str:
@@ -82,6 +104,7 @@ def deploy_docker(run_dir: str | Path, out: str | Path, backend: str = "torch", 
     out = Path(out)
     if backend not in ("torch", "onnx"):
         raise KilnError(f"--backend must be torch or onnx, not {backend!r}")
+    _check_env_name(api_key_env)
     cfg = load_config(run / RunDir.CONFIG)
     needed = (*RunDir.SERVING, *kind_class(cfg.data.dataset).run_files)  # the files serving this run reads
     files = [f for f in needed if (run / f).is_file()]
@@ -115,8 +138,9 @@ def deploy_docker(run_dir: str | Path, out: str | Path, backend: str = "torch", 
 def k8s_manifests(name: str, image: str, replicas: int = 2, port: int = PORT, cpu: str = "500m",
                   memory: str = "512Mi", cpu_limit: str = "2", memory_limit: str = "1Gi", min_replicas: int = 2,
                   max_replicas: int = 10, target_cpu_percent: int = 70,
-                  api_key_secret: str | None = None) -> dict[str, dict[str, Any]]:
-    """Deployment, Service and HorizontalPodAutoscaler as plain dicts, by file name."""
+                  api_key_env: str | None = None) -> dict[str, dict[str, Any]]:
+    """Deployment, Service and HorizontalPodAutoscaler as plain dicts, by file name. With ``api_key_env``
+    the server requires the key that the Deployment puts in that variable from the Secret ``<app>-api-key``."""
     app = k8s_name(name)
     labels = {"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "kiln"}
     probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 3,
@@ -134,10 +158,11 @@ def k8s_manifests(name: str, image: str, replicas: int = 2, port: int = PORT, cp
                             "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
-    if api_key_secret:
-        container["env"] = [{"name": "KILN_API_KEY",
-                             "valueFrom": {"secretKeyRef": {"name": api_key_secret, "key": "api-key"}}}]
-        container["args"] = ["--api-key-env", "KILN_API_KEY"]
+    if api_key_env:
+        container["env"] = [{"name": api_key_env,
+                             "valueFrom": {"secretKeyRef": {"name": _secret_name(app), "key": SECRET_ENTRY}}}]
+        # Appended to the image's `kiln serve` command: the key is required whichever way the image was built.
+        container["args"] = ["--api-key-env", api_key_env]
     deployment = {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": app, "labels": labels},
@@ -178,7 +203,8 @@ def deploy_k8s(run_dir: str | Path, out: str | Path, image: str | None = None, *
     """Write deployment.yaml, service.yaml and hpa.yaml for serving the run; returns the files written."""
     run = open_run_dir(run_dir)
     out = Path(out)
-    name = yaml.safe_load((run / RunDir.CONFIG).read_text()).get("name", run.path.name)
+    _check_env_name(options.get("api_key_env"))
+    name = _run_name(run)
     manifests = k8s_manifests(name, image or f"{k8s_name(name)}:latest", **options)
     paths = [out / f for f in manifests]
     _refuse_existing(paths)

@@ -11,11 +11,13 @@ from kiln.errors import KilnError
 
 try:
     import fastapi  # noqa: F401
+    import prometheus_client  # noqa: F401  (/metrics)
     import python_multipart  # noqa: F401  (image uploads)
     import uvicorn  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised by a test that hides the modules
     raise KilnError(f"serving needs the serve extra ({e.name} is not installed): pip install 'kiln[serve]'") from None
 
-from kiln.serve.app import ServeSettings, create_app, serve  # noqa: E402
+from kiln.serve.app import create_app, serve  # noqa: E402
+from kiln.serve.settings import ServeSettings  # noqa: E402
 
 __all__ = ["ServeSettings", "create_app", "serve"]

@@ -13,10 +13,15 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from kiln.run import Run
-from kiln.errors import InputError
 
-NOT_FINITE = ("the model's output is not a finite number; an input value is probably far outside the range "
-              "of the training data")
+
+class NotFinite(Exception):
+    """The model gave NaN or infinity for an instance: a server fault (broken weights, or a model that
+    overflows), not the fault of a request whose inputs passed their checks."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"the model's output for instances.{index} is not a finite number (NaN or infinity)")
+        self.index = index
 
 
 class ClassPrediction(BaseModel):
@@ -106,4 +111,4 @@ def answers_for(run: Run) -> ClassAnswers | ValueAnswers | TextAnswers:
 def _check_finite(results: np.ndarray) -> None:
     bad = np.flatnonzero(~np.isfinite(results).all(axis=1))
     if len(bad):
-        raise InputError(f"instances.{int(bad[0])}", NOT_FINITE)
+        raise NotFinite(int(bad[0]))
