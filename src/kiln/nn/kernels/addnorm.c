@@ -83,12 +83,14 @@ void addnorm_backward(const float *restrict g, const float *restrict xhat, const
     vf wv[NV];
     load_row(wv, w);
     vf part[threads][2 * NV];
+    int used = 1;  /* threads OpenMP granted (OMP_THREAD_LIMIT, OMP_DYNAMIC: maybe fewer): the buffers written */
     #pragma omp parallel num_threads(threads)
     {
         int th = 0, nt = 1;
 #ifdef _OPENMP
         th = omp_get_thread_num();
         nt = omp_get_num_threads();
+        if (th == 0) used = nt;
 #endif
         const int lo = (int)((long)R * th / nt), hi = (int)((long)R * (th + 1) / nt);
         vf aw[NV], ab[NV];
@@ -114,7 +116,7 @@ void addnorm_backward(const float *restrict g, const float *restrict xhat, const
     }
     vf sw[NV], sb[NV];
     for (int k = 0; k < NV; k++) sw[k] = sb[k] = (vf){0};
-    for (int th = 0; th < threads; th++)
+    for (int th = 0; th < used; th++)
         for (int k = 0; k < NV; k++) {
             sw[k] += part[th][k];
             sb[k] += part[th][NV + k];

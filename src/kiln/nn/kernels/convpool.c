@@ -99,12 +99,14 @@ void convpool_backward(const float *restrict x, const float *restrict g, const u
                        int threads, int relu) {
     const int PH = (H - KH + 1) / NP, PW = (W - KW + 1) / NP;
     vf part[threads][(K + 1) * NV];
+    int used = 1;  /* threads OpenMP granted (OMP_THREAD_LIMIT, OMP_DYNAMIC: maybe fewer): the buffers written */
     #pragma omp parallel num_threads(threads)
     {
         int t = 0, nt = 1;
 #ifdef _OPENMP
         t = omp_get_thread_num();
         nt = omp_get_num_threads();
+        if (t == 0) used = nt;
 #endif
         const int lo = (int)((long)B * t / nt), hi = (int)((long)B * (t + 1) / nt);
         for (int v = 0; v < NV; v++) {
@@ -144,7 +146,7 @@ void convpool_backward(const float *restrict x, const float *restrict g, const u
     }
     float sum[(K + 1) * NV * 8];
     memset(sum, 0, sizeof(sum));
-    for (int t = 0; t < threads; t++) {
+    for (int t = 0; t < used; t++) {
         float pt[(K + 1) * NV * 8];
         memcpy(pt, part[t], sizeof(pt));
         for (int e = 0; e < (K + 1) * NV * 8; e++) sum[e] += pt[e];

@@ -1,0 +1,201 @@
+"""kiln's native C kernels (kiln.nn.native*) against the PyTorch path: outputs and gradients over widths and
+thread counts, and when a kernel is reached, built and refused."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from kiln.config import load_config
+from kiln.nn import build_model, native, native_attention, native_lstm, native_norm
+from kiln.nn.blocks.adapters import RowsToSequence
+from kiln.nn.blocks.conv import Conv2d, MaxPool2d
+from kiln.nn.blocks.recurrent import LSTM
+from kiln.nn.fuse import ConvPool, NativeRecurrent, fuse
+
+WIDTHS = [8, 12, 32, 256]  # filters / units / model width: one vector, a partial one, several, the largest
+THREADS = [1, 2, 3]  # 3 on a 2-core machine: more threads than cores, and a count that does not divide batches
+EPS32 = torch.finfo(torch.float32).eps
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """One kernel cache and one loader for the module, so each shape is compiled once (0.2-0.3 s each)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_CACHE", str(tmp_path_factory.mktemp("kcache")))
+        mp.setenv("KILN_NATIVE", "1")
+        mp.setattr(native, "_loaded", {})
+        yield
+
+
+@pytest.fixture(params=THREADS, ids=lambda n: f"{n}threads")
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """An empty kernel cache and a process-fresh loader."""
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    return tmp_path / "native"
+
+
+def assert_close(got, fp32, exact, name):
+    """The kernel's float32 result ``got`` is at most twice as far from the float64 result ``exact`` as PyTorch's
+    float32 result ``fp32`` is, plus 8 float32 ulps of the largest value: the kernels add in another order (per
+    thread, in vectors of eight) and their exp is within 2 ulp. Measured here: at most 3.4x PyTorch's error, or
+    11 ulps of the largest value. A wrong kernel (a term left out, a wrong index) is off by a good part of the
+    values themselves, about 10^5 times more."""
+    err = (got.double() - exact).abs().max().item()
+    allowed = 2 * (fp32.double() - exact).abs().max().item() + 8 * EPS32 * exact.abs().max().item()
+    assert err <= allowed, f"{name}: {err:.3g} from the float64 result, more than {allowed:.3g}"
+
+
+def _grads(out, g, tensors):
+    return torch.autograd.grad((out * g).sum(), tensors)
+
+
+def _check_module(plain, fused, x, name):
+    """fused (float32, kernel) against plain in float32 and in float64: output, parameter and input gradients."""
+    exact = copy.deepcopy(plain).double()
+    results = []
+    for model, dtype in ((fused, torch.float32), (plain, torch.float32), (exact, torch.float64)):
+        xi = x.to(dtype).requires_grad_(x.requires_grad)
+        out = model(xi)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        params = list(model.parameters()) + ([xi] if x.requires_grad else [])
+        results.append([out.detach(), *_grads(out, g, params)])
+    names = ["output"] + [n for n, _ in plain.named_parameters()] + (["input"] if x.requires_grad else [])
+    for n, got, fp32, ex in zip(names, *results, strict=True):
+        assert_close(got, fp32, ex, f"{name} {n}")
+
+
+@pytest.mark.parametrize("filters", WIDTHS)
+def test_convpool_matches_pytorch(kernel_cache, threads, filters):
+    torch.manual_seed(0)
+    plain = build_model([Conv2d(filters=filters, activation="relu"), MaxPool2d(), RowsToSequence()], (1, 28, 28))
+    fused = copy.deepcopy(plain)
+    fuse(fused)
+    assert isinstance(fused.blocks[0], ConvPool)
+    assert native.load(1, 3, 3, filters, 2)[0] is not None
+    _check_module(plain, fused, torch.rand(6, 1, 28, 28), f"convpool{filters}")
+
+
+@pytest.mark.parametrize("units", WIDTHS)
+def test_lstm_matches_pytorch(kernel_cache, threads, units):
+    torch.manual_seed(0)
+    plain = build_model([LSTM(units=units)], (9, 7))
+    fused = copy.deepcopy(plain)
+    fuse(fused)
+    assert isinstance(fused.blocks[0], NativeRecurrent) and native_lstm.load(units)[0] is not None
+    _check_module(plain, fused, (torch.randn(5, 9, 7) * 2).requires_grad_(), f"lstm{units}")
+
+
+def _attention(qkv, heads):  # (B, T, 3C) -> (B, T, C), as SelfAttention.mix computes it
+    b, t, c3 = qkv.shape
+    q, k, v = (z.view(b, t, heads, c3 // 3 // heads).transpose(1, 2) for z in qkv.split(c3 // 3, dim=2))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c3 // 3)
+
+
+@pytest.mark.parametrize(("width", "steps"), [(w, 13) for w in WIDTHS] + [(32, native_attention.MAX_STEPS)])
+def test_attention_matches_pytorch(kernel_cache, threads, width, steps):
+    heads = 2
+    qkv = torch.randn(5, steps, 3 * width, generator=torch.Generator().manual_seed(0)) * 2
+    assert native_attention.applies(qkv, heads, 0.0, True)
+    g = torch.randn(5, steps, width, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fn, dtype in ((native_attention.NativeAttention.apply, torch.float32), (_attention, torch.float32),
+                      (_attention, torch.float64)):
+        x = qkv.to(dtype).requires_grad_()
+        out = fn(x, heads)
+        results.append([out.detach(), *_grads(out, g.to(dtype), [x])])
+    for n, got, fp32, ex in zip(["output", "qkv"], *results, strict=True):
+        assert_close(got, fp32, ex, f"attention{width}x{steps} {n}")
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_add_norm_matches_pytorch(kernel_cache, threads, width):
+    gen = torch.Generator().manual_seed(0)
+    x, y, g = (torch.randn(77, width, generator=gen) * 2 for _ in range(3))  # 77 rows: not a multiple of 4
+    weight, bias = torch.rand(width, generator=gen) + 0.5, torch.rand(width, generator=gen) - 0.5
+    eps = 1e-5
+    assert native_norm.load(width, eps)[0] is not None
+    results = []
+    for native_path, dtype in ((True, torch.float32), (False, torch.float32), (False, torch.float64)):
+        ts = [t.to(dtype).requires_grad_() for t in (x, y, weight, bias)]
+        out = (native_norm.AddNorm.apply(*ts, eps) if native_path
+               else F.layer_norm(ts[0] + ts[1], (width,), ts[2], ts[3], eps))
+        results.append([out.detach(), *_grads(out, g.to(dtype), ts)])
+    for n, got, fp32, ex in zip(["output", "x", "y", "weight", "bias"], *results, strict=True):
+        assert_close(got, fp32, ex, f"addnorm{width} {n}")
+
+
+def _seed_model():
+    config = load_config(Path(__file__).parents[1] / "examples" / "mnist_seed.yaml")
+    torch.manual_seed(0)
+    return build_model(config.blocks, (1, 28, 28))
+
+
+def test_kiln_native_0_takes_the_pytorch_path_and_gives_the_plain_results(fresh_cache, monkeypatch, threads):
+    monkeypatch.setenv("KILN_NATIVE", "0")
+    plain = _seed_model()
+    fused = copy.deepcopy(plain)
+    fuse(fused)
+    _check_module(plain, fused, torch.rand(6, 1, 28, 28), "seed model, KILN_NATIVE=0")
+    assert len(native._loaded) == 4 and all(lib is None for lib, _ in native._loaded.values())  # all were asked
+    assert not fresh_cache.exists()  # nothing was built
+
+
+# A child process in which OpenMP grants one thread (OMP_THREAD_LIMIT=1) while kiln asks for three, so that the
+# kernels' per-thread gradient buffers are written by fewer threads than were asked for. It computes only the
+# kernels' gradients: PyTorch's own oneDNN convolution hangs in that setting.
+OMP_LIMITED = """
+import sys, torch
+from kiln.nn.fuse import NativeConvPool
+from kiln.nn.native_norm import AddNorm
+torch.set_num_threads(3)
+(x, w, b, g), (xn, yn, wn, bn, gn) = torch.load(sys.argv[1])
+for t in (w, b, wn, bn):
+    t.requires_grad_()
+conv = torch.autograd.grad((NativeConvPool.apply(x, w, b, 2, True) * g).sum(), (w, b))
+norm = torch.autograd.grad((AddNorm.apply(xn, yn, wn, bn, 1e-5) * gn).sum(), (wn, bn))
+torch.save([*conv, *norm], sys.argv[2])
+"""
+
+
+def _child_env(**extra):
+    """The environment of a child process that imports this kiln."""
+    src = str(Path(kiln.__file__).parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), **extra}
+
+
+def test_gradients_are_right_when_openmp_grants_fewer_threads(kernel_cache, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    conv_in = [torch.rand(16, 1, 28, 28, generator=gen), torch.randn(32, 1, 3, 3, generator=gen),
+               torch.randn(32, generator=gen), torch.randn(16, 13, 13, 32, generator=gen)]
+    norm_in = [torch.randn(40, 50, generator=gen), torch.randn(40, 50, generator=gen),
+               torch.rand(50, generator=gen) + 0.5, torch.rand(50, generator=gen), torch.randn(40, 50, generator=gen)]
+    torch.save([conv_in, norm_in], tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", OMP_LIMITED, tmp_path / "in.pt", tmp_path / "out.pt"], check=True,
+                   timeout=120, env=_child_env(OMP_THREAD_LIMIT="1"))
+    got = torch.load(tmp_path / "out.pt")
+    refs = []
+    for dtype in (torch.float32, torch.float64):
+        x, w, b, g = (t.to(dtype) for t in conv_in)
+        xn, yn, wn, bn, gn = (t.to(dtype) for t in norm_in)
+        for t in (w, b, wn, bn):
+            t.requires_grad_()
+        out = torch.relu(F.max_pool2d(F.conv2d(x, w, b), 2)).permute(0, 2, 3, 1)  # channels-last, as the kernel's
+        refs.append([*_grads(out, g, (w, b)), *_grads(F.layer_norm(xn + yn, (50,), wn, bn, 1e-5), gn, (wn, bn))])
+    for name, a, fp32, exact in zip(["conv weight", "conv bias", "norm weight", "norm bias"], got, *refs, strict=True):
+        assert_close(a, fp32, exact, name)
