@@ -17,7 +17,7 @@ from kiln.nn import build_model, native, native_attention, native_lstm, native_n
 from kiln.nn.blocks.adapters import RowsToSequence
 from kiln.nn.blocks.conv import Conv2d, MaxPool2d
 from kiln.nn.blocks.recurrent import LSTM
-from kiln.nn.fuse import ConvPool, NativeRecurrent, fuse
+from kiln.nn.fuse import ConvPool, NativeConvPool, NativeRecurrent, fuse
 
 WIDTHS = [8, 12, 32, 256]  # filters / units / model width: one vector, a partial one, several, the largest
 THREADS = [1, 2, 3]  # 3 on a 2-core machine: more threads than cores, and a count that does not divide batches
@@ -199,3 +199,34 @@ def test_gradients_are_right_when_openmp_grants_fewer_threads(kernel_cache, tmp_
         refs.append([*_grads(out, g, (w, b)), *_grads(F.layer_norm(xn + yn, (50,), wn, bn, 1e-5), gn, (wn, bn))])
     for name, a, fp32, exact in zip(["conv weight", "conv bias", "norm weight", "norm bias"], got, *refs, strict=True):
         assert_close(a, fp32, exact, name)
+
+
+def test_under_cpu_autocast_no_kernel_applies_and_the_lstm_takes_pytorch(kernel_cache):
+    torch.manual_seed(0)
+    plain = build_model([LSTM(units=16)], (9, 7))
+    fused = copy.deepcopy(plain)
+    fuse(fused)
+    x = torch.randn(5, 9, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fused(x), plain(x))  # the PyTorch LSTM, under autocast in both
+        assert not native_lstm.applies(x, fused.blocks[0].rnn)
+        assert not native_attention.applies(torch.randn(2, 13, 48), 2, 0.0, True)
+        assert not native_norm.applies(torch.randn(2, 13, 16), torch.nn.LayerNorm(16))
+
+
+def test_kernels_refuse_buffers_they_cannot_read(kernel_cache):
+    """A bf16 buffer reaching a kernel is refused with the reason, never read as float32."""
+    x, whh = torch.randn(3, 5, 32, dtype=torch.bfloat16), torch.randn(32, 8)
+    with pytest.raises(TypeError, match="bfloat16"):
+        native_lstm.Recurrence.apply(x, whh)
+    with pytest.raises(TypeError, match="bfloat16"):
+        native_attention.NativeAttention.apply(torch.randn(3, 13, 24, dtype=torch.bfloat16), 2)
+    w = torch.ones(8)
+    with pytest.raises(TypeError, match="bfloat16"):
+        native_norm.AddNorm.apply(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8), w, w, 1e-5)
+    with pytest.raises(TypeError, match="bfloat16"):
+        NativeConvPool.apply(torch.rand(2, 1, 28, 28, dtype=torch.bfloat16), torch.randn(8, 1, 3, 3), None, 2, True)
+    lib, _ = native_norm.load(8, 1e-5)
+    strided = torch.randn(8, 4).t()
+    with pytest.raises(TypeError, match="contiguous"):
+        lib.addnorm_forward(strided, strided, w, w, torch.empty(4, 8), torch.empty(4, 8), torch.empty(4), 4, 1)

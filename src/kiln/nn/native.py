@@ -16,6 +16,10 @@ The C sources are package data in ``kiln/nn/kernels/`` (each ``<kind>.c`` includ
 machine that compiles is the one that runs it; the shape is a compile-time constant, so loops unroll)
 and loaded with ctypes, which releases Python's lock during a call. Where there is no C compiler, or
 compiling fails, the loaders return ``None`` with the reason and callers keep the PyTorch path.
+
+The C code reads raw memory: a kernel applies only to plain float32 CPU tensors (``eligible``), and every
+call checks each buffer's dtype, device and layout first (``Kernel``), so that a bf16 tensor from autocast,
+say, is refused rather than read as float32.
 """
 
 from __future__ import annotations
@@ -29,12 +33,55 @@ import subprocess
 import tempfile
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 from kiln.hardware import cpu_flags
 
 # -fno-math-errno: math functions need not set errno, so that loops calling expf can be vectorised.
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-fopenmp", "-fno-math-errno"]
-_loaded: dict[tuple, tuple[ctypes.CDLL | None, str]] = {}
+_loaded: dict[tuple, tuple[SimpleNamespace | None, str]] = {}
+
+
+def eligible(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether a kernel may run on input ``x`` and parameters ``params``: plain float32 CPU tensors, outside tracing
+    and compiling (which must record PyTorch operators) and outside CPU autocast (which turns the results of
+    the PyTorch operators around a kernel, its inputs, into bf16)."""
+    if type(x) is not torch.Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, *params))
+
+
+_BUFFERS = {"f32": torch.float32, "u8": torch.uint8}  # the kinds of pointer argument in a signature
+
+
+class Kernel:
+    """One C function of a compiled kernel, called with tensors where it takes pointers. ``signature`` names its
+    arguments in order: ``f32`` and ``u8`` buffers, ``int`` values. Each buffer is checked right before the
+    call (about 0.4 us per buffer here): one of another dtype, device or layout would be read as garbage, or
+    beyond its end."""
+
+    def __init__(self, fn, name: str, signature: str) -> None:
+        self.fn, self.name = fn, name
+        self.dtypes = [None if arg == "int" else _BUFFERS[arg] for arg in signature.split()]  # None: an int
+        fn.argtypes = [ctypes.c_void_p if dtype else ctypes.c_int for dtype in self.dtypes]
+        fn.restype = None
+
+    def __call__(self, *values) -> None:
+        args = []
+        for i, (dtype, value) in enumerate(zip(self.dtypes, values, strict=True)):
+            if dtype is None:
+                args.append(value)
+            elif value.dtype == dtype and value.is_cpu and value.is_contiguous():
+                args.append(value.data_ptr())
+            else:
+                layout = "contiguous" if value.is_contiguous() else "non-contiguous"
+                raise TypeError(f"kiln's native {self.name}: argument {i} is a {layout} {value.dtype} tensor on "
+                                f"{value.device}; the kernel reads contiguous {dtype} CPU memory")
+        self.fn(*args)
 
 
 def cache_dir() -> Path:
@@ -67,17 +114,17 @@ def _compile(target: Path, files: dict[str, str], defines: list[str]) -> None:
 
 
 def build(kind: str, defines: dict[str, int | float],
-          functions: dict[str, tuple[int, int]]) -> tuple[ctypes.CDLL | None, str]:
+          functions: dict[str, str]) -> tuple[SimpleNamespace | None, str]:
     """(library, how) for one kind of kernel (``kernels/<kind>.c``) and shape, built once per machine and loaded
-    once per process. ``functions`` maps each exported function to its (pointer, int) argument counts, pointers
-    first. The library is None when it cannot be built here, and ``how`` says why."""
+    once per process. ``functions`` maps each exported function to its ``Kernel`` signature; the library has
+    them as attributes. It is None when it cannot be built here, and ``how`` says why."""
     spec = (kind, tuple(sorted(defines.items())))
     if spec not in _loaded:
         _loaded[spec] = _build(kind, [f"-D{k}={v}" for k, v in defines.items()], functions)
     return _loaded[spec]
 
 
-def _build(kind: str, defines: list[str], functions: dict[str, tuple[int, int]]) -> tuple[ctypes.CDLL | None, str]:
+def _build(kind: str, defines: list[str], functions: dict[str, str]) -> tuple[SimpleNamespace | None, str]:
     if os.environ.get("KILN_NATIVE", "1") == "0":
         return None, "native kernels turned off (KILN_NATIVE=0)"
     files = sources(kind)
@@ -90,19 +137,17 @@ def _build(kind: str, defines: list[str], functions: dict[str, tuple[int, int]])
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"native kernel unavailable ({e})"
-    for name, (pointers, ints) in functions.items():
-        fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * ints
-        fn.restype = None
-    return lib, f"native C kernel ({target.name})"
+    kernels = {name: Kernel(getattr(lib, name), name, signature) for name, signature in functions.items()}
+    return SimpleNamespace(**kernels), f"native C kernel ({target.name})"
 
 
 MAX_FILTERS = 256  # the kernel keeps a position's sums on the stack
 
 
-def load(channels: int, kh: int, kw: int, filters: int, pool: int) -> tuple[ctypes.CDLL | None, str]:
+def load(channels: int, kh: int, kw: int, filters: int, pool: int) -> tuple[SimpleNamespace | None, str]:
     """(library, how) of the convpool kernel for one layer shape."""
     if filters > MAX_FILTERS or pool > 16:
         return None, f"no native kernel for {filters} filters and {pool}x{pool} pooling"
     return build("convpool", {"NC": channels, "KH": kh, "KW": kw, "NF": filters, "NP": pool},
-                 {"convpool_forward": (5, 5), "convpool_backward": (6, 5)})
+                 {"convpool_forward": "f32 f32 f32 f32 u8 int int int int int",
+                  "convpool_backward": "f32 f32 u8 f32 f32 f32 int int int int int"})

@@ -26,14 +26,13 @@ def load(steps: int, heads: int, head_dim: int):
     """(library, how) of the attention kernel for one shape."""
     if steps > MAX_STEPS:
         return None, f"no native attention kernel above {MAX_STEPS} steps"
-    return native.build("attention", {"T": steps, "NH": heads, "D": head_dim}, {"attention_forward": (3, 2), "attention_backward": (4, 2)})
+    return native.build("attention", {"T": steps, "NH": heads, "D": head_dim},
+                        {"attention_forward": "f32 f32 f32 int int", "attention_backward": "f32 f32 f32 f32 int int"})
 
 
 def applies(qkv: torch.Tensor, heads: int, dropout: float, training: bool) -> bool:
-    """The kernel covers float32 CPU attention without dropout; tracers and exporters get PyTorch operators."""
-    if type(qkv) is not torch.Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or (dropout and training):
+    """The kernel covers float32 CPU attention without dropout (``native.eligible``)."""
+    if not native.eligible(qkv) or (dropout and training):
         return False
     b, t, c3 = qkv.shape
     return load(t, heads, c3 // 3 // heads)[0] is not None
@@ -49,7 +48,7 @@ class NativeAttention(torch.autograd.Function):
         qkv = qkv.contiguous()
         y = torch.empty(b, t, c3 // 3)
         p = torch.empty(b, heads, t, t)
-        lib.attention_forward(qkv.data_ptr(), y.data_ptr(), p.data_ptr(), b, torch.get_num_threads())
+        lib.attention_forward(qkv, y, p, b, torch.get_num_threads())
         ctx.save_for_backward(qkv, p)
         ctx.heads = heads
         return y
@@ -61,6 +60,5 @@ class NativeAttention(torch.autograd.Function):
         lib, _ = load(t, ctx.heads, c3 // 3 // ctx.heads)
         g = grad.contiguous()
         dqkv = torch.empty_like(qkv)
-        lib.attention_backward(qkv.data_ptr(), p.data_ptr(), g.data_ptr(), dqkv.data_ptr(), b,
-                               torch.get_num_threads())
+        lib.attention_backward(qkv, p, g, dqkv, b, torch.get_num_threads())
         return dqkv, None

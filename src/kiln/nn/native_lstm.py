@@ -29,7 +29,8 @@ def load(units: int):
     """(library, how) of the LSTM kernel for one width."""
     if units > MAX_UNITS:
         return None, f"no native LSTM kernel above {MAX_UNITS} units"
-    return native.build("lstm", {"H": units}, {"lstm_forward": (5, 3), "lstm_backward": (5, 3)})
+    return native.build("lstm", {"H": units}, {"lstm_forward": "f32 f32 f32 f32 f32 int int int",
+                                                "lstm_backward": "f32 f32 f32 f32 f32 int int int"})
 
 
 def covers(rnn: nn.Module) -> bool:
@@ -39,12 +40,8 @@ def covers(rnn: nn.Module) -> bool:
 
 
 def applies(x: torch.Tensor, rnn: nn.LSTM) -> bool:
-    """float32 CPU input; tracers and exporters get PyTorch's LSTM."""
-    if type(x) is not torch.Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rnn.weight_hh_l0.dtype != torch.float32:
-        return False
-    return load(rnn.hidden_size)[0] is not None
+    """float32 CPU input and weights (``native.eligible``)."""
+    return native.eligible(x, *rnn.parameters()) and load(rnn.hidden_size)[0] is not None
 
 
 def lstm(x: torch.Tensor, rnn: nn.LSTM) -> torch.Tensor:
@@ -71,8 +68,7 @@ class Recurrence(torch.autograd.Function):
         hs = torch.empty(b, t, h)
         acts = torch.empty(b, t, g)
         cs = torch.empty(b, t, h)
-        lib.lstm_forward(xp.data_ptr(), whh_t.data_ptr(), hs.data_ptr(), acts.data_ptr(), cs.data_ptr(), b, t,
-                         torch.get_num_threads())
+        lib.lstm_forward(xp, whh_t, hs, acts, cs, b, t, torch.get_num_threads())
         ctx.save_for_backward(hs, acts, cs, whh_t)  # backward reads weight_hh in the same layout
         return hs
 
@@ -84,8 +80,7 @@ class Recurrence(torch.autograd.Function):
         lib, _ = load(h)
         dy = grad.contiguous()
         dxp = torch.empty(b, t, g)
-        lib.lstm_backward(dy.data_ptr(), acts.data_ptr(), cs.data_ptr(), whh_t.data_ptr(), dxp.data_ptr(), b, t,
-                          torch.get_num_threads())
+        lib.lstm_backward(dy, acts, cs, whh_t, dxp, b, t, torch.get_num_threads())
         # weight_hh's gradient: each step's gate gradient times the previous output (zero at the first step)
         dwhh = dxp[:, 1:].reshape(-1, g).t() @ hs[:, :-1].reshape(-1, h)
         return dxp, dwhh

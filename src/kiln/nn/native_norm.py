@@ -24,18 +24,17 @@ def load(width: int, eps: float):
     """(library, how) of the add-and-norm kernel for one width and epsilon."""
     if width > MAX_WIDTH:
         return None, f"no native add-and-norm kernel above width {MAX_WIDTH}"
-    return native.build("addnorm", {"C": width, "EPS": float(eps)}, {"addnorm_forward": (7, 2), "addnorm_backward": (7, 2)})
+    return native.build("addnorm", {"C": width, "EPS": float(eps)},
+                        {"addnorm_forward": "f32 f32 f32 f32 f32 f32 f32 int int",
+                         "addnorm_backward": "f32 f32 f32 f32 f32 f32 f32 int int"})
 
 
 def applies(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
-    """The kernel covers float32 CPU rows x, normalised over the last dimension with a scale and a shift."""
-    if type(x) is not torch.Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
-        return False
+    """The kernel covers float32 CPU rows x (``native.eligible``), normalised over the last dimension with a scale
+    and a shift."""
     if len(norm.normalized_shape) != 1 or norm.weight is None or norm.bias is None:
         return False
-    return norm.weight.dtype == torch.float32 and load(x.shape[-1], norm.eps)[0] is not None
+    return native.eligible(x, norm.weight, norm.bias) and load(x.shape[-1], norm.eps)[0] is not None
 
 
 class AddNorm(torch.autograd.Function):
@@ -52,8 +51,7 @@ class AddNorm(torch.autograd.Function):
         out = torch.empty_like(x)
         xhat = torch.empty_like(x)
         rstd = torch.empty(rows)
-        lib.addnorm_forward(x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(),
-                            xhat.data_ptr(), rstd.data_ptr(), rows, torch.get_num_threads())
+        lib.addnorm_forward(x, y, w, b, out, xhat, rstd, rows, torch.get_num_threads())
         ctx.save_for_backward(xhat, rstd, weight)
         ctx.eps = eps
         return out
@@ -67,6 +65,5 @@ class AddNorm(torch.autograd.Function):
         dx = torch.empty_like(xhat)
         dw = torch.empty(c)
         db = torch.empty(c)
-        lib.addnorm_backward(g.data_ptr(), xhat.data_ptr(), rstd.data_ptr(), w.data_ptr(), dx.data_ptr(),
-                             dw.data_ptr(), db.data_ptr(), xhat.numel() // c, torch.get_num_threads())
+        lib.addnorm_backward(g, xhat, rstd, w, dx, dw, db, xhat.numel() // c, torch.get_num_threads())
         return dx, dx, dw, db, None
