@@ -230,3 +230,15 @@ def test_kernels_refuse_buffers_they_cannot_read(kernel_cache):
     strided = torch.randn(8, 4).t()
     with pytest.raises(TypeError, match="contiguous"):
         lib.addnorm_forward(strided, strided, w, w, torch.empty(4, 8), torch.empty(4, 8), torch.empty(4), 4, 1)
+
+
+def test_fuse_compiles_nothing_until_a_kernel_is_used(fresh_cache, monkeypatch):
+    """Loading a run for serving fuses its model; a kernel is built at first real use only."""
+    compiles = []
+    run = subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: compiles.append(a) or run(*a, **k))
+    model = _seed_model()
+    assert len(fuse(model)) == 4
+    assert compiles == [] and not list(fresh_cache.glob("*.so"))
+    model(torch.rand(2, 1, 28, 28)).sum().backward()  # a training step: now each kernel is built
+    assert len(compiles) == 4 and len(list(fresh_cache.glob("*.so"))) == 4

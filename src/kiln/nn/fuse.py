@@ -170,10 +170,10 @@ def fuse(model: nn.Module) -> list[str]:
             conv, pool = blocks[i].conv, blocks[i + 1]
             blocks[i] = ConvPool(conv, isinstance(blocks[i].act, nn.ReLU), pool)
             blocks[i + 1] = nn.Identity()
-            how = _native_kernel(conv, pool)[1]
-            done.append(f"blocks {i}-{i + 1}: conv2d+maxpool2d fused; first-layer training steps in one pass "
-                        f"of a C kernel where available ({how}), else patch matmul, channels-last pool, "
-                        "ReLU after pool")
+            # Nothing is compiled here: a run loaded for serving may never call the kernel.
+            done.append(f"blocks {i}-{i + 1}: conv2d+maxpool2d fused; a first layer in one pass of a C kernel where "
+                        "it applies (float32 CPU, pool stride = size; built at first use), else patch matmul, "
+                        "channels-last pool, ReLU after pool")
     for name, module in model.named_modules():
         if type(module) is Recurrent and native_lstm.covers(module.rnn):
             module.__class__ = NativeRecurrent  # same parameters and keys; only `forward` differs

@@ -15,7 +15,8 @@ The C sources are package data in ``kiln/nn/kernels/`` (each ``<kind>.c`` includ
 ``vecmath.h``). Each is compiled once per machine and shape into the kiln cache (``-O3 -march=native``: the
 machine that compiles is the one that runs it; the shape is a compile-time constant, so loops unroll)
 and loaded with ctypes, which releases Python's lock during a call. Where there is no C compiler, or
-compiling fails, the loaders return ``None`` with the reason and callers keep the PyTorch path.
+compiling fails, the loaders return ``None`` with the reason (also given as a warning) and callers keep
+the PyTorch path.
 
 The C code reads raw memory: a kernel applies only to plain float32 CPU tensors (``eligible``), and every
 call checks each buffer's dtype, device and layout first (``Kernel``), so that a bf16 tensor from autocast,
@@ -31,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,7 +138,11 @@ def _build(kind: str, defines: list[str], functions: dict[str, str]) -> tuple[Si
             _compile(target, files, defines)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"native kernel unavailable ({e})"
+        how = f"native kernel unavailable ({e})"
+        # Kernels are built at first use, inside a training step or a prediction: a warning is how the reason
+        # reaches the user.
+        warnings.warn(f"kiln: {kind} {how}; the PyTorch operators run instead", RuntimeWarning)
+        return None, how
     kernels = {name: Kernel(getattr(lib, name), name, signature) for name, signature in functions.items()}
     return SimpleNamespace(**kernels), f"native C kernel ({target.name})"
 
