@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import kiln
 from kiln.config import load_config
+from kiln.hardware import parse_cpu_flags
 from kiln.nn import build_model, native, native_attention, native_lstm, native_norm
 from kiln.nn.blocks.adapters import RowsToSequence
 from kiln.nn.blocks.conv import Conv2d, MaxPool2d
@@ -242,3 +243,26 @@ def test_fuse_compiles_nothing_until_a_kernel_is_used(fresh_cache, monkeypatch):
     assert compiles == [] and not list(fresh_cache.glob("*.so"))
     model(torch.rand(2, 1, 28, 28)).sum().backward()  # a training step: now each kernel is built
     assert len(compiles) == 4 and len(list(fresh_cache.glob("*.so"))) == 4
+
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd0c
+
+"""
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512_bf16
+bugs\t\t: sysret_ss_attrs
+"""
+
+
+def test_cpu_flags_are_read_on_arm_and_x86():
+    assert {"asimd", "asimddp", "atomics"} <= parse_cpu_flags(ARM_CPUINFO)
+    assert {"avx2", "avx512_bf16"} <= parse_cpu_flags(X86_CPUINFO)
+    assert "sysret_ss_attrs" not in parse_cpu_flags(X86_CPUINFO)
+    assert parse_cpu_flags("") == frozenset()
