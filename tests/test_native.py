@@ -2,6 +2,7 @@
 thread counts, and when a kernel is reached, built and refused."""
 
 import copy
+import hashlib
 import os
 import subprocess
 import sys
@@ -54,9 +55,9 @@ def fresh_cache(monkeypatch, tmp_path):
 def assert_close(got, fp32, exact, name):
     """The kernel's float32 result ``got`` is at most twice as far from the float64 result ``exact`` as PyTorch's
     float32 result ``fp32`` is, plus 8 float32 ulps of the largest value: the kernels add in another order (per
-    thread, in vectors of eight) and their exp is within 2 ulp. Measured here: at most 3.4x PyTorch's error, or
-    11 ulps of the largest value. A wrong kernel (a term left out, a wrong index) is off by a good part of the
-    values themselves, about 10^5 times more."""
+    thread, in vectors of eight) and their exp is within 2 ulp. Measured here: at most 3.4 times PyTorch's error
+    and 11 ulps of the largest value. A wrong index or a missing term is off by a good part of the values; even
+    the exp polynomial's x^2 coefficient changed by 1e-4 fails the LSTM comparisons."""
     err = (got.double() - exact).abs().max().item()
     allowed = 2 * (fp32.double() - exact).abs().max().item() + 8 * EPS32 * exact.abs().max().item()
     assert err <= allowed, f"{name}: {err:.3g} from the float64 result, more than {allowed:.3g}"
@@ -174,10 +175,11 @@ torch.save([*conv, *norm], sys.argv[2])
 """
 
 
-def _child_env(**extra):
-    """The environment of a child process that imports this kiln."""
+def _child(code, *args, **env):
+    """Run ``code`` in a child Python process that imports this kiln, with ``env`` added to the environment."""
     src = str(Path(kiln.__file__).parents[1])
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), **extra}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_gradients_are_right_when_openmp_grants_fewer_threads(kernel_cache, tmp_path):
@@ -187,8 +189,8 @@ def test_gradients_are_right_when_openmp_grants_fewer_threads(kernel_cache, tmp_
     norm_in = [torch.randn(40, 50, generator=gen), torch.randn(40, 50, generator=gen),
                torch.rand(50, generator=gen) + 0.5, torch.rand(50, generator=gen), torch.randn(40, 50, generator=gen)]
     torch.save([conv_in, norm_in], tmp_path / "in.pt")
-    subprocess.run([sys.executable, "-c", OMP_LIMITED, tmp_path / "in.pt", tmp_path / "out.pt"], check=True,
-                   timeout=120, env=_child_env(OMP_THREAD_LIMIT="1"))
+    child = _child(OMP_LIMITED, tmp_path / "in.pt", tmp_path / "out.pt", OMP_THREAD_LIMIT="1")
+    assert child.returncode == 0, child.stderr
     got = torch.load(tmp_path / "out.pt")
     refs = []
     for dtype in (torch.float32, torch.float64):
@@ -266,3 +268,85 @@ def test_cpu_flags_are_read_on_arm_and_x86():
     assert {"avx2", "avx512_bf16"} <= parse_cpu_flags(X86_CPUINFO)
     assert "sysret_ss_attrs" not in parse_cpu_flags(X86_CPUINFO)
     assert parse_cpu_flags("") == frozenset()
+
+
+def _built_kernel(cache: Path) -> Path:
+    """The file of the convpool kernel for 8 filters, built into ``cache``."""
+    assert native.load(1, 3, 3, 8, 2)[0] is not None
+    (path,) = cache.glob("convpool-*.so")
+    return path
+
+
+# A fresh process that loads that kernel and runs it, as `kiln train` or `kiln predict` would.
+LOAD_AND_RUN = """
+import torch
+from kiln.nn import native
+lib, how = native.load(1, 3, 3, 8, 2)
+print(how)
+out = torch.empty(2, 13, 13, 8)
+lib.convpool_forward(torch.rand(2, 1, 28, 28), torch.randn(9, 8), torch.zeros(8), out,
+                     torch.empty(out.shape, dtype=torch.uint8), 2, 28, 28, 1, 1)
+"""
+
+PLANTED = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("KILN_TEST_MARKER"), "w");
+    if (f) fclose(f);
+}
+"""
+
+
+def test_a_planted_library_is_never_loaded_and_the_kernel_is_rebuilt(fresh_cache, tmp_path):
+    target = _built_kernel(fresh_cache)
+    built = target.read_bytes()
+    (tmp_path / "planted.c").write_text(PLANTED)
+    subprocess.run(["gcc", "-shared", "-fPIC", tmp_path / "planted.c", "-o", target], check=True)
+    marker = tmp_path / "marker"
+    child = _child(LOAD_AND_RUN, KILN_TEST_MARKER=str(marker))
+    assert not marker.exists(), "the planted library's constructor ran"
+    assert child.returncode == 0, child.stderr
+    assert "native C kernel" in child.stdout and target.read_bytes() == built
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated"])
+def test_a_damaged_library_is_rebuilt_and_nothing_dies(fresh_cache, damage):
+    target = _built_kernel(fresh_cache)
+    built = target.read_bytes()
+    target.write_bytes({"empty": b"", "garbage": os.urandom(len(built)), "truncated": built[: len(built) // 2]}[damage])
+    child = _child(LOAD_AND_RUN)
+    assert child.returncode == 0, f"exit {child.returncode}: {child.stderr}"  # a truncated one gave SIGBUS (-7)
+    assert "native C kernel" in child.stdout and target.read_bytes() == built
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757], ids=["group-writable", "others-writable"])
+def test_a_cache_folder_others_can_write_is_refused(fresh_cache, mode):
+    fresh_cache.mkdir(parents=True)
+    fresh_cache.chmod(mode)
+    with pytest.warns(RuntimeWarning, match="writable by group or others"):
+        lib, how = native.load(1, 3, 3, 8, 2)
+    assert lib is None and f"chmod go-w {fresh_cache}" in how  # the PyTorch path, and how to fix it
+    assert list(fresh_cache.iterdir()) == []  # nothing built into it, nothing loaded from it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving the folder to another user needs root")
+def test_a_cache_folder_of_another_user_is_refused(fresh_cache):
+    fresh_cache.mkdir(parents=True, mode=0o700)
+    os.chown(fresh_cache, 65534, 65534)
+    with pytest.warns(RuntimeWarning, match="belongs to another user"):
+        assert native.load(1, 3, 3, 8, 2)[0] is None
+
+
+def test_the_cache_folder_is_created_private_with_a_record_per_library(fresh_cache):
+    target = _built_kernel(fresh_cache)
+    assert fresh_cache.stat().st_mode & 0o777 == 0o700
+    record = target.with_name(target.name + ".sha256").read_text()
+    assert record == hashlib.sha256(target.read_bytes()).hexdigest()
+
+
+def test_a_checked_library_is_loaded_again_without_compiling(fresh_cache, monkeypatch):
+    _built_kernel(fresh_cache)
+    monkeypatch.setattr(native, "_loaded", {})  # as in a new process
+    monkeypatch.setattr(native.subprocess, "run", lambda *a, **k: pytest.fail("compiled again"))
+    assert native.load(1, 3, 3, 8, 2)[0] is not None

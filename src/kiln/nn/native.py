@@ -13,10 +13,10 @@ PyTorch runs as many small, memory-bound operators.
 
 The C sources are package data in ``kiln/nn/kernels/`` (each ``<kind>.c`` includes the shared vector math of
 ``vecmath.h``). Each is compiled once per machine and shape into the kiln cache (``-O3 -march=native``: the
-machine that compiles is the one that runs it; the shape is a compile-time constant, so loops unroll)
-and loaded with ctypes, which releases Python's lock during a call. Where there is no C compiler, or
-compiling fails, the loaders return ``None`` with the reason (also given as a warning) and callers keep
-the PyTorch path.
+machine that compiles is the one that runs it; the shape is a compile-time constant, so loops unroll),
+checked there before each load (``kiln.nn.native_cache``) and loaded with ctypes, which releases Python's
+lock during a call. Where there is no C compiler, or compiling or loading fails, the loaders return ``None``
+with the reason (also given as a warning) and callers keep the PyTorch path.
 
 The C code reads raw memory: a kernel applies only to plain float32 CPU tensors (``eligible``), and every
 call checks each buffer's dtype, device and layout first (``Kernel``), so that a bf16 tensor from autocast,
@@ -40,6 +40,7 @@ from types import SimpleNamespace
 import torch
 
 from kiln.hardware import cpu_flags
+from kiln.nn import native_cache
 
 # -fno-math-errno: math functions need not set errno, so that loops calling expf can be vectorised.
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-fopenmp", "-fno-math-errno"]
@@ -99,20 +100,20 @@ def sources(kind: str) -> dict[str, str]:
     return {"kernel.c": (kernels / f"{kind}.c").read_text(), HEADER: (kernels / HEADER).read_text()}
 
 
-def _compile(target: Path, files: dict[str, str], defines: list[str]) -> None:
+def _compile(files: dict[str, str], defines: list[str]) -> bytes:
+    """The shared library built from ``files``, as bytes; compiled in a private temporary folder."""
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="kiln-native-") as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
-        out = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, *defines, str(Path(tmp) / "kernel.c"), "-o", str(out)],
+        # Relative names: the temporary folder's name stays out of the library, so one source gives one file.
+        done = subprocess.run([compiler, *FLAGS, *defines, "kernel.c", "-o", "kernel.so"], cwd=tmp,
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:300]}")
-        os.replace(out, target)  # atomic: a concurrent process sees the whole library or none
+        return (Path(tmp) / "kernel.so").read_bytes()
 
 
 def build(kind: str, defines: dict[str, int | float],
@@ -132,19 +133,17 @@ def _build(kind: str, defines: list[str], functions: dict[str, str]) -> tuple[Si
     files = sources(kind)
     # -march=native code is for this CPU only: its flags are part of the name, as are the sources and the shape.
     key = "".join(files.values()) + " ".join(FLAGS + defines) + " ".join(sorted(cpu_flags())) + platform.machine()
-    target = cache_dir() / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    name = f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     try:
-        if not target.is_file():
-            _compile(target, files, defines)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        lib = native_cache.load(cache_dir(), name, lambda: _compile(files, defines))
+        kernels = {fn: Kernel(getattr(lib, fn), fn, signature) for fn, signature in functions.items()}
+    except Exception as e:  # whatever goes wrong with a kernel, the PyTorch path runs
         how = f"native kernel unavailable ({e})"
         # Kernels are built at first use, inside a training step or a prediction: a warning is how the reason
         # reaches the user.
         warnings.warn(f"kiln: {kind} {how}; the PyTorch operators run instead", RuntimeWarning)
         return None, how
-    kernels = {name: Kernel(getattr(lib, name), name, signature) for name, signature in functions.items()}
-    return SimpleNamespace(**kernels), f"native C kernel ({target.name})"
+    return SimpleNamespace(**kernels), f"native C kernel ({name})"
 
 
 MAX_FILTERS = 256  # the kernel keeps a position's sums on the stack
