@@ -277,6 +277,14 @@ def _built_kernel(cache: Path) -> Path:
     return path
 
 
+def _replace(target: Path, content: bytes) -> None:
+    """A new file with ``content`` in place of ``target``. Not written in place: this process has the library
+    loaded, and truncating its pages would kill it with SIGBUS."""
+    new = target.with_name("replacement")
+    new.write_bytes(content)
+    os.replace(new, target)
+
+
 # A fresh process that loads that kernel and runs it, as `kiln train` or `kiln predict` would.
 LOAD_AND_RUN = """
 import torch
@@ -302,7 +310,8 @@ def test_a_planted_library_is_never_loaded_and_the_kernel_is_rebuilt(fresh_cache
     target = _built_kernel(fresh_cache)
     built = target.read_bytes()
     (tmp_path / "planted.c").write_text(PLANTED)
-    subprocess.run(["gcc", "-shared", "-fPIC", tmp_path / "planted.c", "-o", target], check=True)
+    subprocess.run(["gcc", "-shared", "-fPIC", tmp_path / "planted.c", "-o", tmp_path / "planted.so"], check=True)
+    _replace(target, (tmp_path / "planted.so").read_bytes())
     marker = tmp_path / "marker"
     child = _child(LOAD_AND_RUN, KILN_TEST_MARKER=str(marker))
     assert not marker.exists(), "the planted library's constructor ran"
@@ -314,7 +323,7 @@ def test_a_planted_library_is_never_loaded_and_the_kernel_is_rebuilt(fresh_cache
 def test_a_damaged_library_is_rebuilt_and_nothing_dies(fresh_cache, damage):
     target = _built_kernel(fresh_cache)
     built = target.read_bytes()
-    target.write_bytes({"empty": b"", "garbage": os.urandom(len(built)), "truncated": built[: len(built) // 2]}[damage])
+    _replace(target, {"empty": b"", "garbage": os.urandom(len(built)), "truncated": built[: len(built) // 2]}[damage])
     child = _child(LOAD_AND_RUN)
     assert child.returncode == 0, f"exit {child.returncode}: {child.stderr}"  # a truncated one gave SIGBUS (-7)
     assert "native C kernel" in child.stdout and target.read_bytes() == built
