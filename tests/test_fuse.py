@@ -79,7 +79,8 @@ def test_native_kernel_matches_plain_blocks_with_ties(fresh_native, conv_fields,
 
 def test_without_a_compiler_the_pytorch_path_runs(fresh_native, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    lib, how = fresh_native.load(1, 3, 3, 8, 2)
+    with pytest.warns(RuntimeWarning, match="PyTorch operators run instead"):
+        lib, how = fresh_native.load(1, 3, 3, 8, 2)
     assert lib is None and "native kernel unavailable" in how
     plain, fused = _pair({"activation": "relu"})
     fuse(fused)

@@ -66,14 +66,10 @@ class ConvPool(nn.Module):
 
 
 def _native_applies(x: torch.Tensor, conv: nn.Conv2d, pool: nn.MaxPool2d) -> bool:
-    """The C kernel covers CPU float32 inputs that need no gradient (a first layer); everything else
-    takes the PyTorch path."""
-    if type(x) is not torch.Tensor or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False  # exporters and tracers record PyTorch operators; they cannot see into the C kernel
-    if not (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
-            and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
-        return False
-    return _native_kernel(conv, pool)[0] is not None
+    """The C kernel covers CPU float32 inputs that need no gradient (a first layer, ``native.eligible``);
+    everything else takes the PyTorch path."""
+    params = [conv.weight] if conv.bias is None else [conv.weight, conv.bias]
+    return native.eligible(x, *params) and not x.requires_grad and _native_kernel(conv, pool)[0] is not None
 
 
 def _native_kernel(conv: nn.Conv2d, pool: nn.MaxPool2d):
@@ -102,8 +98,7 @@ class NativeConvPool(torch.autograd.Function):
         bias_t = bias.detach().contiguous() if bias is not None else torch.zeros(f)
         out = torch.empty(b, (h - kh + 1) // p, (w - kw + 1) // p, f)
         arg = torch.empty(out.shape, dtype=torch.uint8)
-        lib.convpool_forward(x.data_ptr(), wt.data_ptr(), bias_t.data_ptr(), out.data_ptr(), arg.data_ptr(),
-                             b, h, w, torch.get_num_threads(), relu)
+        lib.convpool_forward(x, wt, bias_t, out, arg, b, h, w, torch.get_num_threads(), relu)
         ctx.save_for_backward(x, arg, out)
         ctx.p, ctx.weight_shape, ctx.has_bias, ctx.relu = p, weight.shape, bias is not None, relu
         return out
@@ -117,8 +112,7 @@ class NativeConvPool(torch.autograd.Function):
         g = grad.contiguous()
         dw = torch.empty(c * kh * kw, f)
         db = torch.empty(f)
-        lib.convpool_backward(x.data_ptr(), g.data_ptr(), arg.data_ptr(), out.data_ptr(), dw.data_ptr(),
-                              db.data_ptr(), b, h, w, torch.get_num_threads(), ctx.relu)
+        lib.convpool_backward(x, g, arg, out, dw, db, b, h, w, torch.get_num_threads(), ctx.relu)
         return None, dw.t().reshape(ctx.weight_shape), db if ctx.has_bias else None, None, None
 
 
@@ -176,10 +170,10 @@ def fuse(model: nn.Module) -> list[str]:
             conv, pool = blocks[i].conv, blocks[i + 1]
             blocks[i] = ConvPool(conv, isinstance(blocks[i].act, nn.ReLU), pool)
             blocks[i + 1] = nn.Identity()
-            how = _native_kernel(conv, pool)[1]
-            done.append(f"blocks {i}-{i + 1}: conv2d+maxpool2d fused; first-layer training steps in one pass "
-                        f"of a C kernel where available ({how}), else patch matmul, channels-last pool, "
-                        "ReLU after pool")
+            # Nothing is compiled here: a run loaded for serving may never call the kernel.
+            done.append(f"blocks {i}-{i + 1}: conv2d+maxpool2d fused; a first layer in one pass of a C kernel where "
+                        "it applies (float32 CPU, pool stride = size; built at first use), else patch matmul, "
+                        "channels-last pool, ReLU after pool")
     for name, module in model.named_modules():
         if type(module) is Recurrent and native_lstm.covers(module.rnn):
             module.__class__ = NativeRecurrent  # same parameters and keys; only `forward` differs
