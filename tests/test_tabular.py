@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,12 @@ def test_train_reload_predict_rows_and_csv(table_csv: Path, tmp_path: Path, caps
 
     rows_csv = write_csv(tmp_path / "rows.csv", synthetic_rows(20, seed=5))
     assert main(["predict", str(run.path), str(rows_csv), "--out", str(tmp_path / "pred.csv")]) == 0
+    # A header-only file, and an empty value where training saw none (a server refuses that row too).
+    empty = write_csv(tmp_path / "empty.csv", [])
+    no_age = write_csv(tmp_path / "no_age.csv", [["x", "", 50000, "Zurich", "yes", "DE", "low"]])
+    for bad, fragment in ((empty, "holds no rows"), (no_age, "line 2: column 'age' is empty")):
+        assert main(["predict", str(run.path), str(bad)]) == 2
+        assert fragment in capsys.readouterr().err
     written = list(csv.DictReader(open(tmp_path / "pred.csv")))
     assert len(written) == 20 and written[0]["id"] == "id-00000"
     assert [r["prediction"] for r in written] == [r["prediction"] for r in by_rows]
@@ -237,6 +244,41 @@ def test_regression_task(tmp_path: Path) -> None:
     bad = {**cfg, "model": {"blocks": [{"type": "tabular_encoder"}, {"type": "classifier"}]}}
     with pytest.raises(kiln.ConfigError, match="task is regression; end the model with `regressor`"):
         kiln.train(bad, out=tmp_path / "run2", live=False)
+
+
+def test_a_diverging_loss_stops_training_with_the_step_and_marks_the_run_failed(tmp_path: Path, capsys) -> None:
+    """SGD at lr 10 on a regression: the loss is infinite by the fourth step. Training must stop there with an
+    error that names the step and what to try, exit 2 from the CLI, and mark the run failed (it was completed)."""
+    rnd = random.Random(1)
+    rows = [[x := rnd.uniform(0, 10), rnd.choice("AB"), 3 * x + rnd.gauss(0, 0.5)] for _ in range(200)]
+    path = write_csv(tmp_path / "reg.csv", rows, ["x", "g", "y"])
+    cfg = {"name": "diverge", "data": {"dataset": "tabular", "path": str(path), "target": "y"},
+           "model": {"blocks": [{"type": "tabular_encoder"}, {"type": "dense", "units": 16, "activation": "relu"},
+                                {"type": "regressor"}]},
+           "train": {"epochs": 3, "batch_size": 16, "optimizer": {"name": "sgd", "lr": 10.0}, "threads": 1}}
+    config = tmp_path / "diverge.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: the loss became (inf|nan) at step \d+ \(epoch 1\)", err), err
+    assert "train.optimizer.lr" in err and "Traceback" not in err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "the loss became" in manifest["error"]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_tables_too_small_or_empty_are_refused_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    header_only = write_csv(tmp_path / "header.csv", [])
+    two_rows = write_csv(tmp_path / "two.csv", synthetic_rows(2))
+    only_target = write_csv(tmp_path / "target.csv", [[r[-1]] for r in synthetic_rows(50)], ["risk"])
+    for path, fragment in ((header_only, "holds no rows"), (two_rows, "leaves no test rows"),
+                           (only_target, "no column is left to predict 'risk' from")):
+        config = tmp_path / f"{path.stem}.yaml"
+        config.write_text(yaml.safe_dump(tabular_config(path)))
+        assert main(["train", str(config), "--out", str(tmp_path / path.stem)]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err, err
+        assert not (tmp_path / path.stem).exists()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 import kiln.data  # noqa: F401  (fills the kinds-of-data registry the data section is made from)
 import kiln.nn.blocks  # noqa: F401  (fills the block registry the model section is made from)
@@ -105,6 +105,7 @@ class TrainConfig(StrictModel):
     l1: NonNegativeFloat = 0.0  # penalty on the sum of absolute weights
     l2: NonNegativeFloat = 0.0  # penalty on the sum of squared weights (added to the loss)
     grad_clip: PositiveFloat | None = None  # largest global gradient norm
+    max_nonfinite_steps: NonNegativeInt = 0  # steps with a NaN or infinite loss skipped before training stops
     early_stopping: EarlyStoppingConfig | None = None
     hard_examples: HardExamplesConfig | None = None  # later epochs on the samples that are still hard
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

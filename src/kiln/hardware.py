@@ -1,8 +1,12 @@
-"""What this machine's CPU can do, read once from the operating system."""
+"""What this machine can do and what this process may use of it, read from the operating system: the CPU's
+features, the CPUs and memory a process may use (its affinity, and a container's control-group limits)."""
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+from pathlib import Path
 
 
 @functools.cache
@@ -23,3 +27,56 @@ def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
         if colon and name.strip() in ("flags", "Features"):
             return frozenset(value.split())
     return frozenset()
+
+
+# Control-group files that limit a container's CPUs and memory (v2 first, then v1), relative to /sys/fs/cgroup.
+CPU_QUOTA_FILES = ("cpu.max", "cpu/cpu.cfs_quota_us", "cpu,cpuacct/cpu.cfs_quota_us")
+MEMORY_LIMIT_FILES = ("memory.max", "memory/memory.limit_in_bytes")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(read=None) -> float | None:
+    """CPUs' worth of time the control group allows per period (e.g. 1.5), or None when unlimited. ``read``
+    maps a file name under /sys/fs/cgroup to its text, or None where it does not exist (a seam for tests)."""
+    read = read or _read_cgroup
+    v2 = read("cpu.max")  # "<quota> <period>" in microseconds, or "max <period>"
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+        return None if quota == "max" or not period.strip().isdigit() else int(quota) / int(period)
+    for name in CPU_QUOTA_FILES[1:]:
+        quota = read(name)
+        period = read(name.replace("cfs_quota_us", "cfs_period_us"))
+        if quota is not None and period is not None:
+            return None if int(quota) <= 0 else int(quota) / int(period)
+    return None
+
+
+def usable_cpus(read=None) -> tuple[int, str]:
+    """How many CPUs this process can really use, and why: the CPUs it may run on (its affinity), fewer when
+    the control group's quota allows less time (containers see every core of the host but may use few)."""
+    try:
+        cpus, why = len(os.sched_getaffinity(0)), "CPUs this process may run on"
+    except AttributeError:  # no affinity on this platform
+        cpus, why = os.cpu_count() or 1, "CPUs of the machine"
+    quota = cpu_quota(read)
+    if quota is not None and quota < cpus:
+        return max(1, math.floor(quota)), f"the container's CPU quota ({quota:g} CPUs)"
+    return cpus, why
+
+
+def memory_bytes(read=None) -> int:
+    """Memory this process may use: the machine's, or the control group's limit when lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    read = read or _read_cgroup
+    for name in MEMORY_LIMIT_FILES:
+        limit = read(name)
+        if limit is not None and limit.strip().isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def _read_cgroup(name: str) -> str | None:
+    try:
+        return (CGROUP_ROOT / name).read_text().strip()
+    except OSError:
+        return None

@@ -9,7 +9,7 @@ import io
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, create_model
 
 from kiln.data.pixels import fit_image
 from kiln.errors import InputError
@@ -35,7 +35,7 @@ class ImageInputs:
     def __init__(self, shape: tuple[int, int, int]) -> None:
         self.shape = tuple(shape)  # (C, H, W)
         c, h, w = self.shape
-        pixel = Annotated[float, Field(ge=0, le=255)]
+        pixel = Annotated[float, Strict(), Field(ge=0, le=255)]  # a number: not "12", not true
         row = Annotated[list[pixel], Field(min_length=w, max_length=w)]
         plane = Annotated[list[row], Field(min_length=h, max_length=h)]
         array = plane if c == 1 else Annotated[list[plane], Field(min_length=c, max_length=c)]

@@ -165,7 +165,12 @@ def resolve(cfg, kind: DataKind):
         if b.type in HEADS and kind.task not in HEADS[b.type]:
             head = next(h for h, tasks in HEADS.items() if kind.task in tasks)
             raise ConfigError(f"model.blocks.{i} ({b.type}): the task is {kind.task}; end the model with `{head}`")
-        unset = {k: v for k, v in fill.get(b.type, {}).items() if getattr(b, k) is None}
+        decided = fill.get(b.type, {})
+        for k, v in decided.items():
+            if getattr(b, k) is not None and getattr(b, k) != v:
+                raise ConfigError(f"model.blocks.{i}.{k}: {b.type} has {k} {getattr(b, k)!r} but the data gives "
+                                  f"{v!r}; leave it unset to take the data's")
+        unset = {k: v for k, v in decided.items() if getattr(b, k) is None}
         blocks.append(b.model_copy(update=unset) if unset else b)
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"blocks": blocks})})
 
@@ -181,8 +186,10 @@ def find_data(path: str | None, root: str | None, what: str) -> Path:
         *([Path(os.environ["KILN_DATA"]) / given] if os.environ.get("KILN_DATA") else []),
     ]
     for candidate in candidates:
-        if candidate.exists():
+        if candidate.is_file() or candidate.is_dir():
             return candidate
+        if candidate.exists():  # a device, a pipe, a socket: /dev/zero would be read for ever
+            raise DataError(f"data.path {path!r}: {candidate} is not a regular file or folder")
     raise DataError(f"data.path {path!r}: not found (looked at {', '.join(map(str, candidates))}); give {what} "
                     "relative to data.root, the current directory or $KILN_DATA")
 

@@ -119,6 +119,18 @@ class Preprocessing:
 
     # ---- applying ----------------------------------------------------------------------------------
 
+    def check_complete(self, table: Table) -> None:
+        """Refuse a missing value in a column that had none in the training rows: the model never learnt what one
+        means there (a server refuses such a row too). Columns that had missing values take them."""
+        for c in self.columns:
+            values = table.columns.get(c.name)
+            if c.missing or values is None:
+                continue
+            for i, v in enumerate(values):
+                if v is None:
+                    raise DataError(f"{table.source}, {table.where[i]}: column {c.name!r} is empty, and it had no "
+                                    "missing values in training: give a value")
+
     def transform(self, table: Table) -> torch.Tensor:
         """Raw rows to model input, float32 (N, features); unseen categories become "unknown"."""
         for c in self.numeric + self.categorical:
@@ -213,6 +225,10 @@ def fit(table: Table, target: str, task: str, overrides: dict[str, str], positiv
         kind, reason = (overrides[name], "set in data.columns") if name in overrides else infer_type(values)
         column = _fit_column(Column(name, kind, reason, missing=sum(v is None for v in values)), table)
         (dropped if kind == "drop" else kept).append(column)
+    if not kept:
+        why = "; ".join(f"{c.name}: {c.reason}" for c in dropped) or "the target is its only column"
+        raise DataError(f"{table.source}: no column is left to predict {target!r} from ({why}); give input "
+                        "columns, or declare one's type with data.columns")
     return Preprocessing(fit_target(table, target, task, positive), kept), dropped
 
 

@@ -44,9 +44,13 @@ def cell(value: object) -> str | None:
 
 
 def read_table(path: Path) -> Table:
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return _read_parquet(path)
-    return _read_csv(path)
+    """A CSV or Parquet file's rows; a DataError naming the file and line for anything malformed or empty."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file" if not path.exists() else f"{path} is not a regular file")
+    table = _read_parquet(path) if path.suffix.lower() in (".parquet", ".pq") else _read_csv(path)
+    if not len(table):
+        raise DataError(f"{path} names its columns ({', '.join(table.columns)[:200]}) but holds no rows")
+    return table
 
 
 def rows_to_table(rows: list[dict], source: str = "rows") -> Table:

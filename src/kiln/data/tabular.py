@@ -87,9 +87,10 @@ class Tabular(DataKind):
         full = fit_target(table, cfg.target, cfg.task, cfg.positive)  # the task and positive class, from all rows
         task = full.task
         self.rows = split_indices(table, cfg.target, task, cfg, seed)
-        if not self.rows[0]:
-            raise DataError(f"data: {table.source} has {len(table)} rows, which leaves no training rows; "
-                            "lower data.test_fraction or data.val_fraction")
+        for rows, part, fix in ((self.rows[0], "training", "lower data.test_fraction or data.val_fraction"),
+                                (self.rows[2], "test", "raise data.test_fraction, or give more rows")):
+            if not rows:
+                raise DataError(f"data: {table.source} has {len(table)} rows, which leaves no {part} rows; {fix}")
         positive = full.classes[1] if task == "binary" else None
         self.prep, self.dropped = fit(table.take(self.rows[0]), cfg.target, task, cfg.columns, positive)
 
@@ -160,6 +161,7 @@ class Tabular(DataKind):
     def predict_table(self, run, table: Table) -> list[dict[str, Any]]:
         """One dict per row: ``prediction`` and, for classification, ``probability_<class>`` per class.
         A binary prediction is the positive class when its probability reaches the run's threshold."""
+        self.prep.check_complete(table)
         out = run.predict(self.prep.transform(table))
         if self.task == "regression":
             return [{"prediction": float(v)} for v in out]

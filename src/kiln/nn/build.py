@@ -9,6 +9,7 @@ from torch import nn
 
 import kiln.nn.blocks  # noqa: F401  (registers every block)
 from kiln.errors import ConfigError
+from kiln.hardware import memory_bytes
 from kiln.nn.base import BlockSpec, Shape, count_params
 
 
@@ -41,9 +42,30 @@ class KilnModel(nn.Module):
 
 
 def build_model(specs: list[BlockSpec], input_shape: Shape) -> KilnModel:
-    """Build each block on the shape the previous one produces; errors name the block's config path."""
+    """Build each block on the shape the previous one produces; errors name the block's config path.
+
+    The model is first built without memory (on PyTorch's meta device, which draws no random numbers), so
+    that a size no machine could hold is an error naming the block rather than an allocator failure."""
     if not specs:
         raise ConfigError("model.blocks: the model has no blocks; list at least one")
+    if torch.get_default_device().type != "meta":
+        with torch.device("meta"):
+            _check_size(_build(specs, input_shape))
+    return _build(specs, input_shape)
+
+
+def _check_size(model: KilnModel) -> None:
+    weights = 4 * sum(layer.params for layer in model.layers)  # bytes of float32 weights
+    limit = memory_bytes()
+    if weights > limit:
+        biggest = max(model.layers, key=lambda layer: layer.params)
+        raise ConfigError(f"model.blocks.{biggest.index} ({biggest.type}): the model would have "
+                          f"{weights // 4:.3g} parameters ({weights / 2**30:,.1f} GiB of float32 weights, "
+                          f"{biggest.params:.3g} in this block), more than the {limit / 2**30:.1f} GiB of memory "
+                          "here; make its sizes smaller")
+
+
+def _build(specs: list[BlockSpec], input_shape: Shape) -> KilnModel:
     shape = tuple(input_shape)
     modules: list[nn.Module] = []
     layers: list[LayerInfo] = []

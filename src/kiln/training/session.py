@@ -27,7 +27,7 @@ from kiln.training.checkpoint import load_weights, save_weights
 from kiln.training.metrics import TASK_METRICS, choose_threshold, metrics_line
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
 from kiln.training.progress import TrainProgress
-from kiln.training.trainer import Trainer
+from kiln.training.trainer import Trainer, TrainingDiverged
 from kiln.version import __version__
 
 
@@ -89,6 +89,10 @@ def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = N
         display.close()
         raise RunDirError(f"interrupted; the last checkpoint is in {run_dir.path}. Continue with "
                           f"`{run_dir.resume_hint()}`") from None
+    except TrainingDiverged as e:
+        display.close()
+        run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "failed", "error": str(e)})
+        raise
     _finish(cfg, trainer, manifest)
     return Trained(run_dir, cfg, model.eval(), device, kind)
 

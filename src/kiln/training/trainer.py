@@ -16,7 +16,7 @@ import torch
 
 from kiln.data.kind import DataKind
 from kiln.data.splits import Splits
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, KilnError
 from kiln.nn import KilnModel
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_checkpoint, save_checkpoint
@@ -26,6 +26,10 @@ from kiln.training.optim import backward_and_step, make_optimizer, make_schedule
 from kiln.training.plans import plan_for
 from kiln.training.precision import Precision
 from kiln.training.progress import TrainProgress
+
+
+class TrainingDiverged(KilnError):
+    """The loss became NaN or infinite more often than ``train.max_nonfinite_steps`` allows."""
 
 
 @dataclass
@@ -44,6 +48,7 @@ class TrainState:
     bad_epochs: int = 0  # epochs since the monitored metric last improved
     stopped_early: bool = False
     train_seconds: float = 0.0
+    nonfinite_steps: int = 0  # steps skipped because their loss was NaN or infinite
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch or per-evaluation metrics
 
 
@@ -120,12 +125,34 @@ class Trainer:
             logits = self.model(x)
         logits = logits.float()
         loss = self.objective.loss(logits, y)
+        if not torch.isfinite(loss):  # one read per step: on a CPU the value is there already
+            return self.skip_nonfinite(loss)
         correct, counted = self.objective.counts(logits.detach(), y)
         if self.last_loss is not None:
             self.last_loss[idx] = self.objective.sample_losses(logits.detach(), y)
         backward_and_step(loss + self.penalty(), self.model, self.optimizer, self.scheduler, self.scaler,
                           self.t.grad_clip)
         return loss.detach() * counted, correct, counted
+
+    def skip_nonfinite(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A step whose loss is NaN or infinite is not applied (the schedule still advances); past
+        ``train.max_nonfinite_steps`` of them training stops, naming the step and what to try."""
+        s, t = self.state, self.t
+        s.nonfinite_steps += 1
+        if s.nonfinite_steps > t.max_nonfinite_steps:
+            where = f"step {s.global_step + 1}" + ("" if self.kind.trains_by_steps else f" (epoch {s.epoch + 1})")
+            last = self.run_dir / RunDir.LAST
+            raise TrainingDiverged(
+                f"the loss became {float(loss.detach())} at {where}, after {s.nonfinite_steps - 1} such steps were "
+                f"skipped (train.max_nonfinite_steps: {t.max_nonfinite_steps}); training stopped and the run is "
+                "marked failed" + (f" (its last checkpoint, {last}, is from before)" if last.is_file() else "")
+                + f". Try a lower train.optimizer.lr (it was {self.scheduler.get_last_lr()[0]:.3g} at this step), "
+                "train.grad_clip (e.g. 1.0)" + (", train.precision: fp32" if self.precision.name != "fp32" else "")
+                + ", or look for extreme values in the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        zero = torch.zeros((), device=self.device)
+        return zero, zero.long(), 0
 
     # ---- the loop ------------------------------------------------------------------------------
 
