@@ -238,7 +238,17 @@ SHAPE_CASES = [
                  ["padding: same", "stride 1"], id="same-padding-stride-2"),
     pytest.param(edit(lambda r: r["model"]["blocks"].insert(5, {"type": "positional_encoding", "max_steps": 5})),
                  "model.blocks.5 (positional_encoding)", ["max_steps=5", "13 steps"], id="positions-too-short"),
+    pytest.param(setting(model__blocks__3__units=10**15), "model.blocks.3 (dense)",
+                 ["parameters", "GiB of memory here", "make its sizes smaller"], id="dense-units-1e15"),
 ]
+
+
+def test_a_block_field_the_data_decides_must_agree_with_it() -> None:
+    """classifier classes: 1 on MNIST's ten classes once ended in an IndexError inside the loss."""
+    with pytest.raises(ConfigError) as info:
+        model_of(load_config(setting(model__blocks__7__classes=1)(seed())))
+    assert str(info.value).startswith("model.blocks.7.classes: ") and "data gives 10" in str(info.value)
+    assert model_of(load_config(setting(model__blocks__7__classes=10)(seed())))  # agreeing is fine
 
 
 @pytest.mark.parametrize(("mutate", "block", "fragments"), SHAPE_CASES)

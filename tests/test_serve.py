@@ -109,6 +109,8 @@ def bad_requests(client):
     yield "wrong shape", post("/v1/predict", json={"instances": [{"pixels": [[0] * 27] * 28}]}), 422, "invalid_request"
     yield "flat pixels", post("/v1/predict", json={"instances": [{"pixels": [0] * 784}]}), 422, "invalid_request"
     yield "wrong type", post("/v1/predict", json={"instances": [{"pixels": [["a"] * 28] * 28}]}), 422, "invalid_request"
+    yield "number as text", post("/v1/predict", json={"instances": [{"pixels": [["12"] * 28] * 28}]}), 422, "invalid_request"
+    yield "boolean pixel", post("/v1/predict", json={"instances": [{"pixels": [[True] * 28] * 28}]}), 422, "invalid_request"
     yield "pixel over 255", post("/v1/predict", json={"instances": [{"pixels": [[256] * 28] * 28}]}), 422, "invalid_request"
     yield "negative pixel", post("/v1/predict", json={"instances": [{"pixels": [[-1] * 28] * 28}]}), 422, "invalid_request"
     yield "unit scale over 1", post("/v1/predict", json={"instances": [{"pixels": [[2] * 28] * 28, "scale": "unit"}]}), 422, "invalid_input"

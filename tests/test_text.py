@@ -142,6 +142,15 @@ def test_weight_tying_shares_one_matrix():
     assert sum(p.numel() for p in model.parameters()) < sum(v.numel() for v in model.state_dict().values())
 
 
+def test_a_data_path_that_is_no_regular_file_is_refused_at_once(tmp_path, capsys):
+    """/dev/zero as a corpus once grew to 3 GB before it was killed: only regular files and folders are read."""
+    config = tmp_path / "zero.yaml"
+    config.write_text(yaml.safe_dump(lm_config("/dev/zero")))
+    assert main(["train", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "/dev/zero is not a regular file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_non_causal_block_is_refused_for_a_language_model(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text(CORPUS)
