@@ -154,7 +154,7 @@ def test_every_bad_request_is_a_4xx_json_error_and_the_server_keeps_serving(clie
         seen.append(name)
         ok = client.post("/v1/predict", json={"instances": [{"pixels": GOOD}]})
         assert ok.status_code == 200, f"after {name}: {ok.text[:200]}"
-    assert len(seen) == 31
+    assert len(seen) == 33
     assert "kiln_request_errors_total{code=\"internal\"}" not in client.get("/metrics").text
 
 
