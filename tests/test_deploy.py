@@ -167,3 +167,44 @@ def test_deploy_refuses_an_api_key_variable_that_is_no_variable_name(serve_run, 
     assert main(["deploy", str(serve_run), "--k8s", str(tmp_path / "k8s"), "--api-key-env", "MY-KEY"]) == 2
     assert "not an environment variable name" in capsys.readouterr().err
     assert not (tmp_path / "k8s").exists()
+
+
+def test_no_file_is_read_or_copied_through_a_symbolic_link_in_a_run(table_run, tmp_path, capsys):
+    """A results.json linking to a secret file was once copied into the Docker build context."""
+    import shutil
+
+    run = shutil.copytree(table_run, tmp_path / "run")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password=hunter2\n")
+    (run / "results.json").unlink()
+    (run / "results.json").symlink_to(secret)
+    assert main(["deploy", str(run), "--docker", str(tmp_path / "image")]) == 2
+    assert "results.json is a symbolic link" in capsys.readouterr().err
+    copied = [p for p in (tmp_path / "image").rglob("*") if p.is_file()] if (tmp_path / "image").exists() else []
+    assert not any("hunter2" in p.read_text(errors="replace") for p in copied)
+    assert main(["evaluate", str(run)]) == 2  # the results are read through the same check
+    assert "symbolic link" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["weights-metadata", "preprocessing-missing-field", "preprocessing-wrong-type"])
+def test_damaged_run_files_are_errors_not_tracebacks(table_run, tmp_path, capsys, damage):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = shutil.copytree(table_run, tmp_path / "run")
+    if damage == "weights-metadata":
+        weights = run / "model.safetensors"
+        save_file(load_file(str(weights)), str(weights), metadata={"kiln": "{not json", "info": "{not json"})
+        fragment = "is not a kiln weights file"
+    else:  # a left-out mean once shifted every value silently; a text for a number was a traceback
+        prep = json.loads((run / "preprocessing.json").read_text())
+        if damage == "preprocessing-missing-field":
+            del prep["columns"][0]["mean"]
+        else:
+            prep["columns"][0]["mean"] = "x"
+        (run / "preprocessing.json").write_text(json.dumps(prep))
+        fragment = "is not a kiln table preprocessing file: columns.0"
+    assert main(["evaluate", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err

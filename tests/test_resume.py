@@ -34,7 +34,7 @@ def _config(tmp_path: Path) -> Path:
 def _checkpoint_step(path: Path) -> int | None:
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["state"])["progress"]["global_step"]
+            return json.loads(f.metadata()["kiln"])["state"]["progress"]["global_step"]
     except Exception:
         return None
 
@@ -103,6 +103,33 @@ def test_kill_a_language_model_then_resume_matches_uninterrupted(tmp_path):
     resumed = kiln.train(config, out=tmp_path / "killed", resume=True, live=False)
     _assert_same_run(resumed, reference, "eval")
     assert [r["step"] for r in resumed.dir.read_metrics() if r["kind"] == "eval"] == [0, 20, 40, 60, 80]
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_beginning(mnist_root, tmp_path):
+    """Once a dead end: --resume said start again, a fresh start said use --resume. Resuming now starts it over,
+    and the temporary file of an interrupted checkpoint write is removed."""
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    cfg["train"].update(epochs=1, checkpoint_every=10_000)  # no checkpoint before the end
+    config = tmp_path / "late.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    reference = kiln.train(config, out=tmp_path / "reference", live=False)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", str(config), "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    try:
+        while not (killed / "manifest.json").is_file():  # written as training starts
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (killed / "checkpoints" / "last.safetensors").exists()
+    leftover = killed / "checkpoints" / ".last.safetensors.x1y2.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    resumed = kiln.train(config, out=killed, resume=True, live=False)
+    assert not leftover.exists()
+    _assert_same_run(resumed, reference, "epoch")
 
 
 def test_resume_refuses_a_changed_config(mnist_root, tmp_path):

@@ -1,5 +1,6 @@
 """Real training on real MNIST (small and fast), then evaluate, reload and predict from the run directory."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -146,6 +147,9 @@ def test_same_seed_same_result_and_penalties_shrink_weights(mnist_root, tmp_path
     b = kiln.train(SEED_CONFIG, TINY, out=tmp_path / "b", live=False)
     wa, wb = load_file(str(a.path / "model.safetensors")), load_file(str(b.path / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "one seed must make a CPU run repeatable"
+    # ...and the same bytes: a served model's version is the file's hash (the metadata once came in random order).
+    digest = lambda run: hashlib.sha256((run.path / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    assert digest(a) == digest(b)
 
     c = kiln.train(SEED_CONFIG, {**TINY, "train.l2": 0.05, "train.l1": 1e-4}, out=tmp_path / "c", live=False)
     wc = load_file(str(c.path / "model.safetensors"))

@@ -44,7 +44,16 @@ class RunDir:
         self.path = Path(path)
 
     def __truediv__(self, name: str) -> Path:
-        return self.path / name
+        """The path of the run's file ``name``. A run directory holds its own files only: a symbolic link in it
+        (a results.json pointing at a secret elsewhere) is refused, so nothing is read, served or copied into a
+        deploy folder through one."""
+        path = self.path
+        for part in Path(name).parts:
+            path = path / part
+            if path.is_symlink():
+                raise RunDirError(f"{path} is a symbolic link; kiln reads a run directory's own files only, never "
+                                  "through a link: copy the file there instead")
+        return path
 
     def is_run(self) -> bool:
         return (self / self.MANIFEST).is_file() and (self / self.CONFIG).is_file()
@@ -91,6 +100,17 @@ class RunDir:
             except json.JSONDecodeError:
                 break  # a line cut short by a kill: what follows it was never written
         return records
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete the temporary files of writes a kill interrupted (``atomic_write`` names them ``.<name>.*.tmp``)."""
+        leftovers = [p for folder in (self.path, self.path / "checkpoints") if folder.is_dir()
+                     for p in folder.glob(".*.tmp") if p.is_file() and not p.is_symlink()]
+        for p in leftovers:
+            p.unlink()
+        return leftovers
+
+    def clear_metrics(self) -> None:
+        atomic_write_text(self / self.METRICS, "")
 
     def keep_metrics_until(self, step: int) -> None:
         """On resume: drop records written after the checkpoint we continue from."""

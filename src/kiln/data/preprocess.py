@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from kiln.data.table import Table
 from kiln.errors import DataError
@@ -180,10 +181,13 @@ class Preprocessing:
     def from_json(cls, text: str, source: str = "preprocessing") -> Preprocessing:
         try:
             raw = json.loads(text)
-            if raw.get("format") != FORMAT:
-                raise ValueError(f"format is {raw.get('format')!r}, not {FORMAT!r}")
-            return cls(Target(**raw["target"]), [Column(**c) for c in raw["columns"]])
-        except (ValueError, KeyError, TypeError) as e:
+            if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+                raise ValueError(f"format is {raw.get('format') if isinstance(raw, dict) else None!r}, not {FORMAT!r}")
+            if not isinstance(raw.get("columns"), list):
+                raise ValueError("columns must be a list")
+            return cls(_record(Target, raw.get("target"), "target"),
+                       [_record(Column, c, f"columns.{i}") for i, c in enumerate(raw["columns"])])
+        except ValueError as e:  # pydantic's ValidationError and json's errors are ValueErrors too
             raise DataError(f"{source} is not a kiln table preprocessing file: {e}") from None
 
     @classmethod
@@ -205,6 +209,25 @@ class Preprocessing:
             balance = ", ".join(f"{c} {n} ({n / total:.0%})" for c, n in zip(t.classes, t.counts, strict=True))
             lines.append(f"target {t.name}: {t.task} classification; training rows {balance}")
         return lines
+
+
+def _record(cls, raw: Any, where: str):
+    """A saved Target or Column with every field present and of its type: a field left out of the file is an
+    error, not a default (a missing mean would silently shift every value)."""
+    names = [f.name for f in fields(cls)]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be an object")
+    missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
+    if missing or unknown:
+        raise ValueError(f"{where}: " + "; ".join(f"{what} {', '.join(map(repr, keys))}" for what, keys in (
+            ("missing", missing), ("unknown", unknown)) if keys))
+    hints, values = get_type_hints(cls), {}
+    for n in names:
+        try:
+            values[n] = TypeAdapter(hints[n]).validate_python(raw[n], strict=True)
+        except ValidationError as e:
+            raise ValueError(f"{where}.{n}: {e.errors()[0]['msg'].lower()} (found {raw[n]!r:.40})") from None
+    return cls(**values)
 
 
 def fit(table: Table, target: str, task: str, overrides: dict[str, str], positive: str | None

@@ -23,6 +23,7 @@ from kiln.data.table import Table, read_table, rows_to_table
 from kiln.data.table_inputs import TableInputs
 from kiln.errors import DataError, RunDirError
 from kiln.registry import KINDS
+from kiln.rundir import RunDir
 
 PREPROCESSING = "preprocessing.json"  # in the run directory
 
@@ -78,7 +79,7 @@ class Tabular(DataKind):
         self.dropped: list[Column] = []
         self._table: Table | None = None
         if run_path is not None:
-            saved = run_path / PREPROCESSING
+            saved = RunDir(run_path) / PREPROCESSING
             if not saved.is_file():
                 raise RunDirError(f"{run_path} has no {PREPROCESSING}: it is not a finished table run")
             self.prep = Preprocessing.load(saved)

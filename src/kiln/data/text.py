@@ -30,6 +30,7 @@ from kiln.errors import DataError, KilnError
 from kiln.nn.base import BlockSpec
 from kiln.nn.generate import Sampling, check_left_to_right, generate_ids
 from kiln.registry import KINDS
+from kiln.rundir import RunDir
 
 IGNORE = -100  # target id that the loss and the metrics skip (padding after <eos>)
 TEXT_SUFFIXES = (".txt", ".md", ".text", "")
@@ -67,7 +68,7 @@ class TokenKind(DataKind):
     def __init__(self, cfg: TokenSpec, seed: int, run_path: Path | None = None) -> None:
         super().__init__(cfg, seed)
         if run_path is not None:
-            self.tokenizer, self.extra = load_tokenizer(run_path / FILE)
+            self.tokenizer, self.extra = load_tokenizer(RunDir(run_path) / FILE)
         else:
             self.tokenizer = fit_tokenizer(cfg.tokenizer, self.fit_text(), cfg.vocab_size, self.specials)
             self.extra = self.facts()

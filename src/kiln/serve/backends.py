@@ -116,5 +116,5 @@ def make_backend(name: str, run: Run, threads: int | None = None, example: np.nd
     if name == "torch":
         return TorchBackend(run, threads)
     if name == "onnx":
-        return OnnxBackend(run.path / RunDir.ONNX, run, threads, example)
+        return OnnxBackend(run.dir / RunDir.ONNX, run, threads, example)
     raise KilnError(f"backend must be torch or onnx, not {name!r}")

@@ -81,5 +81,5 @@ def build_state(run_dir: str | Path, settings: ServeSettings) -> AppState:
 
 
 def _weights_version(run: Run) -> str:
-    digest = hashlib.sha256((run.path / RunDir.WEIGHTS).read_bytes()).hexdigest()
+    digest = hashlib.sha256((run.dir / RunDir.WEIGHTS).read_bytes()).hexdigest()
     return digest[:12]

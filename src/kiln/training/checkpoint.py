@@ -1,8 +1,10 @@
 """Checkpoints as safetensors: model weights, and for resuming, optimiser, scheduler and RNG state.
 
-No pickle anywhere: tensors go in the safetensors body, everything else in its JSON metadata.
-A training checkpoint is one file, written atomically, so a kill never leaves weights and
-optimiser state from two different steps.
+No pickle anywhere: tensors go in the safetensors body, everything else in its JSON metadata, as one
+entry (``kiln``: a JSON object with sorted keys). safetensors writes several metadata entries in a random
+order (a hash map), so the same training would write different bytes, and a served model's version (the
+file's hash) would change. A training checkpoint is one file, written atomically, so a kill never leaves
+weights and optimiser state from two different steps.
 """
 
 from __future__ import annotations
@@ -18,26 +20,39 @@ from safetensors.torch import load_file, save
 from kiln.errors import RunDirError
 from kiln.fsutil import atomic_write_bytes
 
-WEIGHTS_FORMAT = "kiln-weights-1"
-CHECKPOINT_FORMAT = "kiln-checkpoint-1"
+WEIGHTS_FORMAT = "kiln-weights-2"
+CHECKPOINT_FORMAT = "kiln-checkpoint-2"
+META_KEY = "kiln"
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu").contiguous().clone()
 
 
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    atomic_write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
+
+
 def save_weights(path: Path, model: torch.nn.Module, info: dict[str, Any] | None = None) -> None:
     tensors = {k: _cpu(v) for k, v in model.state_dict().items()}
-    meta = {"format": WEIGHTS_FORMAT, "info": json.dumps(info or {})}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    _write(path, tensors, {"format": WEIGHTS_FORMAT, "info": info or {}})
 
 
-def read_metadata(path: Path) -> dict[str, str]:
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The file's kiln metadata: ``format``, and ``info`` (weights) or ``state`` (checkpoints)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
+            meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise RunDirError(f"{path} is not a readable safetensors file: {e}") from None
+    try:
+        found = json.loads(meta[META_KEY])
+        if found.get("format") not in (WEIGHTS_FORMAT, CHECKPOINT_FORMAT):
+            raise ValueError(f"format {found.get('format')!r}")
+        return found
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise RunDirError(f"{path} is not a kiln weights file or checkpoint (its metadata: {e}); it may come from "
+                          "another program or an older kiln: train the run again") from None
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -53,7 +68,7 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise RunDirError(f"{path} does not match the model in the run's config: {e}") from None
-    return json.loads(meta.get("info", "{}"))
+    return meta.get("info", {})
 
 
 def _split_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -91,8 +106,7 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rng: dic
         "scaler": scaler.state_dict() if scaler is not None else None,
         "progress": progress,
     }
-    meta = {"format": CHECKPOINT_FORMAT, "state": json.dumps(state)}
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    _write(path, tensors, {"format": CHECKPOINT_FORMAT, "state": state})
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler
@@ -102,7 +116,7 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise RunDirError(f"{path} is not a kiln training checkpoint")
     tensors = load_file(str(path))
-    state = json.loads(meta["state"])
+    state = meta["state"]
     load_weights(path, model)
     device = next(model.parameters()).device
     optim_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")}

@@ -58,8 +58,11 @@ def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = N
     model = build_model(cfg.blocks, kind.input_shape).to(device)
     use_fuse, fuse_reason = pick_fuse(cfg.train.fuse, device)
     execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
+    # A run stopped before its first checkpoint holds no training yet: resuming it starts from the beginning.
+    restart = resume and not (run_dir / RunDir.LAST).is_file()
     if resume:
         check_resumable(run_dir, cfg, saved)
+        run_dir.remove_leftovers()
     else:
         run_dir.check_new()
     display = TrainProgress(cfg.train.epochs if not kind.trains_by_steps else 1, live=live)
@@ -75,7 +78,10 @@ def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = N
         display.log(line)
     manifest = _manifest(cfg, data, device, precision, model, execution)
     run_dir.write_json(RunDir.MANIFEST, manifest)
-    if resume:
+    if restart:
+        run_dir.clear_metrics()
+        display.log(f"resuming {run_dir.path}: it stopped before its first checkpoint, so it starts from the beginning")
+    elif resume:
         trainer.restore()
         display.log(f"resuming {run_dir.path} at step {trainer.state.global_step}")
     display.log(f"training {cfg.name}: {manifest['parameters']:,} parameters, {trainer.plan.describe()}, "
@@ -139,8 +145,6 @@ def check_resumable(run_dir: RunDir, cfg, saved: dict | None) -> None:
     """A run continues only from its own checkpoint and with its own config (but for its length)."""
     if not run_dir.is_run():
         raise RunDirError(f"--resume: {run_dir.path} is not a kiln run directory")
-    if not (run_dir / RunDir.LAST).is_file():
-        raise RunDirError(f"--resume: {run_dir.path} has no checkpoint yet ({RunDir.LAST}); start it again instead")
     saved = saved if saved is not None else yaml.safe_load((run_dir / RunDir.CONFIG).read_text())
     new = cfg.to_dict()
     for d in (saved, new):
