@@ -186,7 +186,10 @@ class Layer(nn.Module):
 
 
 class EncoderLayer(Layer):
-    """The module of a ``transformer_encoder`` block: one bidirectional Layer on its own."""
+    """The module of a ``transformer_encoder`` block: one bidirectional Layer on its own, which keeps what runs
+    of this block wrote before it was one: its parameter order, and its MLP's weights under ``ff.0`` and ``ff.3``."""
+
+    OLD_NAMES = {"ff.0.": "mlp.up.", "ff.3.": "mlp.down."}
 
     def __init__(self, cfg: LayerConfig) -> None:
         super().__init__(cfg)
@@ -197,6 +200,15 @@ class EncoderLayer(Layer):
             module = getattr(self, name)
             delattr(self, name)
             setattr(self, name, module)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Reads weights written under the old names too (PyTorch's own modules migrate their keys here)."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            name = key.removeprefix(prefix)
+            for old, new in self.OLD_NAMES.items():
+                if name.startswith(old):
+                    state_dict[prefix + new + name.removeprefix(old)] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def run_layers(layers: nn.ModuleList, norm: nn.LayerNorm, x, source=None, cache=None, pos=0):  # (B, T, C)
