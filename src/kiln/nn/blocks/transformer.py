@@ -40,7 +40,7 @@ class LayerConfig:
     ff: int  # hidden units of the feed-forward network
     dropout: float = 0.0  # on attention weights and on each sublayer's output before its residual add
     dropout_hidden: bool = False  # on the feed-forward's hidden units too, as PyTorch's encoder layer does
-    norm: str = "pre"  # "pre": LayerNorm on each sublayer's input (GPT-2); "post": on each residual sum
+    norm: Literal["pre", "post"] = "pre"  # LayerNorm on each sublayer's input (GPT-2) or on each residual sum
     activation: str = "gelu"
     bias: bool = True  # in linear layers and layer norms
     init_std: float | None = INIT_STD  # GPT-2: weights N(0, init_std), biases 0; None: PyTorch's default init
@@ -49,8 +49,8 @@ class LayerConfig:
 
     @property
     def residual_std(self) -> float | None:
-        """Init of the projections that write into the residual stream: every layer adds two outputs to it,
-        so GPT-2 scales them by 1 / sqrt(2 * depth) to keep the sum's variance independent of depth."""
+        """Init of the projections that write into the residual stream. Their sum grows with depth (two writes
+        per layer), so GPT-2 scales them by 1 / sqrt(2 * depth)."""
         return None if self.init_std is None else self.init_std / math.sqrt(2 * self.depth)
 
 
@@ -186,8 +186,10 @@ class Layer(nn.Module):
 
 
 class EncoderLayer(Layer):
-    """The module of a ``transformer_encoder`` block: one bidirectional Layer on its own, which keeps what runs
-    of this block wrote before it was one: its parameter order, and its MLP's weights under ``ff.0`` and ``ff.3``."""
+    """The module of a ``transformer_encoder`` block: one bidirectional Layer on its own (and the only layer to
+    which ``kiln.nn.fuse`` gives its attention and add+norm kernels). It keeps two things that runs of this block
+    written before the layers were shared depend on: its parameter order, and its MLP's weights saved as ``ff.0``
+    and ``ff.3``."""
 
     OLD_NAMES = {"ff.0.": "mlp.up.", "ff.3.": "mlp.down."}
 
