@@ -80,3 +80,73 @@ def test_unknown_field_is_rejected_with_suggestion():
 
     with pytest.raises(ValidationError, match="did you mean 'units'"):
         BLOCKS.get("lstm")(type="lstm", unit=5)
+
+
+# ---- the Transformer stack -----------------------------------------------------------------------
+
+def _names(name, fields, in_shape=None):
+    return [n.removeprefix("blocks.0.") for n, _ in _build(name, fields, in_shape)[0].named_parameters()]
+
+
+def _layer(prefix, cross=False, attention_first=False):
+    attn = [f"{prefix}attn.{p}.{w}" for p in ("qkv", "proj") for w in ("weight", "bias")]
+    norm1 = [f"{prefix}norm1.weight", f"{prefix}norm1.bias"]
+    cross = [f"{prefix}cross.{p}.{w}" for p in ("q", "kv", "proj") for w in ("weight", "bias")] + \
+        [f"{prefix}norm_cross.weight", f"{prefix}norm_cross.bias"] if cross else []
+    rest = [f"{prefix}norm2.weight", f"{prefix}norm2.bias"] + \
+        [f"{prefix}mlp.{p}.{w}" for p in ("up", "down") for w in ("weight", "bias")]
+    return (attn + norm1 if attention_first else norm1 + attn) + cross + rest
+
+
+def test_transformer_parameter_names_and_order_stay():
+    """Run directories load weights by these names, and parameter order orders gradient clipping's sum and a
+    checkpoint's optimizer state: changing either changes what older runs load or how they train."""
+    assert _names("transformer_encoder", {"heads": 2, "ff": 12}) == _layer("", attention_first=True)
+    assert _names("transformer_decoder", {"layers": 2, "heads": 2}) == \
+        _layer("layers.0.") + _layer("layers.1.") + ["norm.weight", "norm.bias"]
+    assert _names("encoder_decoder", {"heads": 2, "layers": 1, "source_steps": 5}) == \
+        _layer("encoder.0.") + ["encoder_norm.weight", "encoder_norm.bias"] + _layer("decoder.0.", cross=True) + \
+        ["decoder_norm.weight", "decoder_norm.bias"]
+
+
+def test_transformer_encoder_reads_weights_saved_under_its_old_names():
+    """Runs written before the one Transformer stack named the encoder's feed-forward layers ff.0 and ff.3."""
+    torch.manual_seed(0)
+    model, shape = _build("transformer_encoder", {"heads": 2, "ff": 12})
+    old = {k.replace(".mlp.up.", ".ff.0.").replace(".mlp.down.", ".ff.3."): v for k, v in model.state_dict().items()}
+    assert "blocks.0.ff.3.weight" in old
+    torch.manual_seed(1)
+    fresh, _ = _build("transformer_encoder", {"heads": 2, "ff": 12})
+    fresh.load_state_dict(old)  # strict: every key must be used
+    x = torch.randn(3, *shape)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize(("norm", "act"), [("post", "relu"), ("pre", "gelu")])
+def test_transformer_encoder_computes_pytorchs_encoder_layer(norm, act):
+    """The seed model's layer is the standard one: the same function as torch.nn.TransformerEncoderLayer."""
+    torch.manual_seed(0)
+    model, shape = _build("transformer_encoder", {"heads": 2, "ff": 24, "norm": norm, "activation": act}, (7, 10))
+    ours = model.blocks[0]
+    torch_layer = torch.nn.TransformerEncoderLayer(10, 2, 24, dropout=0.0, activation=act, batch_first=True,
+                                                   norm_first=norm == "pre")
+    with torch.no_grad():
+        attn = torch_layer.self_attn
+        attn.in_proj_weight.copy_(ours.attn.qkv.weight), attn.in_proj_bias.copy_(ours.attn.qkv.bias)
+        attn.out_proj.load_state_dict(ours.attn.proj.state_dict())
+        torch_layer.linear1.load_state_dict(ours.mlp.up.state_dict())
+        torch_layer.linear2.load_state_dict(ours.mlp.down.state_dict())
+        torch_layer.norm1.load_state_dict(ours.norm1.state_dict())
+        torch_layer.norm2.load_state_dict(ours.norm2.state_dict())
+    x = torch.randn(5, *shape)
+    torch.testing.assert_close(model(x), torch_layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_stacks_start_from_gpt2_init_and_the_encoder_from_pytorchs():
+    torch.manual_seed(0)
+    layer = _build("transformer_decoder", {"layers": 8, "heads": 2}, (6, 64))[0].blocks[0].layers[0]
+    assert abs(layer.attn.qkv.weight.std().item() - 0.02) < 0.002 and not layer.attn.qkv.bias.any()
+    assert abs(layer.mlp.down.weight.std().item() - 0.02 / 4) < 0.0005  # residual projections: / sqrt(2 * 8 layers)
+    encoder = _build("transformer_encoder", {"heads": 2, "ff": 128}, (6, 64))[0].blocks[0]
+    assert encoder.attn.qkv.weight.abs().max().item() <= 1 / 8  # nn.Linear's uniform(-1/sqrt(fan_in), ...)
+    assert encoder.attn.qkv.bias.abs().min().item() > 0

@@ -181,6 +181,18 @@ def test_native_add_norm_leaves_pre_norm_dropout_and_tracing_to_pytorch(fresh_na
     assert len(calls) == 2
 
 
+def test_native_attention_and_add_norm_leave_the_transformer_stacks_alone():
+    """The stacks' layers share the encoder's Attention and Layer, but only transformer_encoder layers get the
+    kernels, as before: a loaded text run then computes what its training (never fused) measured."""
+    from kiln.nn.blocks.language import LMHead, PositionalEncoding, TokenEmbedding
+    from kiln.nn.blocks.transformer import Attention, EncoderDecoderSpec, Layer, TransformerDecoder
+
+    for stack in (TransformerDecoder(heads=2, layers=2), EncoderDecoderSpec(heads=2, layers=1, source_steps=5)):
+        model = build_model([TokenEmbedding(width=10, vocab=9), PositionalEncoding(), stack, LMHead(vocab=9)], (9,))
+        assert fuse(model) == []
+        assert {type(m) for m in model.modules() if isinstance(m, Attention | Layer)} == {Attention, Layer}
+
+
 @pytest.mark.parametrize(("units", "steps"), [(50, "all"), (6, "last"), (16, "all")])
 def test_native_lstm_matches_pytorch_lstm(fresh_native, units, steps):
     from kiln.nn.blocks.recurrent import LSTM

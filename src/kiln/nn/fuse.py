@@ -31,7 +31,7 @@ from torch import nn
 from kiln.nn import native, native_attention, native_lstm, native_norm
 from kiln.nn.blocks.conv import ConvBlock
 from kiln.nn.blocks.recurrent import Recurrent
-from kiln.nn.blocks.transformer import EncoderLayer, SelfAttention
+from kiln.nn.blocks.transformer import Attention, EncoderLayer
 
 MAX_PATCH = 32  # values per convolution output (C * kh * kw) up to which the patch matmul wins
 
@@ -129,25 +129,24 @@ def _fusable(conv_block: nn.Module, pool: nn.Module) -> bool:
     )
 
 
-class NativeSelfAttention(SelfAttention):
-    """SelfAttention whose head mixing runs in the C kernel where it applies; the same module otherwise."""
+class NativeSelfAttention(Attention):
+    """The self-attention of a transformer_encoder layer (bidirectional, no positions, no cache), its heads mixed
+    by the C kernel where it applies; the same module otherwise."""
 
-    def mix(self, qkv: torch.Tensor) -> torch.Tensor:
+    def mix(self, qkv: torch.Tensor, cache: dict | None = None, pos: int = 0) -> torch.Tensor:
         if native_attention.applies(qkv, self.heads, self.dropout, self.training):
             return native_attention.NativeAttention.apply(qkv, self.heads)
-        return super().mix(qkv)
+        return super().mix(qkv, cache, pos)
 
 
 class NativeEncoderLayer(EncoderLayer):
     """A post-norm encoder layer whose residual adds and LayerNorms run in the C kernel where it applies
     (no dropout in training); the same module otherwise."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        if (self.pre_norm or (self.training and self.drop.p)
-                or not (native_norm.applies(x, self.norm1) and native_norm.applies(x, self.norm2))):
-            return super().forward(x)
-        x = native_norm.AddNorm.apply(x, self.attn(x), self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        return native_norm.AddNorm.apply(x, self.ff(x), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+    def residual(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        if (self.training and self.drop.p) or not native_norm.applies(x, norm):
+            return super().residual(x, norm, sublayer)
+        return native_norm.AddNorm.apply(x, sublayer(x), norm.weight, norm.bias, norm.eps)
 
 
 class NativeRecurrent(Recurrent):
@@ -179,12 +178,12 @@ def fuse(model: nn.Module) -> list[str]:
             module.__class__ = NativeRecurrent  # same parameters and keys; only `forward` differs
             done.append(f"{name}: LSTM recurrence in a C kernel where it applies (float32 CPU, up to "
                         f"{native_lstm.MAX_UNITS} units), else PyTorch's LSTM")
-        if type(module) is EncoderLayer and not module.pre_norm:
-            module.__class__ = NativeEncoderLayer  # same parameters and keys; only `forward` differs
+        if type(module) is EncoderLayer and module.post_norm:
+            module.__class__ = NativeEncoderLayer  # same parameters and keys; only `residual` differs
             done.append(f"{name}: residual adds and LayerNorms in a C kernel where it applies (float32 CPU, no "
                         f"dropout, width up to {native_norm.MAX_WIDTH}), else PyTorch's")
-        if type(module) is SelfAttention:
-            module.__class__ = NativeSelfAttention  # same parameters and keys; only `mix` differs
-            done.append(f"{name}: attention heads mixed by a C kernel where it applies (float32 CPU, no dropout, "
-                        f"up to {native_attention.MAX_STEPS} steps), else scaled_dot_product_attention")
+        if isinstance(module, EncoderLayer) and type(module.attn) is Attention:  # not the stacks' layers
+            module.attn.__class__ = NativeSelfAttention  # same parameters and keys; only `mix` differs
+            done.append(f"{name}.attn: attention heads mixed by a C kernel where it applies (float32 CPU, no "
+                        f"dropout, up to {native_attention.MAX_STEPS} steps), else scaled_dot_product_attention")
     return done
