@@ -218,12 +218,15 @@ def test_api_keys_that_headers_cannot_carry_are_refused_at_start(serve_run, monk
 
 
 def test_a_model_giving_nan_is_a_server_fault_with_a_log_line(serve_run, tmp_path, caplog):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     broken = shutil.copytree(serve_run, tmp_path / "broken")
     weights = load_file(broken / "model.safetensors")
+    with safe_open(str(broken / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
     weights["blocks.7.bias"][:] = float("nan")  # the output layer
-    save_file(weights, broken / "model.safetensors")
+    save_file(weights, broken / "model.safetensors", metadata=metadata)
     with TestClient(create_app(broken)) as c, caplog.at_level(logging.ERROR, logger="uvicorn.error"):
         resp = c.post("/v1/predict", json={"instances": [{"pixels": GOOD}, {"pixels": GOOD}]})
         metrics = c.get("/metrics").text

@@ -225,6 +225,18 @@ def test_train_reload_predict_rows_and_csv(table_csv: Path, tmp_path: Path, caps
     assert [float(r["probability_high"]) for r in written] == [r["probability_high"] for r in by_rows]
 
 
+def test_train_threads_hold_for_that_training_only(table_csv: Path, tmp_path: Path) -> None:
+    """train.threads once stayed set in the calling process, so one test's training ran later ones single-threaded
+    (and their results, which depend on the thread count, no longer matched a subprocess's)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kiln.train(tabular_config(table_csv, threads=1, epochs=1), out=tmp_path / "run", live=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_regression_task(tmp_path: Path) -> None:
     rnd = random.Random(1)
     rows = [[x := rnd.uniform(0, 10), rnd.choice("AB"), 3 * x + rnd.gauss(0, 0.5)] for _ in range(200)]

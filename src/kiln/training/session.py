@@ -45,7 +45,16 @@ class Trained:
 def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = None,
               live: bool | None = None) -> Trained:
     """Train ``cfg`` (a validated Config) into ``run_dir``; with ``resume``, continue it from its last checkpoint
-    (``saved``: the config it was started with, as a dict)."""
+    (``saved``: the config it was started with, as a dict). ``train.threads`` holds for this training only: the
+    calling process gets its own thread count back."""
+    before = torch.get_num_threads()
+    try:
+        return _train_run(cfg, run_dir, resume, saved, live)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: bool | None) -> Trained:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
