@@ -55,12 +55,13 @@ def pick_precision(requested: str, device: torch.device) -> Precision:
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", "auto: CUDA device with bf16 support", "cuda")
         return Precision("fp16", "auto: CUDA device without bf16; fp16 with loss scaling", "cuda")
-    bf16_flags = sorted(cpu_flags() & BF16_CPU_FLAGS)
-    if bf16_flags:
-        return Precision("bf16", f"auto: CPU with native bf16 matrix units ({', '.join(bf16_flags)})", device.type)
-    # Without them bf16 matrix multiplies fall back to slow paths: 0.3 to 1 GFLOP/s against about 110 GFLOP/s
-    # in fp32 on this project's 2-core AVX2 CPUs.
-    return Precision("fp32", "auto: CPU without AVX-512 BF16 or AMX, where bf16 measured far slower than fp32",
+    if "amx_bf16" in cpu_flags():
+        return Precision("bf16", "auto: CPU with bf16 matrix tiles (amx_bf16)", device.type)
+    # Without AMX tiles, bf16 autocast did not pay on the CPUs measured: without AVX-512 BF16 bf16 matrix
+    # multiplies ran at 0.3 to 1 GFLOP/s against about 110 in fp32; with it (a 2-core EPYC with avx512_bf16:
+    # 415 against 190 GFLOP/s for a 1024^3 matmul) the seed model trained 2x slower (its fp32 C kernels do not
+    # run under autocast) and nanoGPT's CPU configuration no faster (5.5 against 5.1-6.0 s per 150 steps).
+    return Precision("fp32", "auto: fp32 on a CPU without bf16 tiles (AMX), where bf16 measured no faster",
                      device.type)
 
 
@@ -69,9 +70,6 @@ def inference_precision(requested: str, device: torch.device) -> Precision:
     if device.type == "cpu":
         return Precision("fp32", "float32 for inference on the CPU", "cpu")
     return pick_precision(requested, device)
-
-
-BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}  # /proc/cpuinfo names of native bf16 dot products / tiles
 
 
 def pick_fuse(requested: str, device: torch.device) -> tuple[bool, str]:
