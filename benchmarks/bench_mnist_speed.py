@@ -1,13 +1,16 @@
 """Training speed of the seed_hybrid model, side by side: kiln vs a plain eager PyTorch loop vs Keras 3.
 
-Same work for all: 1 epoch (by default) of MNIST's 54,000 training images (kiln's seed-0 split),
-batch 64, Adam 1e-3, fp32 (kiln in its `auto` precision: bf16 only on a CPU with bf16 matrix units, and then a
-kiln-fp32 row runs beside it), then test accuracy on the 10,000 test images. Repetition r initialises and
-shuffles with seed r in every system, so the accuracy median is over seeds. Systems run alternately in
+Same work for all: 1 epoch (by default) of MNIST's 54,000 training images (kiln's seed-0 split; fewer with
+--limit-train), batch 64, Adam 1e-3, fp32 (kiln in its `auto` precision: bf16 only on a CPU with bf16 matrix tiles,
+and then a kiln-fp32 row runs beside it), then test accuracy on the 10,000 test images. Repetition r initialises
+and shuffles with seed r in every system, so the accuracy median is over seeds. Systems run alternately in
 fresh processes, --reps times each; the table gives min / median / max training-loop seconds per epoch
 and the median ratios. Keras needs benchmarks/setup_keras.sh first (it is skipped, with a note, without it).
+--background-load N runs every system beside N processes that keep a CPU busy each (a shared machine).
 
     KILN_DATA=../shared/data .venv/bin/python benchmarks/bench_mnist_speed.py --reps 3
+    KILN_DATA=../shared/data .venv/bin/python benchmarks/bench_mnist_speed.py --reps 3 --limit-train 12800 \
+        --background-load 2
 
 Results also go to benchmarks/results/mnist_speed-<timestamp>.json.
 """
@@ -15,6 +18,7 @@ Results also go to benchmarks/results/mnist_speed-<timestamp>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,7 +33,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KERAS_PYTHON = HERE / ".venv-keras" / "bin" / "python"
-TRAIN_SAMPLES = 54_000
 SEED_CONFIG = ROOT / "examples" / "mnist_seed.yaml"
 
 
@@ -183,17 +186,33 @@ def hardware() -> dict:
     return info
 
 
-def export_data(path: Path) -> None:
-    """The kiln seed-0 split as uint8 arrays, so every system trains on exactly the same samples."""
+def export_data(path: Path, overrides: list[str]) -> int:
+    """The kiln seed-0 split (with kiln's data overrides, e.g. data.limit_train) as uint8 arrays, so every system
+    trains on exactly the same samples; returns how many training samples that is."""
     import numpy as np
 
     from kiln.config import load_config
     from kiln.data.kind import open_kind
 
-    cfg = load_config(SEED_CONFIG)
+    cfg = load_config(SEED_CONFIG, [o for o in overrides if o.startswith("data.")])
     s = open_kind(cfg.data, cfg.seed).load()
     np.savez(path, train_x=s.train_x[:, 0].numpy(), train_y=s.train_y.numpy(),
              test_x=s.test_x[:, 0].numpy(), test_y=s.test_y.numpy())
+    return len(s.train_x)
+
+
+@contextlib.contextmanager
+def background_load(n: int):
+    """``n`` processes that keep a CPU busy each (a machine shared with other work), stopped afterwards."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        if n:
+            time.sleep(1.0)  # they are running before the system under test starts
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
 
 
 def kiln_precision(overrides: list[str]) -> str:
@@ -209,7 +228,7 @@ def kiln_precision(overrides: list[str]) -> str:
 
 
 def run_worker(system: str, epochs: int, seed: int, data_path: Path, overrides: list[str],
-               threads: int | None) -> dict:
+               threads: int | None, load: int = 0) -> dict:
     if system == "kiln-fp32":  # the same kiln run in fp32, beside a faster precision that changes numerics
         system, overrides = "kiln", [*overrides, "train.precision=fp32"]
     if system == "keras":
@@ -222,7 +241,8 @@ def run_worker(system: str, epochs: int, seed: int, data_path: Path, overrides: 
     if threads:
         # Read by PyTorch (OpenMP) and by TensorFlow's intra-op pool; inter-op set in keras_seed.py.
         env.update(OMP_NUM_THREADS=str(threads), KILN_BENCH_THREADS=str(threads))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    with background_load(load):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{system} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -236,6 +256,10 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="kiln config override")
     p.add_argument("--threads", type=int, help="CPU threads for every system (default: each one's own choice); "
                                                "1 keeps a shared, busy machine from distorting the comparison")
+    p.add_argument("--limit-train", type=int, help="train every system on the first N images of MNIST's training "
+                                                   "set (kiln's data.limit_train, then its 10%% validation hold-out)")
+    p.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="run every system beside N processes that each keep a CPU busy (started and stopped here)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -247,6 +271,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if args.limit_train:
+        args.overrides = [*args.overrides, f"data.limit_train={args.limit_train}"]
     systems = args.systems.split(",")
     if "keras" in systems and not KERAS_PYTHON.exists():
         print("note: Keras skipped; run benchmarks/setup_keras.sh to include it", file=sys.stderr)
@@ -257,18 +283,19 @@ def main() -> None:
     results: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "mnist_split.npz"
-        export_data(data_path)
+        train_samples = export_data(data_path, args.overrides)
         for rep in range(args.reps):
             for system in systems:
                 # Repetition r uses seed r in every system: the accuracy spread is over seeds too.
-                r = run_worker(system, args.epochs, rep, data_path, args.overrides, args.threads)
+                r = run_worker(system, args.epochs, rep, data_path, args.overrides, args.threads, args.background_load)
                 results[system].append(r)
                 print(f"rep {rep + 1}/{args.reps} {system:6s} {r['train_seconds'] / args.epochs:7.2f} s/epoch  "
                       f"test acc {r['test_accuracy'] * 100:.2f}%", flush=True)
 
     hw = hardware()
     print(f"\nhardware: {hw}")
-    print(f"config: seed_hybrid, {args.epochs} epoch(s) x {TRAIN_SAMPLES:,} samples, batch 64, Adam 1e-3, "
+    print(f"config: seed_hybrid, {args.epochs} epoch(s) x {train_samples:,} samples, batch 64, Adam 1e-3, "
+          f"beside {args.background_load} busy processes, "
           f"kiln in {kiln_precision(args.overrides)}; "
           f"threads: {args.threads or 'default'}; kiln overrides: {args.overrides or 'none'}")
     for system, rs in results.items():
@@ -280,9 +307,9 @@ def main() -> None:
         secs = sorted(r["train_seconds"] / args.epochs for r in rs)
         med = statistics.median(secs)
         acc = statistics.median(r["test_accuracy"] for r in rs)
-        summary[system] = {"seconds_per_epoch": secs, "median": med, "samples_per_s": TRAIN_SAMPLES / med,
+        summary[system] = {"seconds_per_epoch": secs, "median": med, "samples_per_s": train_samples / med,
                            "test_accuracy_median": acc}
-        print(f"{system:8s} {secs[0]:7.2f} {med:9.2f} {secs[-1]:7.2f} {TRAIN_SAMPLES / med:10.0f} {acc * 100:17.2f}%")
+        print(f"{system:8s} {secs[0]:7.2f} {med:9.2f} {secs[-1]:7.2f} {train_samples / med:10.0f} {acc * 100:17.2f}%")
     ratios = {}
     if "kiln" in results:
         rs = results["kiln"]
@@ -290,7 +317,7 @@ def main() -> None:
         achieved = [flops * r["train_samples"] * args.epochs / r["train_seconds"] / 1e9 for r in rs]
         peaks = [r["peak_gflops"] for r in rs]
         print(f"\nkiln training: {flops / 1e6:.2f} MFLOP per sample (forward + backward: FlopCounterMode, plus the LSTM), "
-              f"{flops * TRAIN_SAMPLES / 1e12:.3f} TFLOP per epoch; median {statistics.median(achieved):.1f} GFLOP/s "
+              f"{flops * train_samples / 1e12:.3f} TFLOP per epoch; median {statistics.median(achieved):.1f} GFLOP/s "
               f"= {statistics.median(a / p for a, p in zip(achieved, peaks, strict=True)) * 100:.1f}% of the measured "
               f"fp32 peak ({statistics.median(peaks):.0f} GFLOP/s, 2048^3 matmul, same threads)")
         inf = {k: statistics.median(r["inference"][k] for r in rs) for k in rs[0]["inference"]}

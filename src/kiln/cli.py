@@ -103,7 +103,9 @@ def _add_serving_commands(sub) -> None:
                          "a lone request never waits (default: 2)")
     sv.add_argument("--max-instances", type=int, default=256, help="most instances per request (default: 256)")
     sv.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default: 8)")
-    sv.add_argument("--threads", type=int, default=1, help="intra-op threads of the backend (default: 1)")
+    sv.add_argument("--threads", type=_threads, default="auto",
+                    help="intra-op threads of the backend (default: auto: the CPUs this process may use, less one "
+                         "for the event loop)")
     sv.add_argument("--api-key-env", metavar="NAME",
                     help="require the API key held in this environment variable (X-API-Key or Bearer)")
 
@@ -134,6 +136,14 @@ def _add_serving_commands(sub) -> None:
     d.add_argument("--api-key-env", metavar="NAME",
                    help="the server requires the API key held in this environment variable; the Deployment "
                         "sets it from the Secret <run name>-api-key (entry api-key), which you create")
+
+
+def _threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a count of at least 1, not {text!r}")
+    return int(text)
 
 
 def cmd_serve(args) -> None:

@@ -111,7 +111,8 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     fuse: Literal["auto", "on", "off"] = "auto"  # faster kernels for block patterns (kiln.nn.fuse); auto: on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: PositiveInt | None = None  # CPU threads; default: PyTorch's choice
+    threads: Literal["auto"] | PositiveInt = "auto"  # CPU threads; auto: the CPUs this process may use and
+    # that other processes leave free at the start (kiln.training.threads)
     eval_batch_size: PositiveInt = 1024
     log_every: PositiveInt = 50  # steps between progress updates (each one waits for the device)
     checkpoint_every: PositiveInt = 200  # steps between crash-safe checkpoints within an epoch

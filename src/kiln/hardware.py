@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import statistics
+import time
 from pathlib import Path
 
 
@@ -54,10 +56,7 @@ def cpu_quota(read=None) -> float | None:
 def usable_cpus(read=None) -> tuple[int, str]:
     """How many CPUs this process can really use, and why: the CPUs it may run on (its affinity), fewer when
     the control group's quota allows less time (containers see every core of the host but may use few)."""
-    try:
-        cpus, why = len(os.sched_getaffinity(0)), "CPUs this process may run on"
-    except AttributeError:  # no affinity on this platform
-        cpus, why = os.cpu_count() or 1, "CPUs of the machine"
+    cpus, why = len(_affinity()), "CPUs this process may run on"
     quota = cpu_quota(read)
     if quota is not None and quota < cpus:
         return max(1, math.floor(quota)), f"the container's CPU quota ({quota:g} CPUs)"
@@ -78,5 +77,39 @@ def memory_bytes(read=None) -> int:
 def _read_cgroup(name: str) -> str | None:
     try:
         return (CGROUP_ROOT / name).read_text().strip()
+    except OSError:
+        return None
+
+
+def other_runnable_threads(samples: int = 10, interval_s: float = 0.005, read=None) -> float:
+    """Threads of other processes that are running or waiting for a CPU right now, on the CPUs this process may
+    use: the kernel's count of runnable threads (``procs_running`` in /proc/stat) less this one, the median of a
+    few samples, scaled down when this process may use only some of the machine's CPUs. ``read`` returns the
+    text of /proc/stat (a seam for tests); 0 where it cannot be read."""
+    read = read or _read_proc_stat
+    counts = []
+    for i in range(samples):
+        text = read()
+        line = next((ln for ln in (text or "").splitlines() if ln.startswith("procs_running")), None)
+        if line is None:
+            return 0.0
+        counts.append(int(line.split()[1]) - 1)
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    others = max(0.0, statistics.median(counts))
+    usable, machine = len(_affinity()), os.cpu_count() or 1
+    return others * usable / machine if usable < machine else others
+
+
+def _affinity() -> set[int]:
+    try:
+        return os.sched_getaffinity(0)
+    except AttributeError:
+        return set(range(os.cpu_count() or 1))
+
+
+def _read_proc_stat() -> str | None:
+    try:
+        return Path("/proc/stat").read_text()
     except OSError:
         return None

@@ -42,7 +42,9 @@ class AppState:
         self.batcher.start(warmup=self.example)
         mode = self.batcher.backend.mode
         self.model_info["serving"]["runtime"] = mode
-        logging.getLogger("uvicorn.error").info("kiln: serving %s with %s", self.run.config.name, mode)
+        serving = self.model_info["serving"]
+        logging.getLogger("uvicorn.error").info("kiln: serving %s with %s, %d threads (%s)", self.run.config.name, mode,
+                                                serving["threads"], serving["threads_reason"])
         self.ready = True
 
     def stop(self) -> None:
@@ -59,7 +61,8 @@ def build_state(run_dir: str | Path, settings: ServeSettings) -> AppState:
     adapter = run.kind.inputs()
     answers = answers_for(run)
     example = adapter.example()
-    backend = make_backend(settings.backend, run, settings.threads, example)
+    threads, threads_reason = settings.backend_threads()
+    backend = make_backend(settings.backend, run, threads, example)
     metrics = ServeMetrics(lambda: batcher.waiting_rows)
     batcher = MicroBatcher(backend, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue_rows,
                            on_batch=metrics.batch)
@@ -75,7 +78,8 @@ def build_state(run_dir: str | Path, settings: ServeSettings) -> AppState:
         "metrics": metrics_at_training,
         "parameters": run.manifest.get("parameters"),
         "serving": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
-                    "max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes},
+                    "max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
+                    "threads": threads, "threads_reason": threads_reason},
     }
     return AppState(run, settings, api_key, adapter, answers, example, batcher, metrics, model_ref, model_info)
 

@@ -27,6 +27,7 @@ from kiln.training.checkpoint import load_weights, save_weights
 from kiln.training.metrics import TASK_METRICS, choose_threshold, metrics_line
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
 from kiln.training.progress import TrainProgress
+from kiln.training.threads import pick_threads
 from kiln.training.trainer import Trainer, TrainingDiverged
 from kiln.version import __version__
 
@@ -55,8 +56,9 @@ def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = N
 
 
 def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: bool | None) -> Trained:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    started = run_dir.read_json(RunDir.MANIFEST).get("threads") if resume and run_dir.is_run() else None
+    threads, threads_reason = pick_threads(cfg.train.threads, started)
+    torch.set_num_threads(threads)
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
     kind = open_kind(cfg.data, cfg.seed, run_dir.path if resume else None)
@@ -85,7 +87,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())  # on resume: the epochs or steps may have changed
     for line in kind.report():
         display.log(line)
-    manifest = _manifest(cfg, data, device, precision, model, execution)
+    manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason}
     run_dir.write_json(RunDir.MANIFEST, manifest)
     if restart:
         run_dir.clear_metrics()
@@ -94,7 +96,8 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
         trainer.restore()
         display.log(f"resuming {run_dir.path} at step {trainer.state.global_step}")
     display.log(f"training {cfg.name}: {manifest['parameters']:,} parameters, {trainer.plan.describe()}, "
-                f"device {device}, precision {precision.name} ({precision.reason})")
+                f"device {device}, precision {precision.name} ({precision.reason}), {threads} threads "
+                f"({threads_reason})")
     for line in execution["fuse"]:
         display.log(f"fused {line} ({fuse_reason})")
     try:
