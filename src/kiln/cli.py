@@ -207,7 +207,8 @@ def cmd_train(args) -> None:
     if args.json:
         print(json.dumps({"run": str(run.path), **run.metrics}, indent=2))
     else:
-        print(f"test {metrics_line(run.metrics['test']) or '(no held-out data: data.val_fraction is 0)'}  run {run.path}")
+        test = metrics_line(run.metrics["test"]) or "(no held-out data: data.val_fraction is 0)"
+        print(f"test {test}  run {run.path}")
 
 
 def _train_folds(args) -> None:

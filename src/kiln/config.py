@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
 
 import kiln.data  # noqa: F401  (fills the kinds-of-data registry the data section is made from)
 import kiln.nn.blocks  # noqa: F401  (fills the block registry the model section is made from)
@@ -157,7 +158,8 @@ class Config(StrictModel):
 # ---- loading -----------------------------------------------------------------------------------
 
 
-def load_config(source: str | os.PathLike | dict | Config, overrides: dict[str, Any] | list[str] | None = None) -> Config:
+def load_config(source: str | os.PathLike | dict | Config,
+                overrides: dict[str, Any] | list[str] | None = None) -> Config:
     """A Config from a YAML path, a dict or a Config, with dotted-key overrides applied first."""
     if isinstance(source, Config):
         raw, where = source.to_dict(), "config"

@@ -177,8 +177,8 @@ def _export(format: str, run: Run, wrapped: torch.nn.Module, x: torch.Tensor, pa
         worst = _max_abs_diff(predict, wrapped, x, batch_size)
         result["max_abs_diff"] = worst
         if not worst <= tolerance:  # NaN fails too
-            raise KilnError(f"the {LABELS[format]} model of this {run.kind.description} run differs from PyTorch by up to "
-                            f"{worst:.3g} on the {check} data (tolerance {tolerance:g}); nothing was written")
+            raise KilnError(f"the {LABELS[format]} model of this {run.kind.description} run differs from PyTorch by "
+                            f"up to {worst:.3g} on the {check} data (tolerance {tolerance:g}); nothing was written")
 
     atomic_write(path, write)
     return result
@@ -211,6 +211,7 @@ def export_run(run_dir: str | Path, format: str = "auto", out: str | Path | None
     try:
         result = attempt("torch-export")
     except KilnError as e:
-        raise KilnError(f"neither format works for this {run.kind.description} run. onnx: {reason}. torch-export: {e}") from None
+        raise KilnError(f"neither format works for this {run.kind.description} run. onnx: {reason}. "
+                        f"torch-export: {e}") from None
     result["fallback_reason"] = reason
     return result

@@ -70,7 +70,7 @@ def split_indices(table: Table, target: str, task: str, cfg: TabularData, seed: 
 class Tabular(DataKind):
     Config = TabularData
     description: ClassVar[str] = "table"
-    usage: ClassVar[str] = "predict the rows of a CSV or Parquet file with `kiln predict RUN rows.csv`, or Run.predict_rows"
+    usage: ClassVar[str] = "use `kiln predict RUN rows.csv` (CSV or Parquet rows), or Run.predict_rows"
     run_files: ClassVar[tuple[str, ...]] = (PREPROCESSING,)
     input_name: ClassVar[str] = "rows"
 

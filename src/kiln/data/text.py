@@ -135,8 +135,8 @@ class Text(TokenKind):
         train, val = ids[:n_train], ids[n_train:]
         need = self.cfg.context + 1  # one window and its shifted targets
         if len(train) < need or 0 < len(val) < need:
-            raise DataError(f"{self.source}: {len(train)} training and {len(val)} validation tokens; each part needs at "
-                            f"least data.context + 1 = {need}. Lower data.context or give more text")
+            raise DataError(f"{self.source}: {len(train)} training and {len(val)} validation tokens; each part needs "
+                            f"at least data.context + 1 = {need}. Lower data.context or give more text")
         empty = torch.empty(0, dtype=torch.int64)
         return Splits(train, empty, val, empty, val, empty, self.checksums())
 

@@ -95,8 +95,8 @@ class Epochs:
                   "lr": tr.scheduler.get_last_lr()[0]}
         s.history.append(record)
         tr.run_dir.append_metrics(record)
-        tr.display.end_epoch(f"epoch {s.epoch + 1}/{self.t.epochs}  train loss {train_loss:.4f} acc {train_accuracy:.4f}"
-                             + (f"  val {metrics_line(val)}" if val else ""))
+        tr.display.end_epoch(f"epoch {s.epoch + 1}/{self.t.epochs}  train loss {train_loss:.4f} "
+                             f"acc {train_accuracy:.4f}" + (f"  val {metrics_line(val)}" if val else ""))
         self.track_best(record)
         s.epoch += 1
 
