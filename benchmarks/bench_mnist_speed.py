@@ -271,23 +271,23 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    if args.limit_train:
-        args.overrides = [*args.overrides, f"data.limit_train={args.limit_train}"]
+    # kiln's overrides; --limit-train is one more (recorded as itself in the JSON's args)
+    overrides = [*args.overrides, *([f"data.limit_train={args.limit_train}"] if args.limit_train else [])]
     systems = args.systems.split(",")
     if "keras" in systems and not KERAS_PYTHON.exists():
         print("note: Keras skipped; run benchmarks/setup_keras.sh to include it", file=sys.stderr)
         systems.remove("keras")
-    if "kiln" in systems and kiln_precision(args.overrides) != "fp32":
+    if "kiln" in systems and kiln_precision(overrides) != "fp32":
         # bf16 changes numerics: its accuracy is shown beside fp32's (issue 3, goal 4).
         systems.insert(systems.index("kiln") + 1, "kiln-fp32")
     results: dict[str, list[dict]] = {s: [] for s in systems}
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "mnist_split.npz"
-        train_samples = export_data(data_path, args.overrides)
+        train_samples = export_data(data_path, overrides)
         for rep in range(args.reps):
             for system in systems:
                 # Repetition r uses seed r in every system: the accuracy spread is over seeds too.
-                r = run_worker(system, args.epochs, rep, data_path, args.overrides, args.threads, args.background_load)
+                r = run_worker(system, args.epochs, rep, data_path, overrides, args.threads, args.background_load)
                 results[system].append(r)
                 print(f"rep {rep + 1}/{args.reps} {system:6s} {r['train_seconds'] / args.epochs:7.2f} s/epoch  "
                       f"test acc {r['test_accuracy'] * 100:.2f}%", flush=True)
@@ -296,8 +296,8 @@ def main() -> None:
     print(f"\nhardware: {hw}")
     print(f"config: seed_hybrid, {args.epochs} epoch(s) x {train_samples:,} samples, batch 64, Adam 1e-3, "
           f"beside {args.background_load} busy processes, "
-          f"kiln in {kiln_precision(args.overrides)}; "
-          f"threads: {args.threads or 'default'}; kiln overrides: {args.overrides or 'none'}")
+          f"kiln in {kiln_precision(overrides)}; "
+          f"threads: {args.threads or 'default'}; kiln overrides: {overrides or 'none'}")
     for system, rs in results.items():
         print(f"versions[{system}]: {rs[0]['versions']}" + (f"  kiln chose: {rs[0]['choices']}" if rs[0].get("choices") else "")
               + (f"  precision: {rs[0]['precision']}" if rs[0].get("precision") else ""))

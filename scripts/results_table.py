@@ -207,7 +207,8 @@ def serve_cells(data: dict, options: dict) -> tuple[str, str, str]:
 
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
-                             {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None},
+                             {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
+                              "limit_train": None, "background_load": 0},
                              frozenset({"reps", "systems"}), mnist_speed_options, mnist_speed_cells),
     "time_to_accuracy": Benchmark("benchmarks/bench_time_to_accuracy.py",
                                   {"config": "examples/mnist_seed_99_fast.yaml", "seeds": [0, 1, 2], "target": 0.99,
@@ -249,7 +250,10 @@ def read(path: Path) -> tuple[str, Result]:
         raise ResultsError(f"{path}: cannot be read as JSON: {e}") from None
     with format_errors(path, name):
         options = BENCHMARKS[name].options(data)
-    variant = {k: v for k, v in options.items() if k not in BENCHMARKS[name].not_variant}
+    bench = BENCHMARKS[name]
+    # An option at its default is no variant: a result from before the option existed is the same variant.
+    variant = {k: v for k, v in options.items()
+               if k not in bench.not_variant and v not in (None, [], False) and v != bench.defaults.get(k)}
     return name, Result(match["stamp"], path, options, variant, data)
 
 

@@ -41,8 +41,8 @@ class DataSpec(StrictModel):
     """The fields of the ``data`` section that every kind has; each kind adds its own."""
 
     dataset: str
-    root: str | None = Field(default=None, max_length=4096)  # folder with the data files; default: $KILN_DATA,
-    # else the download cache
+    # The folder with the data files; default: $KILN_DATA, else the download cache.
+    root: str | None = Field(default=None, max_length=4096)
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)  # of the training data, held out for validation
     split_seed: int | None = Field(default=None, ge=0, lt=2**32)  # seed of the splits; default: the run's seed
 

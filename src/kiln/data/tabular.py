@@ -203,4 +203,4 @@ class Tabular(DataKind):
 def rows_to_input(rows: list[dict], run_path: str | Path) -> torch.Tensor:
     """Raw rows (column name -> value, as a client sends them) to the model input of a finished run,
     float32 (N, features), using only the run directory's saved preprocessing."""
-    return Preprocessing.load(Path(run_path) / PREPROCESSING).transform(rows_to_table(rows))
+    return Preprocessing.load(RunDir(run_path) / PREPROCESSING).transform(rows_to_table(rows))

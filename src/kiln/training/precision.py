@@ -57,11 +57,12 @@ def pick_precision(requested: str, device: torch.device) -> Precision:
         return Precision("fp16", "auto: CUDA device without bf16; fp16 with loss scaling", "cuda")
     if "amx_bf16" in cpu_flags():
         return Precision("bf16", "auto: CPU with bf16 matrix tiles (amx_bf16)", device.type)
-    # Without AMX tiles, bf16 autocast did not pay on the CPUs measured: without AVX-512 BF16 bf16 matrix
-    # multiplies ran at 0.3 to 1 GFLOP/s against about 110 in fp32; with it (a 2-core EPYC with avx512_bf16:
-    # 415 against 190 GFLOP/s for a 1024^3 matmul) the seed model trained 2x slower (its fp32 C kernels do not
-    # run under autocast) and nanoGPT's CPU configuration no faster (5.5 against 5.1-6.0 s per 150 steps).
-    return Precision("fp32", "auto: fp32 on a CPU without bf16 tiles (AMX), where bf16 measured no faster",
+    # Without AMX tiles bf16 is a trade, so fp32 stays the default: without AVX-512 BF16, bf16 matrix multiplies
+    # ran at 0.3 to 1 GFLOP/s against about 110 in fp32; with it (a 2-core EPYC with avx512_bf16), the seed model
+    # trained 2x slower in bf16 (its fp32 C kernels do not run under autocast) while nanoGPT's CPU configuration
+    # trained about 15% faster (17.3-18.1 against 20.4-23.4 s per 500 steps). fp32 training also computes as
+    # evaluation, export and serving do on a CPU. `train.precision: bf16` asks for bf16.
+    return Precision("fp32", "auto: fp32 on a CPU without bf16 tiles (AMX); bf16 is a trade there",
                      device.type)
 
 
