@@ -69,7 +69,8 @@ def pct(fraction: float) -> str:
 def machine(hw: dict | None) -> str:
     if not hw:
         return "CPU not recorded"
-    return f"{hw.get('cpu') or hw['machine']}, {hw['cores']} cores, Python {hw['python']}"
+    isa = f" ({', '.join(hw['isa'])})" if hw.get("isa") else ""  # CPUs of one name differ: AVX-512 or not
+    return f"{hw.get('cpu') or hw['machine']}{isa}, {hw['cores']} cores, Python {hw['python']}"
 
 
 def threads(n: int | None, actual: int | None = None) -> str:

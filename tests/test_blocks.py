@@ -109,19 +109,6 @@ def test_transformer_parameter_names_and_order_stay():
         ["decoder_norm.weight", "decoder_norm.bias"]
 
 
-def test_transformer_encoder_reads_weights_saved_under_its_old_names():
-    """Runs written before the one Transformer stack named the encoder's feed-forward layers ff.0 and ff.3."""
-    torch.manual_seed(0)
-    model, shape = _build("transformer_encoder", {"heads": 2, "ff": 12})
-    old = {k.replace(".mlp.up.", ".ff.0.").replace(".mlp.down.", ".ff.3."): v for k, v in model.state_dict().items()}
-    assert "blocks.0.ff.3.weight" in old
-    torch.manual_seed(1)
-    fresh, _ = _build("transformer_encoder", {"heads": 2, "ff": 12})
-    fresh.load_state_dict(old)  # strict: every key must be used
-    x = torch.randn(3, *shape)
-    assert torch.equal(fresh.eval()(x), model.eval()(x))
-
-
 @pytest.mark.parametrize(("norm", "act"), [("post", "relu"), ("pre", "gelu")])
 def test_transformer_encoder_computes_pytorchs_encoder_layer(norm, act):
     """The seed model's layer is the standard one: the same function as torch.nn.TransformerEncoderLayer."""

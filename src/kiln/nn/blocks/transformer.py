@@ -187,11 +187,8 @@ class Layer(nn.Module):
 
 class EncoderLayer(Layer):
     """The module of a ``transformer_encoder`` block: one bidirectional Layer on its own (and the only layer to
-    which ``kiln.nn.fuse`` gives its attention and add+norm kernels). It keeps two things that runs of this block
-    written before the layers were shared depend on: its parameter order, and its MLP's weights saved as ``ff.0``
-    and ``ff.3``."""
-
-    OLD_NAMES = {"ff.0.": "mlp.up.", "ff.3.": "mlp.down."}
+    which ``kiln.nn.fuse`` gives its attention and add+norm kernels). It keeps the parameter order this block
+    has always had."""
 
     def __init__(self, cfg: LayerConfig) -> None:
         super().__init__(cfg)
@@ -202,15 +199,6 @@ class EncoderLayer(Layer):
             module = getattr(self, name)
             delattr(self, name)
             setattr(self, name, module)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Reads weights written under the old names too (PyTorch's own modules migrate their keys here)."""
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            name = key.removeprefix(prefix)
-            for old, new in self.OLD_NAMES.items():
-                if name.startswith(old):
-                    state_dict[prefix + new + name.removeprefix(old)] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def run_layers(layers: nn.ModuleList, norm: nn.LayerNorm, x, source=None, cache=None, pos=0):  # (B, T, C)
