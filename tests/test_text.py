@@ -234,6 +234,11 @@ def test_generate_refuses_other_runs_and_bad_settings(tmp_path, capsys):
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "run"), "--prompt", "✓"]) == 2
     assert "not in this character tokenizer" in capsys.readouterr().err
+    # A command the kind of run does not answer says which one does.
+    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "corpus.txt")]) == 2
+    assert "is a language-model run; use `kiln generate RUN --prompt TEXT`" in capsys.readouterr().err
+    with pytest.raises(KilnError, match="has no translate; use `kiln generate"):
+        kiln.Run.load(tmp_path / "run").translate(["First"])
 
 
 def test_resume_after_an_interruption_ends_with_the_same_weights(tmp_path, monkeypatch):

@@ -142,7 +142,7 @@ class DataKind:
 
     def predict_files(self, run, paths: list[str | Path]) -> list[dict[str, Any]]:
         """Predictions for files (`kiln predict`), one record per input."""
-        raise KilnError(f"{run.path} is {self.description} run: {self.usage}")
+        raise KilnError(f"{run.path} is a {self.description} run; {self.usage}")
 
     def render(self, records: list[dict[str, Any]]) -> str:
         """``predict_files``' records as the text `kiln predict` prints."""
