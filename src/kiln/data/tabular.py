@@ -166,11 +166,11 @@ class Tabular(DataKind):
         out = run.predict(self.prep.transform(table))
         if self.task == "regression":
             return [{"prediction": float(v)} for v in out]
-        names = self.class_names
+        names, threshold = self.class_names, run.threshold  # the threshold is read from results.json: once
         results = []
         for row in out:
             if self.task == "binary":
-                label = names[1] if float(row[1]) >= run.threshold else names[0]
+                label = names[1] if float(row[1]) >= threshold else names[0]
             else:
                 label = names[int(row.argmax())]
             results.append({"prediction": label,
