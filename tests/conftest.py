@@ -23,3 +23,13 @@ def mnist_root() -> Path:
         return resolve_mnist_dir(None, download=False)  # with KILN_DATA set: only that is looked at
     except DataError as error:
         pytest.skip(f"MNIST unavailable: {error}")
+
+
+@pytest.fixture(autouse=True)
+def _auto_threads_ignore_load(monkeypatch):
+    """`train.threads: auto` leaves out CPUs other processes keep busy, so two runs in one test could compute with
+    different thread counts (and different float sums) when CI's machine is busy. In-process runs here see an
+    idle machine; tests of the load rule patch it themselves, and subprocess runs set `threads` in their config."""
+    from kiln.training import threads
+
+    monkeypatch.setattr(threads, "other_runnable_threads", lambda: 0.0)

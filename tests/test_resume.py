@@ -25,7 +25,8 @@ def _config(tmp_path: Path) -> Path:
     cfg["model"]["blocks"][5]["dropout"] = 0.1  # and dropout's
     # Epoch 2 trains on the half with the highest losses: their record must resume exactly as well.
     cfg["train"].update(epochs=2, batch_size=32, checkpoint_every=15, log_every=10,
-                        schedule={"name": "onecycle"}, grad_clip=1.0, hard_examples={"fraction": 0.5})
+                        schedule={"name": "onecycle"}, grad_clip=1.0, hard_examples={"fraction": 0.5},
+                        threads=2)  # a set count: "auto" follows the machine's load, and sums differ by thread count
     path = tmp_path / "resume.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -45,7 +46,7 @@ def _lm_config(tmp_path: Path) -> Path:
 
     (tmp_path / "corpus.txt").write_text(CORPUS)
     cfg = lm_config(tmp_path / "corpus.txt", steps=80, checkpoint_every=10, log_every=5, eval_every=20,
-                    grad_clip=1.0, schedule={"name": "cosine", "warmup": 0.1})
+                    grad_clip=1.0, schedule={"name": "cosine", "warmup": 0.1}, threads=2)
     cfg["model"]["blocks"][2]["dropout"] = 0.1
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(cfg))
