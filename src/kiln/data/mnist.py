@@ -1,5 +1,6 @@
-"""The ``mnist`` kind of data: MNIST's four IDX files, found (or downloaded into a cache), verified and
-loaded as uint8 images.
+"""The ``mnist`` and ``fashion_mnist`` kinds of data: four IDX files of 28x28 grey images in ten classes, found
+(or downloaded into a cache), verified and loaded as uint8 images. Both sets share this one path; they differ
+only in their files' checksums, mirrors, folder and class names (``IdxSet``).
 
 Files are verified by the sha256 of their *decompressed* content: mirrors (and the shared test
 copy) hold the same IDX bytes inside differently compressed .gz archives.
@@ -59,9 +60,44 @@ NUM_CLASSES = 10
 _IDX_UBYTE = 0x08  # IDX type code for unsigned bytes, the only type MNIST uses
 
 
+@dataclass(frozen=True)
+class IdxSet:
+    """One data set stored as MNIST's four IDX files."""
+
+    title: str  # how messages name it
+    folder: str  # its subfolder of a data root and of the download cache
+    files: dict[str, tuple[str, str]]  # split key -> (file name, sha256 of the decompressed content)
+    mirrors: tuple[str, ...]
+    class_names: tuple[str, ...]
+
+
+MNIST = IdxSet("MNIST", "mnist", MNIST_FILES, MNIST_MIRRORS, tuple(str(d) for d in range(NUM_CLASSES)))
+# Zalando's Fashion-MNIST: the same layout and file names, clothing instead of digits (MIT licence).
+FASHION_MNIST = IdxSet(
+    "Fashion-MNIST", "fashion_mnist",
+    {
+        "train_images": ("train-images-idx3-ubyte.gz",
+                         "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        "train_labels": ("train-labels-idx1-ubyte.gz",
+                         "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        "test_images": ("t10k-images-idx3-ubyte.gz",
+                        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        "test_labels": ("t10k-labels-idx1-ubyte.gz",
+                        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    },
+    ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+)
+
+
 class MnistData(ImageSpec):
     dataset: Literal["mnist"] = "mnist"
     download: bool = True  # fetch missing files from public mirrors (checksums verified)
+
+
+class FashionMnistData(ImageSpec):
+    dataset: Literal["fashion_mnist"]
+    download: bool = True
 
 
 @KINDS.register("mnist")
@@ -69,12 +105,13 @@ class Mnist(ImageKind):
     """Grey 28x28 digits, ten classes; the test split is MNIST's own 10,000 images."""
 
     Config = MnistData
+    idx_set: ClassVar[IdxSet] = MNIST
     input_shape: ClassVar[tuple[int, ...]] = (1, IMAGE_SIDE, IMAGE_SIDE)
-    class_names: ClassVar[list[str]] = [str(d) for d in range(NUM_CLASSES)]
+    class_names: ClassVar[list[str]] = list(MNIST.class_names)
 
     def load(self, progress=None) -> Splits:
         cfg = self.cfg
-        arrays = load_mnist(cfg.root, download=cfg.download, progress=progress)
+        arrays = load_mnist(cfg.root, download=cfg.download, progress=progress, idx_set=self.idx_set)
         x, y = arrays.train_images, arrays.train_labels
         if cfg.limit_train:
             x, y = x[: cfg.limit_train], y[: cfg.limit_train]
@@ -84,6 +121,15 @@ class Mnist(ImageKind):
         tr, va = holdout(len(x), cfg.val_fraction, self.seed)
         return Splits(x[tr].unsqueeze(1), y[tr], x[va].unsqueeze(1), y[va], tx.unsqueeze(1), ty,
                       dict(arrays.checksums))
+
+
+@KINDS.register("fashion_mnist")
+class FashionMnist(Mnist):
+    """Grey 28x28 photos of clothing in ten classes, read through the same IDX path as MNIST."""
+
+    Config = FashionMnistData
+    idx_set: ClassVar[IdxSet] = FASHION_MNIST
+    class_names: ClassVar[list[str]] = list(FASHION_MNIST.class_names)
 
 
 @dataclass(frozen=True)
@@ -114,8 +160,9 @@ def resolve_mnist_dir(
     mirrors: tuple[str, ...] = MNIST_MIRRORS,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    idx_set: IdxSet = MNIST,
 ) -> Path:
-    """Return the directory holding the four MNIST files.
+    """Return the directory holding the four MNIST files (or another ``idx_set``'s; its folder for ``mnist/``).
 
     Looks, in order, at ``root`` (the config key ``data.root``), the ``KILN_DATA`` environment
     variable, then the cache ``<cache>/mnist`` where ``<cache>`` is ``cache_dir``, else ``KILN_CACHE``,
@@ -126,11 +173,12 @@ def resolve_mnist_dir(
 
     Files found here are not yet verified; ``load_mnist`` verifies them.
     """
+    mirrors = idx_set.mirrors if idx_set is not MNIST and mirrors is MNIST_MIRRORS else mirrors
     if root is not None:
-        return _given_dir(Path(root).expanduser(), "data.root", cache_dir)
+        return _given_dir(Path(root).expanduser(), "data.root", cache_dir, idx_set)
     if os.environ.get("KILN_DATA"):
-        return _given_dir(Path(os.environ["KILN_DATA"]).expanduser(), "KILN_DATA", cache_dir)
-    return _cached_dir(cache_dir, download, mirrors, progress)
+        return _given_dir(Path(os.environ["KILN_DATA"]).expanduser(), "KILN_DATA", cache_dir, idx_set)
+    return _cached_dir(cache_dir, download, mirrors, progress, idx_set)
 
 
 def load_mnist(
@@ -141,6 +189,7 @@ def load_mnist(
     mirrors: tuple[str, ...] = MNIST_MIRRORS,
     cache_dir: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    idx_set: IdxSet = MNIST,
 ) -> MnistArrays:
     """Find (see ``resolve_mnist_dir``), check and load MNIST.
 
@@ -151,11 +200,11 @@ def load_mnist(
     arrays come from the same bytes.
     """
     directory = resolve_mnist_dir(
-        root, download=download, mirrors=mirrors, cache_dir=cache_dir, progress=progress
+        root, download=download, mirrors=mirrors, cache_dir=cache_dir, progress=progress, idx_set=idx_set
     )
     arrays: dict[str, np.ndarray] = {}
     checksums: dict[str, str] = {}
-    for key, (name, expected) in MNIST_FILES.items():
+    for key, (name, expected) in idx_set.files.items():
         path = directory / name
         content = _read_content(path)
         checksums[name] = hashlib.sha256(content).hexdigest()
@@ -163,11 +212,11 @@ def load_mnist(
             raise DataError(
                 f"{path} fails its checksum: the sha256 of its decompressed content is "
                 f"{checksums[name]}, expected {expected}. The file is corrupted or is not the standard "
-                "MNIST file: delete or replace it (a deleted cached file is downloaded again), "
+                f"{idx_set.title} file: delete or replace it (a deleted cached file is downloaded again), "
                 "or load with verify=False to use it as it is."
             )
         arrays[key] = _parse_idx(content, path, expected_ndim=3 if key.endswith("images") else 1)
-    _check_consistent(arrays, directory)
+    _check_consistent(arrays, directory, idx_set)
     return MnistArrays(
         train_images=torch.from_numpy(arrays["train_images"]),
         train_labels=torch.from_numpy(arrays["train_labels"].astype(np.int64)),
@@ -222,28 +271,28 @@ def _parse_idx(content: bytes, path: Path, expected_ndim: int) -> np.ndarray:
     return data.reshape(dims).copy()
 
 
-def _check_consistent(arrays: dict[str, np.ndarray], directory: Path) -> None:
+def _check_consistent(arrays: dict[str, np.ndarray], directory: Path, idx_set: IdxSet) -> None:
     """Catch files that parse but do not belong together (matters when verify=False)."""
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
             raise DataError(
-                f"{directory / MNIST_FILES[f'{split}_images'][0]}: images are "
+                f"{directory / idx_set.files[f'{split}_images'][0]}: images are "
                 f"{images.shape[1]}x{images.shape[2]} pixels, expected {IMAGE_SIDE}x{IMAGE_SIDE}"
             )
         if len(images) != len(labels):
             raise DataError(
-                f"MNIST {split} split in {directory}: {len(images)} images but {len(labels)} labels"
+                f"{idx_set.title} {split} split in {directory}: {len(images)} images but {len(labels)} labels"
             )
         if labels.max(initial=0) >= NUM_CLASSES:
             raise DataError(
-                f"{directory / MNIST_FILES[f'{split}_labels'][0]}: label {labels.max()} is outside "
+                f"{directory / idx_set.files[f'{split}_labels'][0]}: label {labels.max()} is outside "
                 f"0..{NUM_CLASSES - 1}"
             )
 
 
-def _missing(directory: Path) -> list[str]:
-    return [name for name, _ in MNIST_FILES.values() if not (directory / name).is_file()]
+def _missing(directory: Path, idx_set: IdxSet) -> list[str]:
+    return [name for name, _ in idx_set.files.values() if not (directory / name).is_file()]
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
@@ -252,18 +301,18 @@ def _cache_root(cache_dir: Path | None) -> Path:
     return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
 
 
-def _given_dir(root: Path, source: str, cache_dir: Path | None) -> Path:
-    """``root`` or ``root/mnist``, whichever holds all four files; DataError saying what is missing."""
-    candidates = (root, root / "mnist")
+def _given_dir(root: Path, source: str, cache_dir: Path | None, idx_set: IdxSet) -> Path:
+    """``root`` or ``root/<folder>``, whichever holds all four files; DataError saying what is missing."""
+    candidates = (root, root / idx_set.folder)
     for directory in candidates:
-        if not _missing(directory):
+        if not _missing(directory, idx_set):
             return directory
-    closest = min(candidates, key=lambda directory: len(_missing(directory)))
+    closest = min(candidates, key=lambda directory: len(_missing(directory, idx_set)))
     raise DataError(
-        f"MNIST files missing from {closest} (from {source}={root}): {', '.join(_missing(closest))}. "
-        f"Fix: point KILN_DATA or data.root at a directory holding the four MNIST .gz files "
-        f"(directly or in a mnist/ subfolder), or unset both to download them into "
-        f"{_cache_root(cache_dir) / 'mnist'}."
+        f"{idx_set.title} files missing from {closest} (from {source}={root}): "
+        f"{', '.join(_missing(closest, idx_set))}. Fix: point KILN_DATA or data.root at a directory holding the "
+        f"four {idx_set.title} .gz files (directly or in a {idx_set.folder}/ subfolder), or unset both to "
+        f"download them into {_cache_root(cache_dir) / idx_set.folder}."
     )
 
 
@@ -272,16 +321,17 @@ def _cached_dir(
     download: bool,
     mirrors: tuple[str, ...],
     progress: Callable[[str], None] | None,
+    idx_set: IdxSet,
 ) -> Path:
-    """The cache's mnist/ folder, with missing files downloaded (verified) when allowed."""
-    directory = _cache_root(cache_dir) / "mnist"
-    missing = _missing(directory)
+    """The cache's folder of the set, with missing files downloaded (verified) when allowed."""
+    directory = _cache_root(cache_dir) / idx_set.folder
+    missing = _missing(directory, idx_set)
     if missing and not download:
         raise DataError(
-            f"MNIST files missing from the cache {directory}: {', '.join(missing)}, and download "
+            f"{idx_set.title} files missing from the cache {directory}: {', '.join(missing)}, and download "
             "is off. Fix: allow download, or set KILN_DATA or data.root to a directory holding them."
         )
-    for name, sha256 in MNIST_FILES.values():
+    for name, sha256 in idx_set.files.values():
         if name in missing:
             urls = [base.rstrip("/") + "/" + name for base in mirrors]
             verify = _content_verifier(sha256)
