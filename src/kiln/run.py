@@ -137,6 +137,11 @@ class Run:
         """Greedy targets for source texts (a ``text_pairs`` run)."""
         return self._offered("translate")(self.model, list(sources), self.config.train.eval_batch_size, cache)
 
+    def forecast(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """A time-series run's forecast after ``history`` (its latest rows, column name -> value, at least the
+        lookback): ``{"forecast": [{"time": ..., "value": ...}, ...]}`` in the series' units."""
+        return self._offered("forecast")(self, history)
+
     def rows_input(self, table) -> torch.Tensor:
         """Raw table rows (a :class:`kiln.data.table.Table`) to model input with the run's saved preprocessing."""
         self._offered("predict_table")
