@@ -68,7 +68,8 @@ class TimeseriesData(DataSpec):
 def split_bounds(n: int, cfg: TimeseriesData) -> tuple[int, int, int, int]:
     """(val_start, test_start, test_end, test_size) as row indices: train [0, val_start), val [val_start,
     test_start), test [test_start, test_end). With folds, test blocks of ``test_size`` tile the end of the
-    series and fold k is the k-th of them."""
+    series and fold k is the k-th of them. Validation is ``val_fraction`` of the steps before the test block,
+    and at least ``horizon`` of them (one window) unless ``val_fraction`` is 0."""
     size = cfg.test_size or max(round(n * cfg.test_fraction / (cfg.folds or 1)), 1)
     blocks = cfg.folds or 1
     if size * blocks >= n:
@@ -76,8 +77,8 @@ def split_bounds(n: int, cfg: TimeseriesData) -> tuple[int, int, int, int]:
                         f"of {n}; lower data.test_size or data.folds")
     test_end = n - (blocks - 1 - (cfg.fold if cfg.folds else 0)) * size
     test_start = test_end - size
-    val_start = test_start - round(test_start * cfg.val_fraction)
-    return val_start, test_start, test_end, size
+    val = max(round(test_start * cfg.val_fraction), cfg.horizon) if cfg.val_fraction else 0  # one window at least
+    return test_start - val, test_start, test_end, size
 
 
 @KINDS.register("timeseries")
@@ -116,19 +117,18 @@ class Timeseries(DataKind):
         """(times, target (n,), covariates (n, k), where each row is) in time order, every value checked."""
         cfg = self.cfg
         time_col = self.state["time"] if hasattr(self, "state") else cfg.time or next(iter(table.columns))
-        if cfg.calendar and frequency == "step":
-            raise ConfigError("data.calendar needs dates in the time column; it holds integer steps")
-        times, order = read_times(table, time_col, frequency, cfg.allow_gaps)
-        if times.style == "int" and cfg.calendar:
-            raise ConfigError(f"data.calendar needs dates in the time column {time_col!r}; it holds integer steps")
-        where = [table.where[i] for i in order]
         columns = [cfg.target, *cfg.covariates]
-        values = np.empty((len(order), len(columns)), dtype=np.float64)
         for j, name in enumerate(columns):
             if name not in table.columns:
                 field = "data.target" if j == 0 else "data.covariates"
                 raise DataError(f"{field}: {table.source} has no column {name!r}; its columns are "
                                 f"{', '.join(table.columns)}")
+        times, order = read_times(table, time_col, frequency, cfg.allow_gaps)
+        if times.style == "int" and cfg.calendar:
+            raise ConfigError(f"data.calendar needs dates in the time column {time_col!r}; it holds integer steps")
+        where = [table.where[i] for i in order]
+        values = np.empty((len(order), len(columns)), dtype=np.float64)
+        for j, name in enumerate(columns):
             cells = table.columns[name]
             for k, i in enumerate(order):
                 text = cells[i]
@@ -169,9 +169,6 @@ class Timeseries(DataKind):
         if size < cfg.horizon:
             raise DataError(f"data.test_size: the test part has {size} steps, fewer than the horizon "
                             f"({cfg.horizon}); raise data.test_size (or data.test_fraction)")
-        if val_start < test_start and test_start - val_start < cfg.horizon:
-            raise DataError(f"data.val_fraction gives {test_start - val_start} validation steps, fewer than the "
-                            f"horizon ({cfg.horizon}); raise it, or set it to 0 for no validation part")
         if val_start < need:
             raise DataError(self._too_short(val_start, f"the training part (up to {times.text(val_start - 1)})"))
         levels, feats = self._columns(times, y, cov)
@@ -307,7 +304,7 @@ class Timeseries(DataKind):
             self._baselines[key] = {
                 "naive": fc.forecast_metrics(fc.naive(self.y, origins, cfg.horizon), truth, last, scale, False),
                 "seasonal_naive": fc.forecast_metrics(fc.seasonal_naive(self.y, origins, cfg.horizon, cfg.season),
-                                                      truth, last, scale),
+                                                      truth, last, scale, cfg.season > 1),
                 "linear_ar": fc.forecast_metrics(self._units(ar, origins), truth, last, scale)}
         return fc.report(model, self._baselines[key], truth, last, loss)
 
