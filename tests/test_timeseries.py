@@ -233,6 +233,15 @@ def test_serving_answers_the_forecast_with_its_times(airline_run: Path) -> None:
         assert client.get("/v1/model").json()["task"] == "forecast"
 
 
+def test_export_takes_windows_not_origins_into_the_training_series(airline_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model.pt2"
+    assert main(["export", str(airline_run), "--format", "torch-export", "--out", str(out)]) == 0
+    run = kiln.Run.load(airline_run)
+    windows = run.kind.to_input(run.kind.load().test_x)  # (13, 24, 1) float
+    graph = torch.export.load(out).module()
+    assert torch.allclose(graph(windows), run.outputs(windows), atol=1e-5)
+
+
 def test_walk_forward_folds_test_consecutive_blocks_at_the_end(tmp_path: Path, capsys) -> None:
     csv = monthly_csv(tmp_path / "s.csv", n=96)
     config = series_config(csv, test_size=6, horizon=3)

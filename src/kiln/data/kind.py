@@ -138,6 +138,11 @@ class DataKind:
         """A user's array (``Run.predict``) as a batch of stored samples."""
         return x[None] if x.dim() == len(self.input_shape) else x
 
+    def standalone(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored samples as inputs that stand on their own, what an exported graph takes: the samples themselves,
+        unless they are references into data the kind holds (a time series' window origins)."""
+        return x
+
     def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """``n`` random stored inputs of the right dtype and range (checking an export without data)."""
         raise NotImplementedError

@@ -277,6 +277,9 @@ class Timeseries(DataKind):
             self._features[x.device] = self.features.to(x.device)
         return self._features[x.device][x[:, None] + self._offsets().to(x.device)[None, :]]
 
+    def standalone(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_input(x)  # the windows (scaled): an exported graph reads them, not origins into this series
+
     def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn((n, *self.input_shape), generator=gen)
 
