@@ -230,7 +230,10 @@ def test_serving_answers_the_forecast_with_its_times(airline_run: Path) -> None:
         assert bad.status_code == 422 and "instances.0.history" in bad.text
         dup = client.post("/v1/predict", json={"instances": [{"history": history + history[-1:]}]})
         assert dup.status_code == 422 and "1960-12 twice" in dup.text
-        assert client.get("/v1/model").json()["task"] == "forecast"
+        info = client.get("/v1/model").json()
+        assert info["task"] == "forecast" and info["inputs"]["min_rows"] == 36
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+        assert "Month" in json.dumps(schema["HistoryRow"]) and "forecast" in json.dumps(schema)
 
 
 def test_export_takes_windows_not_origins_into_the_training_series(airline_run: Path, tmp_path: Path) -> None:

@@ -107,7 +107,10 @@ class Run:
         return self.from_outputs(self.outputs(x))
 
     def from_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Model outputs to what :meth:`predict` returns: class probabilities, or values in the target's units."""
+        """Model outputs to what :meth:`predict` returns: class probabilities, or values in the target's units (a
+        forecast's outputs stay scaled and transformed: :meth:`forecast` answers in the series' units)."""
+        if self.kind.task == "forecast":
+            return outputs
         if self.kind.task == "regression":
             mean, std = self.kind.target_scale
             return outputs[:, 0] * std + mean
