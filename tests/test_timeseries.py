@@ -112,6 +112,16 @@ def test_windows_hold_only_the_past_of_their_origin(tmp_path: Path) -> None:
     assert data.test_x.min() + 1 == split["test_start"]  # the first test window forecasts the first test step
 
 
+def test_calendar_features_are_those_of_the_steps_ahead_known_in_advance(tmp_path: Path) -> None:
+    kind, data = kind_of(series_config(monthly_csv(tmp_path / "a.csv"), covariates=[], calendar=["month"]))
+    x = windows(kind, data.test_x)
+    for origin, window in zip(data.test_x.tolist(), x, strict=True):
+        months = (np.arange(origin - 11, origin + 1) + 3) % 12  # each input step's month + horizon, from January
+        angle = 2 * np.pi * months / 12
+        assert np.allclose(window[:, 1].numpy(), np.sin(angle), atol=1e-6)
+        assert np.allclose(window[:, 2].numpy(), np.cos(angle), atol=1e-6)
+
+
 # ---- metrics and transforms -------------------------------------------------------------------------------
 
 

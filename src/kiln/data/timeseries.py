@@ -24,8 +24,8 @@ from pydantic import Field, PositiveInt, model_validator
 
 from kiln.data import forecasting as fc
 from kiln.data.kind import DataKind, DataSpec, find_data
-from kiln.data.series import (CALENDAR, FREQUENCIES, TRANSFORMS, Times, calendar_features, check_transform, dropped,
-                              invert, read_times, stages, transform_steps)
+from kiln.data.series import (CALENDAR, FREQUENCIES, TRANSFORMS, Times, advance, calendar_features, check_transform,
+                              dropped, invert, read_times, stages, transform_steps)
 from kiln.data.splits import Splits
 from kiln.data.table import Table, read_table, rows_to_table
 from kiln.errors import ConfigError, DataError, RunDirError
@@ -41,7 +41,8 @@ class TimeseriesData(DataSpec):
     target: str  # the column to forecast
     time: str | None = None  # the time column (default: the first column)
     covariates: list[str] = []  # other numeric columns the model reads (their past only)
-    calendar: list[Literal[CALENDAR]] = []  # features of each step's time (sine and cosine), known in advance
+    calendar: list[Literal[CALENDAR]] = []  # known-future features: each input step carries the calendar (sine and
+    # cosine) of the step `horizon` after it, so the last `horizon` input steps carry the forecast steps' calendar
     frequency: Literal[FREQUENCIES] = "auto"  # the step of the series; auto: from the times
     allow_gaps: bool = False  # take each row as the next step even where times are missing (trading days)
     lookback: PositiveInt  # steps the model reads
@@ -145,9 +146,13 @@ class Timeseries(DataKind):
 
     def _columns(self, times: Times, y: np.ndarray, cov: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
         """(the target's transform stages, unscaled features (n, features)): the transformed target, the
-        covariates, the calendar features."""
+        covariates, and the calendar features of the time ``horizon`` steps after each row (known in advance;
+        past the last row, the times the frequency gives)."""
         levels = stages(y, self.steps, self.cfg.season)
-        feats = np.hstack([levels[-1][:, None], cov, calendar_features(times.values, list(self.cfg.calendar))])
+        h = self.cfg.horizon
+        ahead = times.values[h:] + [advance(times.values[-1], times.frequency, k) for k in range(1, h + 1)]
+        ahead = ahead[:len(times.values)]
+        feats = np.hstack([levels[-1][:, None], cov, calendar_features(ahead, list(self.cfg.calendar))])
         return levels, feats
 
     def _table(self) -> Table:
@@ -233,7 +238,7 @@ class Timeseries(DataKind):
         s, cfg = self.state, self.cfg
         split = s["split"]
         features = ", ".join([f"{cfg.target} ({cfg.target_transform})", *cfg.covariates,
-                              *(f"{c} (sin, cos)" for c in cfg.calendar)])
+                              *(f"{c} of the step {cfg.horizon} ahead (sin, cos)" for c in cfg.calendar)])
         return [f"series {cfg.target}: {s['rows']} steps ({s['frequency']}); training to {s['last_train_time']} "
                 f"({split['val_start']} steps), validation {split['test_start'] - split['val_start']} steps, "
                 f"test {s['first_test_time']} to {s['last_test_time']} ({split['test_end'] - split['test_start']} "
