@@ -76,7 +76,8 @@ def main() -> None:
           f"seeds {args.seeds}; {'walk-forward folds: ' + str(args.folds) if args.folds else 'one test part'}")
     for name, r in results.items():
         runs = r["runs"]
-        print(f"\n{name} (examples/{name}.yaml), test part; model: median (min-max) over {len(runs)} seed(s), "
+        part = f"mean of {args.folds} walk-forward test blocks" if args.folds else "test part"
+        print(f"\n{name} (examples/{name}.yaml), {part}; model: median (min-max) over {len(runs)} seed(s), "
               f"training {statistics.median(r['seconds']):.1f} s per seed")
         print(f"{'forecaster':16s}" + "".join(f"{m:>27s}" for m in METRICS))
         for f in FORECASTERS:

@@ -99,7 +99,6 @@ class Timeseries(DataKind):
         self.drop = dropped(self.steps, cfg.season)
         self._features: dict[torch.device, torch.Tensor] = {}
         self._baselines: dict[bytes, dict] = {}
-        self.notes: list[str] = []
         if run_path is not None:
             saved = RunDir(run_path) / SERIES
             if not saved.is_file():
@@ -109,10 +108,6 @@ class Timeseries(DataKind):
         self.state = self._fit()
 
     # ---- reading ------------------------------------------------------------------------------------
-
-    @property
-    def time_column(self) -> str:
-        return self.state["time"] if hasattr(self, "state") else self.cfg.time
 
     def _read(self, table: Table, frequency: str) -> tuple[Times, np.ndarray, np.ndarray, list[str]]:
         """(times, target (n,), covariates (n, k), where each row is) in time order, every value checked."""
