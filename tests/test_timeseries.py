@@ -122,6 +122,25 @@ def test_calendar_features_are_those_of_the_steps_ahead_known_in_advance(tmp_pat
         assert np.allclose(window[:, 2].numpy(), np.cos(angle), atol=1e-6)
 
 
+@pytest.mark.parametrize(("times", "frequency", "after"), [
+    (["2020-01-31", "2020-02-29", "2020-03-31"], "month", ["2020-04-30", "2020-05-31"]),
+    (["2020-01", "2020-02", "2020-03"], "month", ["2020-04", "2020-05"]),
+    (["2019-12-31", "2020-03-31", "2020-06-30"], "quarter", ["2020-09-30", "2020-12-31"]),
+    (["2024-03-07", "2024-03-08", "2024-03-11"], "business_day", ["2024-03-12", "2024-03-13"]),
+    (["2024-03-30", "2024-03-31", "2024-04-01"], "day", ["2024-04-02", "2024-04-03"]),
+    (["2024-03-31 00:00", "2024-03-31 01:00", "2024-03-31 02:00"], "hour", ["2024-03-31 03:00:00",
+                                                                         "2024-03-31 04:00:00"]),
+    (["7", "8", "9"], "step", ["10", "11"]),
+])
+def test_the_step_of_a_series_is_inferred_and_continued(times: list[str], frequency: str, after: list[str]) -> None:
+    from kiln.data.series import read_times
+    from kiln.data.table import rows_to_table
+
+    parsed, _ = read_times(rows_to_table([{"t": t} for t in times]), "t", "auto", False)
+    assert parsed.frequency == frequency
+    assert parsed.after(2) == after
+
+
 # ---- metrics and transforms -------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from calendar import monthrange
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -23,6 +24,7 @@ TRANSFORMS = {"none": (), "log": ("log",), "diff": ("diff",), "log_return": ("lo
               "seasonal_diff": ("seasonal_diff",), "log_seasonal_diff": ("log", "seasonal_diff")}
 _MONTH = re.compile(r"^(\d{4})-(\d{1,2})$")
 _INT = re.compile(r"^[+-]?\d+$")
+EPOCH = datetime(1970, 1, 1)
 _UNITS = {"hour": "hour", "day": "day", "business_day": "business day", "week": "week", "month": "month",
           "quarter": "quarter", "year": "year", "step": "step"}
 
@@ -132,19 +134,23 @@ def infer_frequency(values: list, style: str) -> str:
         return "step"
     if len(values) < 2:
         raise DataError("data.time: one row cannot tell the frequency; give more rows or set data.frequency")
-    months = np.diff([v.year * 12 + v.month for v in values])
-    seconds = np.diff([v.timestamp() for v in values]) if style == "datetime" else \
-        np.diff([v.toordinal() for v in values]) * 86400.0
-    common = float(np.median(seconds))
+    if style == "month":
+        return "month"
+    spacing, counts = np.unique(np.diff([_seconds(v) for v in values]), return_counts=True)
+    common = float(spacing[counts.argmax()])  # the most common spacing; on a tie, the shortest
     day = 86400.0
-    if style == "month" or all(v.day == values[0].day for v in values) and np.median(months) >= 1:
-        step = int(np.median(months))
-        return {1: "month", 3: "quarter", 12: "year"}.get(step, "month")
+    if common <= 3 * day and all(v.weekday() < 5 and v.time() == values[0].time() for v in values):
+        days = np.array([v.date() for v in values], dtype="datetime64[D]")
+        steps, counts = np.unique(np.busday_count(days[:-1], days[1:]), return_counts=True)
+        if steps[counts.argmax()] == 1:  # one working day apart, most often: Friday to Monday too
+            return "business_day"
+    for name, shortest, longest in (("month", 28, 31), ("quarter", 89, 92), ("year", 365, 366)):
+        if shortest * day <= common <= longest * day:  # calendar months and years vary in length
+            return name
     if common == 7 * day:
         return "week"
     if common == day:
-        weekdays = [v.weekday() for v in values]
-        return "business_day" if max(weekdays) < 5 else "day"
+        return "day"
     if common == 3600.0:
         return "hour"
     raise DataError(f"data.frequency: cannot tell the step of the time column (its most common spacing is "
@@ -165,18 +171,28 @@ def step_index(values: list, frequency: str) -> np.ndarray:
             k = int(np.flatnonzero(~weekend)[0])
             raise DataError(f"data.frequency business_day: {values[k].date()} is a weekend day; use frequency: day")
         return np.busday_count(days[0], days).astype(np.int64)
-    seconds = np.array([v.timestamp() if isinstance(v, datetime) else 0.0 for v in values])
+    seconds = np.array([_seconds(v) for v in values])
     unit = {"hour": 3600.0, "day": 86400.0, "week": 7 * 86400.0}[frequency]
     return np.floor((seconds - seconds[0]) / unit + 1e-9).astype(np.int64)
 
 
+def _seconds(value: datetime) -> float:
+    """Seconds since 1970 of a time without a zone, read as UTC (not as the machine's local time, whose daylight
+    saving would make an hour vanish or repeat)."""
+    return (value - EPOCH).total_seconds()
+
+
 def advance(value: datetime | int, frequency: str, steps: int) -> datetime | int:
-    """The time ``steps`` steps after ``value``."""
+    """The time ``steps`` steps after ``value``. Months keep the day of the month, or the month's end for a time
+    at its month's end (2020-01-31, 2020-02-29, 2020-03-31)."""
     if frequency == "step":
         return value + steps
     if frequency in ("month", "quarter", "year"):
         months = value.year * 12 + value.month - 1 + steps * {"month": 1, "quarter": 3, "year": 12}[frequency]
-        return value.replace(year=months // 12, month=months % 12 + 1, day=min(value.day, 28))
+        year, month = months // 12, months % 12 + 1
+        last = monthrange(year, month)[1]
+        at_end = value.day == monthrange(value.year, value.month)[1]
+        return value.replace(year=year, month=month, day=last if at_end else min(value.day, last))
     if frequency == "business_day":
         day = np.busday_offset(np.datetime64(value.date()), steps, roll="forward")
         return datetime.combine(day.astype(datetime), value.time())
