@@ -165,14 +165,34 @@ def test_metrics_against_hand_computed_values() -> None:
     assert fc.seasonal_naive(y, np.array([3]), 3, 2).tolist() == [[4.0, 7.0, 4.0]]  # t+1 -> t-1, t+2 -> t, t+3 -> t-1
 
 
+def test_a_tiny_series_reports_hand_computed_metrics_and_baselines(tmp_path: Path) -> None:
+    y = [1, 2, 4, 7, 11, 16, 22, 29, 37, 46, 56, 67]  # each step adds one more than the last
+    csv = tmp_path / "tiny.csv"
+    csv.write_text("t,y\n" + "".join(f"{i},{v}\n" for i, v in enumerate(y)))
+    config = {"name": "tiny", "data": {"dataset": "timeseries", "path": str(csv), "target": "y", "lookback": 2,
+                                       "horizon": 1, "test_size": 3, "val_fraction": 0.0},
+              "model": {"blocks": [{"type": "forecaster"}]}}
+    kind, data = kind_of(config)
+    assert data.test_x.tolist() == [8, 9, 10] and kind.state["mase_scale"] == pytest.approx(4.5)  # mean of 1..8
+    report = kind.metrics([data.test_x], data.test_y.clone(), data.test_y)  # a perfect forecast
+    assert report["loss"] == 0 and report["mae"] < 1e-4 and report["smape"] < 1e-4  # float32 targets
+    assert report["directional_accuracy"] == 1 and report["up_fraction"] == 1
+    # naive: 37, 46, 56 for 46, 56, 67: errors 9, 10, 11
+    assert report["naive_mae"] == pytest.approx(10) and report["naive_mase"] == pytest.approx(10 / 4.5)
+    assert report["naive_rmse"] == pytest.approx(math.sqrt((81 + 100 + 121) / 3))
+    assert report["naive_smape"] == pytest.approx(200 / 3 * (9 / 83 + 10 / 102 + 11 / 123))
+    # y[t+1] = 2 y[t] - y[t-1] + 1 exactly: least squares on two lags and a constant finds it
+    assert report["linear_ar_mae"] == pytest.approx(0, abs=1e-6)
+
+
 @pytest.mark.parametrize("name", list(TRANSFORMS))
 def test_transforms_are_undone_exactly_from_each_windows_history(name: str) -> None:
     rng = np.random.default_rng(0)
     y = 50 + np.cumsum(rng.uniform(0.1, 2.0, 60)) + 5 * np.sin(np.arange(60))
     steps, season = TRANSFORMS[name], 12
     levels = stages(y, steps, season)
-    origins = np.arange(30, 50)
-    horizon = 7
+    origins = np.arange(30, 45)
+    horizon = 15  # longer than the season: later steps build on forecast ones
     true_future = levels[-1][origins[:, None] + np.arange(1, horizon + 1)]
     back = invert([lv.copy() for lv in levels], steps, season, origins, true_future)
     assert np.allclose(back, y[origins[:, None] + np.arange(1, horizon + 1)])
