@@ -206,6 +206,33 @@ def serve_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def timeseries_options(data: dict) -> dict:
+    return dict(data["args"])
+
+
+def timeseries_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    parts = []
+    for name, r in data["results"].items():
+        runs = r["runs"]
+        model = [run["model"]["mase"] for run in runs]
+        base = runs[0]
+        ratios = r["model_mase_over"]
+        parts.append(f"{name}: model MASE {spread(model, 3)}, naive {base['naive']['mase']:.3f}, seasonal naive "
+                     f"{base['seasonal_naive']['mase']:.3f}, linear AR {base['linear_ar']['mase']:.3f} (model / "
+                     f"seasonal naive **{ratios['seasonal_naive']:.2f}x**, / naive {ratios['naive']:.2f}x, / linear AR "
+                     f"{ratios['linear_ar']:.2f}x); directional accuracy "
+                     f"{spread([run['model']['directional_accuracy'] for run in runs], 3)} (up fraction "
+                     f"{base['model']['up_fraction']:.3f})")
+    what = ("time-series examples (`examples/airline.yaml`, `examples/msft_returns.yaml`): kiln's model vs naive, "
+            "seasonal-naive and linear-AR forecasts of the same test windows"
+            + (f", {options['folds']} walk-forward folds" if options.get("folds") else ", one test part"))
+    result = (f"test MASE, median (min-max) of {plural(len(options['seeds']), 'seed')}: " + "; ".join(parts))
+    v = data["versions"]
+    conditions = (f"{machine(data['hardware'])}; torch {v['torch']}, numpy {v['numpy']}, kiln {v['kiln']}; "
+                  f"{threads(options.get('threads'))}")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -221,6 +248,10 @@ BENCHMARKS = {
                        {"run": None, "duration": 20.0, "warmup": 2.0, "concurrency": [1, 8, 64],
                         "servers": ["kiln-torch", "kiln-onnx", "plain-fastapi"], "max_batch": 64, "max_wait_ms": 2.0},
                        frozenset({"run", "duration", "warmup", "concurrency", "servers"}), serve_options, serve_cells),
+    "timeseries": Benchmark("benchmarks/bench_timeseries.py",
+                            {"seeds": [0, 1, 2], "folds": None, "threads": None,
+                             "examples": ["airline", "msft_returns"]},
+                            frozenset({"seeds"}), timeseries_options, timeseries_cells),
 }
 
 

@@ -39,7 +39,8 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
 def train_folds(config: str | os.PathLike | dict | Config, folds: int,
                 overrides: dict[str, Any] | list[str] | None = None, *, out: str | os.PathLike | None = None,
                 live: bool | None = None) -> dict[str, Any]:
-    """Train ``folds`` runs on stratified folds of one table, in ``out``/fold_<k>, and write cv_results.json."""
+    """Train ``folds`` runs on the folds the data's kind defines (stratified folds of a table, walk-forward blocks
+    at the end of a time series), in ``out``/fold_<k>, and write cv_results.json."""
     cfg = load_config(config, overrides)
     root = RunDir(out or Path("runs") / cfg.name)
     root.check_new()

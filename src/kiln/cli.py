@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "backgrounds are inverted) or .npy arrays of pixels (uint8 0..255 or float "
                                     "0..1); a table run predicts each row of CSV or Parquet files (printed as CSV "
                                     "with the prediction columns added); a text-pairs run translates each line "
-                                    "of text files (printed as source<TAB>target).")
+                                    "of text files (printed as source<TAB>target); a time-series run forecasts "
+                                    "the steps after each history CSV (the series' latest rows).")
     pr.add_argument("run", help="run directory written by `kiln train`")
     pr.add_argument("files", nargs="+", help="image or .npy files; CSV or Parquet files of rows; text files of sources")
     pr.add_argument("--out", help="write what would be printed to this file instead (default: stdout)")

@@ -65,7 +65,7 @@ def _check_inputs(run: Run, check: str) -> torch.Tensor:
     if not batches or not len(batches[0]):
         raise KilnError(f"the {check} split of this run is empty or shorter than one input; choose another "
                         "with --check")
-    return batches[0]
+    return run.kind.standalone(batches[0])
 
 
 def _chosen_format(format: str, out: str | Path | None) -> str:

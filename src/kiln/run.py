@@ -107,7 +107,10 @@ class Run:
         return self.from_outputs(self.outputs(x))
 
     def from_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Model outputs to what :meth:`predict` returns: class probabilities, or values in the target's units."""
+        """Model outputs to what :meth:`predict` returns: class probabilities, or values in the target's units (a
+        forecast's outputs stay scaled and transformed: :meth:`forecast` answers in the series' units)."""
+        if self.kind.task == "forecast":
+            return outputs
         if self.kind.task == "regression":
             mean, std = self.kind.target_scale
             return outputs[:, 0] * std + mean
@@ -136,6 +139,11 @@ class Run:
     def translate(self, sources: list[str], cache: bool = True) -> list[str]:
         """Greedy targets for source texts (a ``text_pairs`` run)."""
         return self._offered("translate")(self.model, list(sources), self.config.train.eval_batch_size, cache)
+
+    def forecast(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """A time-series run's forecast after ``history`` (its latest rows, column name -> value, at least the
+        lookback): ``{"forecast": [{"time": ..., "value": ...}, ...]}`` in the series' units."""
+        return self._offered("forecast")(self, history)
 
     def rows_input(self, table) -> torch.Tensor:
         """Raw table rows (a :class:`kiln.data.table.Table`) to model input with the run's saved preprocessing."""

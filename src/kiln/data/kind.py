@@ -55,9 +55,10 @@ class DataKind:
     usage: ClassVar[str]  # what to do with a finished run of this kind (said when a command does not apply)
     run_files: ClassVar[tuple[str, ...]] = ()  # files it adds to a run directory (written by `save`)
     trains_by_steps: ClassVar[bool] = False  # True: train.steps random batches; False: epochs over the samples
-    decodes: ClassVar[bool] = False  # answers are decoded step by step (text), not one forward pass
+    decodes: ClassVar[bool] = False  # answers come from the kind's decode_batch (text decoded step by step, a
+    # forecast undone per history), not from a traced forward pass
     input_name: ClassVar[str] = "inputs"  # the name of an exported graph's input
-    task: str = "multiclass"  # multiclass | binary | regression | lm | seq2seq
+    task: str = "multiclass"  # multiclass | binary | regression | lm | seq2seq | forecast
     input_shape: Shape
     class_names: list[str] = []
 
@@ -122,6 +123,11 @@ class DataKind:
         """Random training-time changes of model input (none unless the kind has them)."""
         return x
 
+    def metrics(self, xs: list[torch.Tensor], outputs: torch.Tensor, y: torch.Tensor) -> dict[str, Any] | None:
+        """The kind's own metrics of a whole split (``xs``: its stored input batches in order; outputs and
+        targets), or None for the task's standard ones."""
+        return None
+
     def exact_matches(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int | None:
         """How many samples the model's greedy output gets entirely right, for kinds with such a metric."""
         return None
@@ -131,6 +137,11 @@ class DataKind:
     def as_stored(self, x: torch.Tensor) -> torch.Tensor:
         """A user's array (``Run.predict``) as a batch of stored samples."""
         return x[None] if x.dim() == len(self.input_shape) else x
+
+    def standalone(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored samples as inputs that stand on their own, what an exported graph takes: the samples themselves,
+        unless they are references into data the kind holds (a time series' window origins)."""
+        return x
 
     def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
         """``n`` random stored inputs of the right dtype and range (checking an export without data)."""
@@ -153,7 +164,8 @@ class DataKind:
         raise NotImplementedError
 
 
-HEADS = {"classifier": ("binary", "multiclass"), "regressor": ("regression",)}  # the head of each task
+HEADS = {"classifier": ("binary", "multiclass"), "regressor": ("regression",),  # the head of each task
+         "forecaster": ("forecast",)}
 
 
 def resolve(cfg, kind: DataKind):

@@ -46,14 +46,15 @@ class TorchBackend:
 
 
 class DecodingBackend:
-    """A run whose answers are decoded step by step (text): its kind answers each batch eagerly (nothing to trace:
-    each step's shapes differ), with a key/value cache."""
+    """A run whose kind answers each batch itself, eagerly: text decoded step by step (nothing to trace: each
+    step's shapes differ) with a key/value cache, or a forecast undone per history."""
 
     name = "torch"
 
     def __init__(self, run: Run, threads: int | None = None) -> None:
         self.run, self.threads = run, threads
-        self.mode = "eager (decoding with a key/value cache)"
+        self.mode = ("eager (decoding with a key/value cache)" if run.kind.task in ("lm", "seq2seq") else
+                     "eager (answered by the run's kind of data)")
 
     def start(self, example: np.ndarray | None = None) -> None:
         if self.threads:

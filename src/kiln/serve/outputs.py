@@ -35,6 +35,15 @@ class ValuePrediction(BaseModel):
     value: float = Field(description="the predicted value, in the target column's units")
 
 
+class ForecastStep(BaseModel):
+    time: str = Field(description="the step's time, written as the series writes its times")
+    value: float = Field(description="the forecast, in the series' units")
+
+
+class ForecastPrediction(BaseModel):
+    forecast: list[ForecastStep] = Field(description="the steps after the history's last, in order")
+
+
 class TextPrediction(BaseModel):
     text: str = Field(description="the text the model wrote (without the prompt or source)")
 
@@ -99,10 +108,32 @@ class TextAnswers:
         return {"kind": "text", "meaning": "text after the prompt" if self.task == "lm" else "the target text"}
 
 
-def answers_for(run: Run) -> ClassAnswers | ValueAnswers | TextAnswers:
+class ForecastAnswers:
+    """The steps after a history, with their times, in the series' units (the run's kind undoes its scaling and
+    target transform per history)."""
+
+    prediction = ForecastPrediction
+    summary = "Forecast a series"
+
+    def __init__(self, run: Run) -> None:
+        self.task = "forecast"
+        self.target = run.kind.target_name
+
+    def answer(self, forecasts: np.ndarray) -> list[dict[str, Any]]:
+        values = np.array([[s["value"] for s in f["forecast"]] for f in forecasts], dtype=np.float64)
+        _check_finite(values.reshape(len(values), -1))
+        return list(forecasts)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "forecast", "target": self.target}
+
+
+def answers_for(run: Run) -> ClassAnswers | ValueAnswers | TextAnswers | ForecastAnswers:
     task = run.kind.task
     if task == "regression":
         return ValueAnswers(run)
+    if task == "forecast":
+        return ForecastAnswers(run)
     if task in ("lm", "seq2seq"):
         return TextAnswers(run)
     return ClassAnswers(run)

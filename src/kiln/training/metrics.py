@@ -6,6 +6,8 @@
 - regression: loss (MSE of the standardised target), MAE, RMSE and R2 in the target's own units
 - lm, seq2seq: loss (cross-entropy per target token), perplexity, token accuracy; seq2seq also the share of
   samples whose greedy output is exactly the target
+- forecast: loss (MSE of the scaled targets); the kind of data adds MAE, RMSE, MASE, sMAPE and directional
+  accuracy in the series' units beside its baselines (``DataKind.metrics``)
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ TASK_METRICS = {
     "regression": ("loss", "mae", "rmse", "r2"),
     "lm": ("loss", "perplexity", "token_accuracy"),
     "seq2seq": ("loss", "perplexity", "token_accuracy", "exact_match"),
+    "forecast": ("loss", "mae", "rmse", "mase", "smape", "directional_accuracy"),
 }
 # Metrics early stopping may watch, and those of them that are better when higher.
 MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "val_roc_auc", "val_pr_auc", "val_f1",
-            "val_mae", "val_rmse", "val_r2")
+            "val_mae", "val_rmse", "val_r2", "val_mase", "val_smape")
 HIGHER_IS_BETTER = ("accuracy", "roc_auc", "pr_auc", "f1", "r2")
-SHOWN = ("loss", "accuracy", "roc_auc", "rmse", "r2", "perplexity", "token_accuracy", "exact_match")
+SHOWN = ("loss", "accuracy", "roc_auc", "rmse", "r2", "perplexity", "token_accuracy", "exact_match", "mase", "smape",
+         "directional_accuracy")
 
 
 @torch.inference_mode()
@@ -44,13 +48,17 @@ def evaluate(model: torch.nn.Module, kind: DataKind, batches: Iterable[tuple[tor
     try:
         if kind.task in TOKEN_TASKS:
             return _token_metrics(model, kind, batches, device, precision, exact)
-        outputs, targets = [], []
+        xs, outputs, targets = [], [], []
         for xb, yb in batches:
             outputs.append(_forward(model, kind.to_input(xb.to(device)), precision).float().cpu())
             targets.append(yb)
+            xs.append(xb)
     finally:
         model.train(was_training)
     y = torch.cat(targets) if targets else torch.empty(0)
+    own = kind.metrics(xs, torch.cat(outputs) if outputs else torch.empty(0), y)
+    if own is not None:
+        return own
     return task_metrics(kind.task, torch.cat(outputs) if outputs else torch.empty(0), y, threshold=threshold,
                         target_scale=kind.target_scale)
 
@@ -83,8 +91,13 @@ def _token_metrics(model, kind: DataKind, batches, device, precision, exact: boo
 
 
 def metrics_line(metrics: dict[str, float]) -> str:
-    """The few metrics a progress or result line shows."""
-    return "  ".join(f"{k} {metrics[k]:.4f}" for k in SHOWN if k in metrics)
+    """The few metrics a progress or result line shows; then the same ones of each baseline the metrics hold
+    (forecasts: ``naive_mase`` ... under ``baselines``)."""
+    line = "  ".join(f"{k} {metrics[k]:.4f}" for k in SHOWN if k in metrics)
+    for name in metrics.get("baselines", ()):
+        line += f"  | {name} " + "  ".join(f"{k} {metrics[f'{name}_{k}']:.4f}" for k in SHOWN
+                                            if f"{name}_{k}" in metrics)
+    return line
 THRESHOLD_CANDIDATES = 101  # binary decision thresholds tried on validation: 0.00, 0.01, ..., 1.00
 
 

@@ -3,6 +3,7 @@
 - classification (multiclass, binary): cross-entropy, optionally class-weighted and label-smoothed; a sample is
   right when its largest logit is its class.
 - regression: mean squared error of the standardised target; nothing counts as right.
+- forecast: mean squared error of the scaled target over every forecast step; nothing counts as right.
 - tokens (lm, seq2seq): cross-entropy over every target token that is not padding (``IGNORE``); a token is right
   when it is the most likely one.
 """
@@ -27,6 +28,8 @@ class Objective:
         """The mean loss of a batch (float32 logits)."""
         if self.task == "regression":
             return F.mse_loss(logits[:, 0], y)
+        if self.task == "forecast":
+            return F.mse_loss(logits, y)
         if self.task in TOKEN_TASKS:
             return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
@@ -34,7 +37,7 @@ class Objective:
     def counts(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
         """(right answers, how many were counted): samples, or for tokens the targets that are not padding. Both
         stay on the device: reading them forces a sync."""
-        if self.task == "regression":
+        if self.task in ("regression", "forecast"):
             return torch.zeros((), dtype=torch.long, device=y.device), len(y)
         if self.task in TOKEN_TASKS:
             keep = y != IGNORE
@@ -45,4 +48,6 @@ class Objective:
         """Each sample's own loss (unweighted, unsmoothed): how hard the sample still is (train.hard_examples)."""
         if self.task == "regression":
             return (logits[:, 0] - y).square()
+        if self.task == "forecast":
+            return (logits - y).square().mean(1)
         return F.cross_entropy(logits, y, reduction="none")
