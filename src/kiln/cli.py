@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   kiln predict runs/mnist_seed digit.png other.npy
   kiln train examples/german_credit.yaml --folds 5
   kiln predict runs/german_credit rows.csv --out predictions.csv
+  kiln predict runs/sms_spam --text "WINNER! Call now to claim your prize"
   kiln summary examples/mnist_seed.yaml
   kiln generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 1
   kiln serve runs/mnist_seed --port 8000
@@ -56,9 +57,14 @@ def _parser() -> argparse.ArgumentParser:
                                     "backgrounds are inverted) or .npy arrays of pixels (uint8 0..255 or float "
                                     "0..1); a table run predicts each row of CSV or Parquet files (printed as CSV "
                                     "with the prediction columns added); a text-pairs run translates each line "
-                                    "of text files (printed as source<TAB>target).")
+                                    "of text files (printed as source<TAB>target); a text-classification run "
+                                    "classifies each --text or each line of text files (printed as "
+                                    "label<TAB>probability<TAB>text).")
     pr.add_argument("run", help="run directory written by `kiln train`")
-    pr.add_argument("files", nargs="+", help="image or .npy files; CSV or Parquet files of rows; text files of sources")
+    pr.add_argument("files", nargs="*", help="image or .npy files; CSV or Parquet files of rows; text files of sources "
+                                             "or of texts to classify")
+    pr.add_argument("--text", action="append", default=[], help="a text to classify (repeatable; text-classification "
+                                                                 "runs)")
     pr.add_argument("--out", help="write what would be printed to this file instead (default: stdout)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -242,8 +248,10 @@ def cmd_predict(args) -> None:
     from kiln.fsutil import atomic_write_text
     from kiln.run import Run
 
+    if not args.files and not args.text:
+        raise KilnError("predict: give files to predict for, or --text TEXT")
     run = Run.load(args.run)
-    records = run.predict_files(args.files)
+    records = (run.predict_texts(args.text) if args.text else []) + (run.predict_files(args.files) if args.files else [])
     text = json.dumps(records, indent=2) + "\n" if args.json else run.kind.render(records)
     if args.out:
         atomic_write_text(args.out, text)

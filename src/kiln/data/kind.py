@@ -57,7 +57,7 @@ class DataKind:
     trains_by_steps: ClassVar[bool] = False  # True: train.steps random batches; False: epochs over the samples
     decodes: ClassVar[bool] = False  # answers are decoded step by step (text), not one forward pass
     input_name: ClassVar[str] = "inputs"  # the name of an exported graph's input
-    task: str = "multiclass"  # multiclass | binary | regression | lm | seq2seq
+    task: str = "multiclass"  # multiclass | binary | multilabel | regression | lm | seq2seq
     input_shape: Shape
     class_names: list[str] = []
 
@@ -129,7 +129,7 @@ class DataKind:
     # ---- inference ---------------------------------------------------------------------------------
 
     def as_stored(self, x: torch.Tensor) -> torch.Tensor:
-        """A user's array (``Run.predict``) as a batch of stored samples."""
+        """A user's array (``Run.predict``) as a batch of stored samples (a text kind also takes texts)."""
         return x[None] if x.dim() == len(self.input_shape) else x
 
     def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -153,7 +153,7 @@ class DataKind:
         raise NotImplementedError
 
 
-HEADS = {"classifier": ("binary", "multiclass"), "regressor": ("regression",)}  # the head of each task
+HEADS = {"classifier": ("binary", "multiclass", "multilabel"), "regressor": ("regression",)}  # the head of each task
 
 
 def resolve(cfg, kind: DataKind):

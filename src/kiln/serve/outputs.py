@@ -31,6 +31,11 @@ class ClassPrediction(BaseModel):
     probabilities: dict[str, float]
 
 
+class LabelsPrediction(BaseModel):
+    labels: list[str] = Field(description="the labels whose probability reaches 0.5 (any number of them)")
+    probabilities: dict[str, float] = Field(description="each label's own probability")
+
+
 class ValuePrediction(BaseModel):
     value: float = Field(description="the predicted value, in the target column's units")
 
@@ -69,6 +74,26 @@ class ClassAnswers:
         return info
 
 
+class LabelsAnswers:
+    """Multilabel: every label whose own probability reaches 0.5, and each label's probability."""
+
+    prediction = LabelsPrediction
+    summary = "Predict labels"
+
+    def __init__(self, run: Run) -> None:
+        self.task = "multilabel"
+        self.names = run.class_names
+
+    def answer(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        _check_finite(probs.reshape(len(probs), -1))
+        return [{"labels": [n for n, v in zip(self.names, row.tolist(), strict=True) if v >= 0.5],
+                 "probabilities": {n: round(float(v), 6) for n, v in zip(self.names, row.tolist(), strict=True)}}
+                for row in probs]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "label probabilities", "labels": self.names, "threshold": 0.5}
+
+
 class ValueAnswers:
     prediction = ValuePrediction
     summary = "Predict values"
@@ -99,10 +124,12 @@ class TextAnswers:
         return {"kind": "text", "meaning": "text after the prompt" if self.task == "lm" else "the target text"}
 
 
-def answers_for(run: Run) -> ClassAnswers | ValueAnswers | TextAnswers:
+def answers_for(run: Run) -> ClassAnswers | LabelsAnswers | ValueAnswers | TextAnswers:
     task = run.kind.task
     if task == "regression":
         return ValueAnswers(run)
+    if task == "multilabel":
+        return LabelsAnswers(run)
     if task in ("lm", "seq2seq"):
         return TextAnswers(run)
     return ClassAnswers(run)

@@ -2,6 +2,8 @@
 
 - classification (multiclass, binary): cross-entropy, optionally class-weighted and label-smoothed; a sample is
   right when its largest logit is its class.
+- multilabel: binary cross-entropy of each label's own logit (a sigmoid per label); the progress line counts
+  label decisions (logit > 0 against the 0/1 target)
 - regression: mean squared error of the standardised target; nothing counts as right.
 - tokens (lm, seq2seq): cross-entropy over every target token that is not padding (``IGNORE``); a token is right
   when it is the most likely one.
@@ -27,6 +29,8 @@ class Objective:
         """The mean loss of a batch (float32 logits)."""
         if self.task == "regression":
             return F.mse_loss(logits[:, 0], y)
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, y)
         if self.task in TOKEN_TASKS:
             return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
@@ -36,6 +40,8 @@ class Objective:
         stay on the device: reading them forces a sync."""
         if self.task == "regression":
             return torch.zeros((), dtype=torch.long, device=y.device), len(y)
+        if self.task == "multilabel":
+            return ((logits > 0) == (y > 0.5)).sum(), y.numel()
         if self.task in TOKEN_TASKS:
             keep = y != IGNORE
             return ((logits.argmax(-1) == y) & keep).sum(), keep.sum()
@@ -45,4 +51,6 @@ class Objective:
         """Each sample's own loss (unweighted, unsmoothed): how hard the sample still is (train.hard_examples)."""
         if self.task == "regression":
             return (logits[:, 0] - y).square()
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
         return F.cross_entropy(logits, y, reduction="none")
