@@ -46,8 +46,8 @@ def sms_config(**data) -> dict:
                      "tokenizer": "bpe", "vocab_size": 1000, "max_tokens": 48, **data},
             "model": {"blocks": [{"type": "token_embedding", "width": 32}, {"type": "seq_pool", "mode": "max"},
                                  {"type": "classifier"}]},
-            "train": {"epochs": 3, "batch_size": 32, "threshold_metric": "f1", "optimizer": {"name": "adam", "lr": 0.005},
-                      "threads": 1}}
+            "train": {"epochs": 3, "batch_size": 32, "threshold_metric": "f1", "threads": 1,
+                      "optimizer": {"name": "adam", "lr": 0.005}}}
 
 
 # ---- padding and masking -------------------------------------------------------------------------------------
@@ -296,3 +296,20 @@ def test_predicting_nothing_is_refused(tmp_path):
     kind = kind_of(path)
     with pytest.raises(KilnError, match="text 2 is empty"):
         kind.as_stored(["fine", ""])
+
+
+@pytest.mark.slow
+def test_exported_onnx_serves_the_same_answers(sms_run, tmp_path):
+    """The exported graph reads every max_tokens column (no cut to the batch's longest text) and, masked, equals
+    PyTorch; the ONNX backend answers with the torch backend's probabilities."""
+    pytest.importorskip("onnxruntime", reason="needs the serve extra: pip install 'kiln[serve]'")
+    from kiln.export import export_run
+    from kiln.serve.backends import make_backend
+
+    result = export_run(sms_run.path, format="onnx", check="test")
+    assert result["max_abs_diff"] < 1e-4
+    run = kiln.Run.load(sms_run.path)
+    batch = run.kind.inputs().from_instances(["URGENT! You have won a 1000 cash prize", "ok see you at 7", "hi"])
+    onnx, torch_backend = make_backend("onnx", run), make_backend("torch", run)
+    onnx.start(), torch_backend.start()
+    assert abs(onnx.predict(batch) - torch_backend.predict(batch)).max() < 1e-5

@@ -102,7 +102,8 @@ def _add_serving_commands(sub) -> None:
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default: 1)")
     sv.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                     help="torch (a traced, frozen TorchScript copy of the model when it matches the eager one), "
-                         "or onnx (ONNX Runtime, image and table runs; run `kiln export RUN` first)")
+                         "or onnx (ONNX Runtime, image, table and text-classification runs; run `kiln export RUN` "
+                         "first)")
     sv.add_argument("--max-batch", type=int, default=64, help="most rows in one forward pass (default: 64)")
     sv.add_argument("--max-wait-ms", type=float, default=2.0,
                     help="longest a request waits for others that are still arriving to share its batch; "
@@ -251,7 +252,8 @@ def cmd_predict(args) -> None:
     if not args.files and not args.text:
         raise KilnError("predict: give files to predict for, or --text TEXT")
     run = Run.load(args.run)
-    records = (run.predict_texts(args.text) if args.text else []) + (run.predict_files(args.files) if args.files else [])
+    records = run.predict_texts(args.text) if args.text else []
+    records += run.predict_files(args.files) if args.files else []
     text = json.dumps(records, indent=2) + "\n" if args.json else run.kind.render(records)
     if args.out:
         atomic_write_text(args.out, text)

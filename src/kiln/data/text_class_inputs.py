@@ -53,6 +53,6 @@ class TextClassInputs:
         return None  # served eagerly: each batch is cut to its longest text, a shape a trace would fix
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "text", "json": '["text", ...]: one string per instance', "max_tokens": self.data.cfg.max_tokens,
-                "max_characters": MAX_TEXT_CHARS, "tokenizer": self.data.tokenizer.kind,
+        return {"kind": "text", "json": '["text", ...]: one string per instance',
+                "max_tokens": self.data.cfg.max_tokens, "max_characters": MAX_TEXT_CHARS, "tokenizer": self.data.tokenizer.kind,
                 "longer_texts": f"keep their first {self.data.cfg.max_tokens} tokens"}

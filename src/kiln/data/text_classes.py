@@ -200,8 +200,8 @@ class TextClasses(TokenKind):
                 raise DataError(f"{where}: the label (column {f.label_names[0]!r}) is empty; give every text its label")
         counts = {v: values.count(v) for v in sorted(set(values))}
         if len(counts) < 2:
-            raise DataError(f"{f.path}: the label column {f.label_names[0]!r} holds one class ({next(iter(counts))!r}); "
-                            "a classifier needs at least two")
+            raise DataError(f"{f.path}: the label column {f.label_names[0]!r} holds one class "
+                            f"({next(iter(counts))!r}); a classifier needs at least two")
         task = cfg.task if cfg.task != "auto" else ("binary" if len(counts) == 2 else "multiclass")
         if task == "binary" and len(counts) != 2:
             raise ConfigError(f"data.task: binary, but column {f.label_names[0]!r} holds {len(counts)} classes "
@@ -344,7 +344,10 @@ class TextClasses(TokenKind):
         return {self.source.name: self.file.digest}
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Ids cut to the batch's longest text: padding after it would only be masked."""
+        """Ids cut to the batch's longest text: padding after it would only be masked. A traced or exported graph
+        keeps every max_tokens column (its shapes cannot depend on the data; the mask gives the same outputs)."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return x
         longest = int((x != self.pad).sum(1).max()) if len(x) else 1
         return x[:, : max(longest, 1)]
 
