@@ -209,9 +209,9 @@ def test_multilabel_texts(tmp_path):
     cfg = {"name": "ml", "seed": 0,
            "data": {"dataset": "text_classes", "path": str(multilabel_csv(tmp_path / "news.csv")),
                     "label": ["sport", "money"], "tokenizer": "char", "max_tokens": 96},
-           "model": {"blocks": [{"type": "token_embedding", "width": 16}, {"type": "gru", "units": 24},
+           "model": {"blocks": [{"type": "token_embedding", "width": 16}, {"type": "gru", "units": 32},
                                 {"type": "seq_pool", "mode": "max"}, {"type": "classifier"}]},
-           "train": {"epochs": 8, "batch_size": 16, "optimizer": {"name": "adam", "lr": 0.01}, "threads": 1}}
+           "train": {"epochs": 12, "batch_size": 16, "optimizer": {"name": "adam", "lr": 0.01}, "threads": 1}}
     run = kiln.train(cfg, out=tmp_path / "run", live=False)
     test = run.metrics["test"]
     assert run.metrics["task"] == "multilabel" and run.class_names == ["sport", "money"]
@@ -225,6 +225,54 @@ def test_multilabel_texts(tmp_path):
     x, _ = loaded.kind.load().split("test")
     assert torch.equal(loaded.outputs(x), run.outputs(x))
     assert loaded.evaluate()["micro_f1"] == pytest.approx(test["micro_f1"])
+    pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'kiln[serve]'")
+    from fastapi.testclient import TestClient
+
+    from kiln.serve import create_app
+
+    with TestClient(create_app(run.path, max_instances=4)) as client:
+        resp = client.post("/v1/predict", json={"instances": ["we saw the team score a goal at the bank"]})
+        assert resp.status_code == 200, resp.text
+        answer, = resp.json()["predictions"]
+        assert answer["labels"] == ["sport", "money"] and set(answer["probabilities"]) == {"sport", "money"}
+
+
+def test_multiclass_texts_with_a_transformer(tmp_path):
+    """Three classes, byte-level BPE, a Transformer encoder with max pooling."""
+    rng = random.Random(1)
+    rows = ["topic;text"]
+    for i in range(300):
+        topic = ["sport", "money", "other"][i % 3]
+        words = rng.choices(FILLER, k=rng.randint(2, 8))
+        if topic != "other":
+            words.insert(rng.randrange(len(words) + 1), rng.choice(WORDS[topic]))
+        rows.append(f"{topic};{' '.join(words)}")
+    path = write(tmp_path, "\n".join(rows) + "\n", "topics.csv")
+    cfg = {"name": "mc", "seed": 0,
+           "data": {"dataset": "text_classes", "path": str(path), "label": "topic", "tokenizer": "bpe",
+                    "vocab_size": 300, "max_tokens": 80},
+           "model": {"blocks": [{"type": "token_embedding", "width": 32}, {"type": "positional_encoding"},
+                                {"type": "transformer_encoder", "heads": 2, "ff": 64},
+                                {"type": "seq_pool", "mode": "max"},
+                                {"type": "classifier"}]},
+           "train": {"epochs": 10, "batch_size": 16, "optimizer": {"name": "adam", "lr": 0.003}, "threads": 1}}
+    run = kiln.train(cfg, out=tmp_path / "run", live=False)
+    assert run.metrics["task"] == "multiclass" and run.class_names == ["money", "other", "sport"]
+    assert run.metrics["test"]["accuracy"] > 0.9 and run.metrics["test"]["macro_f1"] > 0.9, run.metrics["test"]
+    record, = run.predict_texts(["the team saw a goal"])
+    assert record["label"] == "sport" and abs(sum(record["probabilities"].values()) - 1) < 1e-5
+
+
+def test_tokenizer_is_fitted_on_training_texts_only(tmp_path):
+    rows = "".join(f"{'abcdefghijklmnopqrstuvwxyz'[i % 26] * 3} {i},{'xy'[i % 2]}\n" for i in range(60))
+    kind = kind_of(write(tmp_path, "text,label\n" + rows))
+    train, val, test = kind.rows
+    seen = set("".join(kind.file.texts[i] for i in train))
+    assert set(kind.tokenizer.chars) == seen
+    unseen = set("".join(kind.file.texts[i] for i in val + test)) - seen
+    assert unseen  # digits of held-out rows the training rows lack
+    ids = kind.encode("".join(sorted(unseen)))
+    assert set(ids) == {kind.tokenizer.special("<unk>")}
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------

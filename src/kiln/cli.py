@@ -249,8 +249,6 @@ def cmd_predict(args) -> None:
     from kiln.fsutil import atomic_write_text
     from kiln.run import Run
 
-    if not args.files and not args.text:
-        raise KilnError("predict: give files to predict for, or --text TEXT")
     run = Run.load(args.run)
     records = run.predict_texts(args.text) if args.text else []
     records += run.predict_files(args.files) if args.files else []
@@ -273,7 +271,10 @@ def cmd_summary(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict" and not args.files and not args.text:
+        parser.error("predict: give the files to predict for, or --text TEXT")
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary,
          "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy,

@@ -257,8 +257,9 @@ class TextClasses(TokenKind):
         return rows
 
     def fit_text(self) -> str:
-        """The training split's texts only: validation and test texts stay unseen, as new texts will be."""
-        return "\n".join(self.file.texts[i] for i in self.rows[0])
+        """The training split's texts only: validation and test texts stay unseen, as new texts will be. (BPE learns
+        line by line; characters are joined without a separator that would enter the vocabulary.)"""
+        return ("" if self.cfg.tokenizer == "char" else "\n").join(self.file.texts[i] for i in self.rows[0])
 
     def block_fields(self) -> dict[str, dict[str, Any]]:
         return {"token_embedding": {"vocab": self.tokenizer.vocab_size, "padding": self.pad},
