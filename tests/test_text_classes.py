@@ -145,6 +145,8 @@ def test_texts_longer_than_max_tokens_are_cut_and_counted(sms_run):
     kind = sms_run.kind
     cut = sum(kind.truncated)
     assert cut > 0 and any(f"{cut:,} texts longer than 48 tokens" in line for line in kind.report())
+    saved = json.loads((sms_run.path / "tokenizer.json").read_text())["extra"]["truncated"]
+    assert sum(saved.values()) == cut and saved["train"] > 0
     long_text = "call now to claim your prize " * 40
     record, = sms_run.predict_texts([long_text])
     assert record["truncated"] and not sms_run.predict_texts(["hi"])[0]["truncated"]

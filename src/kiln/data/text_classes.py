@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
-from kiln.data.splits import Splits, stratified_folds, stratified_holdout
 from kiln.data.kind import DataKind, find_data
+from kiln.data.splits import Splits, stratified_folds, stratified_holdout
 from kiln.data.table import SNIFF_CHARS, _dialect
 from kiln.data.text import TokenKind, TokenSpec
-from kiln.data.tokenizers import FILE, fit_tokenizer, load_tokenizer
 from kiln.data.text_class_inputs import TextClassInputs
+from kiln.data.tokenizers import FILE, fit_tokenizer, load_tokenizer
 from kiln.errors import ConfigError, DataError, KilnError
 from kiln.nn.base import BlockSpec
 from kiln.registry import KINDS
@@ -339,6 +339,8 @@ class TextClasses(TokenKind):
             x, cut = self.encode_texts([self.file.texts[i] for i in rows])
             self.truncated[k] = sum(cut)
             parts += [x, self.targets(rows)]
+        # kept in the run directory (tokenizer.json's facts of the data set), beside the training log's line
+        self.extra["truncated"] = dict(zip(("train", "val", "test"), self.truncated, strict=True))
         return Splits(*parts, checksums={self.source.name: self.file.digest})
 
     def checksums(self) -> dict[str, str]:
