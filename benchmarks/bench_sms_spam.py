@@ -1,7 +1,7 @@
 """kiln's SMS spam classifier against TF-IDF + logistic regression on the same splits.
 
     KILN_DATA=../shared/data python benchmarks/bench_sms_spam.py [--config examples/sms_spam.yaml]
-        [--seeds 0 1 2] [--set KEY=VALUE ...]
+        [--seeds 0 1 2 3 4] [--set KEY=VALUE ...]
 
 For each seed, the split is the one kiln draws for `data.split_seed` = that seed (stratified: 20% test, then 10% of
 the rest for validation). kiln trains on the training part, picks its spam threshold on validation
@@ -94,7 +94,7 @@ def kiln_run(config: str, seed: int, overrides: list[str], tmp: Path) -> dict[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "examples" / "sms_spam.yaml"))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 

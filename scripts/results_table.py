@@ -244,7 +244,7 @@ BENCHMARKS = {
                         "servers": ["kiln-torch", "kiln-onnx", "plain-fastapi"], "max_batch": 64, "max_wait_ms": 2.0},
                        frozenset({"run", "duration", "warmup", "concurrency", "servers"}), serve_options, serve_cells),
     "sms_spam": Benchmark("benchmarks/bench_sms_spam.py",
-                          {"config": "examples/sms_spam.yaml", "seeds": [0, 1, 2], "overrides": []},
+                          {"config": "examples/sms_spam.yaml", "seeds": [0, 1, 2, 3, 4], "overrides": []},
                           frozenset({"seeds"}), sms_spam_options, sms_spam_cells),
 }
 
