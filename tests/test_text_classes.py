@@ -185,6 +185,10 @@ def test_served_texts_answer_with_class_names(sms_run):
         blank = client.post("/v1/predict", json={"instances": ["ok", " "]})
         assert blank.status_code == 422 and "instances.1" in blank.text
         assert client.post("/v1/predict", json={"instances": [{"text": "hi"}]}).status_code == 422
+        info = client.get("/v1/model").json()
+        assert info["dataset"] == "text_classes" and info["task"] == "binary"
+        assert info["inputs"]["kind"] == "text" and info["inputs"]["max_tokens"] == 48
+        assert client.get("/openapi.json").status_code == 200
 
 
 # ---- multilabel ----------------------------------------------------------------------------------------------
