@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   kiln predict runs/mnist_seed digit.png other.npy
   kiln train examples/german_credit.yaml --folds 5
   kiln predict runs/german_credit rows.csv --out predictions.csv
+  kiln predict runs/sms_spam --text "WINNER! Call now to claim your prize"
   kiln summary examples/mnist_seed.yaml
   kiln generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 1
   kiln serve runs/mnist_seed --port 8000
@@ -57,9 +58,14 @@ def _parser() -> argparse.ArgumentParser:
                                     "0..1); a table run predicts each row of CSV or Parquet files (printed as CSV "
                                     "with the prediction columns added); a text-pairs run translates each line "
                                     "of text files (printed as source<TAB>target); a time-series run forecasts "
-                                    "the steps after each history CSV (the series' latest rows).")
+                                    "the steps after each history CSV (the series' latest rows); a "
+                                    "text-classification run classifies each --text or each line of text files "
+                                    "(printed as label<TAB>probability<TAB>text).")
     pr.add_argument("run", help="run directory written by `kiln train`")
-    pr.add_argument("files", nargs="+", help="image or .npy files; CSV or Parquet files of rows; text files of sources")
+    pr.add_argument("files", nargs="*", help="image or .npy files; CSV or Parquet files of rows; text files of sources "
+                                             "or of texts to classify")
+    pr.add_argument("--text", action="append", default=[], help="a text to classify (repeatable; text-classification "
+                                                                 "runs)")
     pr.add_argument("--out", help="write what would be printed to this file instead (default: stdout)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -97,7 +103,8 @@ def _add_serving_commands(sub) -> None:
     sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default: 1)")
     sv.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                     help="torch (a traced, frozen TorchScript copy of the model when it matches the eager one), "
-                         "or onnx (ONNX Runtime, image and table runs; run `kiln export RUN` first)")
+                         "or onnx (ONNX Runtime, image, table and text-classification runs; run `kiln export RUN` "
+                         "first)")
     sv.add_argument("--max-batch", type=int, default=64, help="most rows in one forward pass (default: 64)")
     sv.add_argument("--max-wait-ms", type=float, default=2.0,
                     help="longest a request waits for others that are still arriving to share its batch; "
@@ -244,7 +251,8 @@ def cmd_predict(args) -> None:
     from kiln.run import Run
 
     run = Run.load(args.run)
-    records = run.predict_files(args.files)
+    records = run.predict_texts(args.text) if args.text else []
+    records += run.predict_files(args.files) if args.files else []
     text = json.dumps(records, indent=2) + "\n" if args.json else run.kind.render(records)
     if args.out:
         atomic_write_text(args.out, text)
@@ -264,7 +272,10 @@ def cmd_summary(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict" and not args.files and not args.text:
+        parser.error("predict: give the files to predict for, or --text TEXT")
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary,
          "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy,

@@ -98,9 +98,11 @@ class Run:
         """Class probabilities (N, classes), or for regression values (N,) in the target's units.
 
         Images: (N, C, H, W) or (N, H, W), uint8 0..255 or float 0..1. Tables: rows as model input (N, features),
-        e.g. from :meth:`rows_input`.
+        e.g. from :meth:`rows_input`. Text classification: a text or a list of texts (multilabel: each label's
+        probability, (N, labels)).
         """
-        x = self.kind.as_stored(torch.as_tensor(x))
+        texts = isinstance(x, str) or (isinstance(x, list | tuple) and bool(x) and all(isinstance(t, str) for t in x))
+        x = self.kind.as_stored(x if texts else torch.as_tensor(x))
         shape = self.kind.input_shape
         if tuple(x.shape[1:]) != tuple(shape):
             raise KilnError(f"predict expects input of shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
@@ -114,7 +116,7 @@ class Run:
         if self.kind.task == "regression":
             mean, std = self.kind.target_scale
             return outputs[:, 0] * std + mean
-        return probabilities(outputs)
+        return probabilities(outputs, self.kind.task)
 
     def predict_files(self, paths: list[str | Path]) -> list[dict[str, Any]]:
         """Predictions for files, one record per input: image files, CSV rows, source lines, by the run's kind."""
@@ -153,6 +155,10 @@ class Run:
     def predict_table(self, table) -> list[dict[str, Any]]:
         """One dict per table row: ``prediction`` and, for classification, ``probability_<class>`` per class."""
         return self._offered("predict_table")(self, table)
+
+    def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
+        """A text-classification run's answer for each text: its class (or labels) and every probability."""
+        return self._offered("predict_texts")(self, [texts] if isinstance(texts, str) else list(texts))
 
     def predict_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Predictions for raw rows as a client sends them (column name -> value)."""

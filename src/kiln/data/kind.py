@@ -58,7 +58,7 @@ class DataKind:
     decodes: ClassVar[bool] = False  # answers come from the kind's decode_batch (text decoded step by step, a
     # forecast undone per history), not from a traced forward pass
     input_name: ClassVar[str] = "inputs"  # the name of an exported graph's input
-    task: str = "multiclass"  # multiclass | binary | regression | lm | seq2seq | forecast
+    task: str = "multiclass"  # multiclass | binary | multilabel | regression | lm | seq2seq | forecast
     input_shape: Shape
     class_names: list[str] = []
 
@@ -135,7 +135,7 @@ class DataKind:
     # ---- inference ---------------------------------------------------------------------------------
 
     def as_stored(self, x: torch.Tensor) -> torch.Tensor:
-        """A user's array (``Run.predict``) as a batch of stored samples."""
+        """A user's array (``Run.predict``) as a batch of stored samples (a text kind also takes texts)."""
         return x[None] if x.dim() == len(self.input_shape) else x
 
     def standalone(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,7 @@ class DataKind:
         raise NotImplementedError
 
 
-HEADS = {"classifier": ("binary", "multiclass"), "regressor": ("regression",),  # the head of each task
+HEADS = {"classifier": ("binary", "multiclass", "multilabel"), "regressor": ("regression",),  # the head of each task
          "forecaster": ("forecast",)}
 
 

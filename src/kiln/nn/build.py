@@ -23,7 +23,12 @@ class LayerInfo:
 
 
 class KilnModel(nn.Module):
-    """The blocks in order. Input: float tensor (B, *input_shape); output: (B, *output_shape)."""
+    """The blocks in order. Input: float tensor (B, *input_shape); output: (B, *output_shape).
+
+    Padded token ids: a block with a ``padding_mask`` (a token_embedding given a padding id) marks the real steps
+    of its input, (B, T) bool; each later block that ``takes_mask`` (recurrent, transformer_encoder, seq_pool) is
+    then called with ``mask=`` and ignores the padded steps, so a text's output does not depend on how far it was
+    padded. Blocks without ``takes_mask`` work on each step alone."""
 
     def __init__(self, blocks: list[nn.Module], input_shape: Shape, layers: list[LayerInfo]) -> None:
         super().__init__()
@@ -36,7 +41,13 @@ class KilnModel(nn.Module):
         return self.layers[-1].out_shape if self.layers else self.input_shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = None  # (B, T) bool, True at real steps, once a block has read padded token ids
         for block in self.blocks:
+            if mask is not None and getattr(block, "takes_mask", False):
+                x = block(x, mask=mask)
+                continue
+            if hasattr(block, "padding_mask"):
+                mask = block.padding_mask(x)
             x = block(x)
         return x
 

@@ -133,10 +133,11 @@ class NativeSelfAttention(Attention):
     """The self-attention of a transformer_encoder layer (bidirectional, no positions, no cache), its heads mixed
     by the C kernel where it applies; the same module otherwise."""
 
-    def mix(self, qkv: torch.Tensor, cache: dict | None = None, pos: int = 0) -> torch.Tensor:
-        if native_attention.applies(qkv, self.heads, self.dropout, self.training):
+    def mix(self, qkv: torch.Tensor, cache: dict | None = None, pos: int = 0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None and native_attention.applies(qkv, self.heads, self.dropout, self.training):
             return native_attention.NativeAttention.apply(qkv, self.heads)
-        return super().mix(qkv, cache, pos)
+        return super().mix(qkv, cache, pos, mask)
 
 
 class NativeEncoderLayer(EncoderLayer):
@@ -153,10 +154,12 @@ class NativeRecurrent(Recurrent):
     """A one-layer LSTM block whose recurrence runs in the C kernel where it applies; the same module otherwise.
     (Step-by-step decoding carries state between calls and keeps PyTorch's LSTM.)"""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if not native_lstm.applies(x, self.rnn):
-            return super().forward(x)
+            return super().forward(x, mask)
         out = native_lstm.lstm(x, self.rnn)  # (B, T, H)
+        if mask is not None:  # one direction: padding after the real steps leaves their outputs alone
+            return self.pick(out, mask.sum(1).clamp(min=1))
         return out if self.steps == "all" else out[:, -1]
 
 

@@ -1,6 +1,6 @@
 """Backends that turn one input batch into the run's predictions: class probabilities (N, classes), values
 (N,) in the target's units, or texts (N,). PyTorch for every run; ONNX Runtime for runs answered in one
-forward pass (image and table runs).
+forward pass (image, table and text-classification runs).
 
 A backend is used from one thread only (the batch worker owns it).
 """
@@ -66,7 +66,8 @@ class DecodingBackend:
 
 class OnnxBackend:
     name = "onnx"
-    DTYPES = {np.dtype(np.uint8): "tensor(uint8)", np.dtype(np.float32): "tensor(float)"}
+    DTYPES = {np.dtype(np.uint8): "tensor(uint8)", np.dtype(np.float32): "tensor(float)",
+              np.dtype(np.int64): "tensor(int64)"}
 
     def __init__(self, model_path: Path, run: Run, threads: int | None = None,
                  example: np.ndarray | None = None) -> None:
@@ -90,6 +91,7 @@ class OnnxBackend:
                                 f"row, but this run's inputs are {want[0]} of shape {want[1]}: the file belongs "
                                 f"to another model. Export this run again: kiln export {model_path.parent}")
         self.regression = run.kind.task == "regression"
+        self.multilabel = run.kind.task == "multilabel"
         self.target_scale = run.kind.target_scale
         self.mode = f"onnxruntime {ort.__version__} ({model_path.name})"
 
@@ -97,11 +99,14 @@ class OnnxBackend:
         pass
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """What ``Run.from_outputs`` makes of the model's outputs: values, or softmax probabilities."""
+        """What ``Run.from_outputs`` makes of the model's outputs: values, or softmax (multilabel: sigmoid)
+        probabilities."""
         outputs = self.session.run(None, {self.input_name: batch})[0].astype(np.float64)
         if self.regression:
             mean, std = self.target_scale
             return (outputs[:, 0] * std + mean).astype(np.float32)
+        if self.multilabel:
+            return (1.0 / (1.0 + np.exp(-outputs))).astype(np.float32)
         outputs -= outputs.max(axis=1, keepdims=True)
         e = np.exp(outputs)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)

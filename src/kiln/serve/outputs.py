@@ -31,6 +31,11 @@ class ClassPrediction(BaseModel):
     probabilities: dict[str, float]
 
 
+class LabelsPrediction(BaseModel):
+    labels: list[str] = Field(description="the labels whose probability reaches 0.5 (any number of them)")
+    probabilities: dict[str, float] = Field(description="each label's own probability")
+
+
 class ValuePrediction(BaseModel):
     value: float = Field(description="the predicted value, in the target column's units")
 
@@ -76,6 +81,26 @@ class ClassAnswers:
         if self.threshold is not None:
             info |= {"positive": self.names[1], "threshold": self.threshold}
         return info
+
+
+class LabelsAnswers:
+    """Multilabel: every label whose own probability reaches 0.5, and each label's probability."""
+
+    prediction = LabelsPrediction
+    summary = "Predict labels"
+
+    def __init__(self, run: Run) -> None:
+        self.task = "multilabel"
+        self.names = run.class_names
+
+    def answer(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        _check_finite(probs.reshape(len(probs), -1))
+        return [{"labels": [n for n, v in zip(self.names, row.tolist(), strict=True) if v >= 0.5],
+                 "probabilities": {n: round(float(v), 6) for n, v in zip(self.names, row.tolist(), strict=True)}}
+                for row in probs]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "label probabilities", "labels": self.names, "threshold": 0.5}
 
 
 class ValueAnswers:
@@ -128,12 +153,14 @@ class ForecastAnswers:
         return {"kind": "forecast", "target": self.target}
 
 
-def answers_for(run: Run) -> ClassAnswers | ValueAnswers | TextAnswers | ForecastAnswers:
+def answers_for(run: Run) -> ClassAnswers | LabelsAnswers | ValueAnswers | TextAnswers | ForecastAnswers:
     task = run.kind.task
     if task == "regression":
         return ValueAnswers(run)
     if task == "forecast":
         return ForecastAnswers(run)
+    if task == "multilabel":
+        return LabelsAnswers(run)
     if task in ("lm", "seq2seq"):
         return TextAnswers(run)
     return ClassAnswers(run)

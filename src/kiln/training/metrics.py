@@ -3,6 +3,8 @@
 - multiclass: loss (cross-entropy), accuracy, macro F1
 - binary: also ROC-AUC, PR-AUC (average precision), F1, precision and recall at the decision threshold,
   log loss and Brier score of the positive class's probability
+- multilabel: loss (binary cross-entropy per label), micro and macro F1 of the labels at probability 0.5, ROC-AUC
+  (the mean over labels) and each label's own ROC-AUC (``roc_auc_<label>``)
 - regression: loss (MSE of the standardised target), MAE, RMSE and R2 in the target's own units
 - lm, seq2seq: loss (cross-entropy per target token), perplexity, token accuracy; seq2seq also the share of
   samples whose greedy output is exactly the target
@@ -26,6 +28,7 @@ from kiln.training.objectives import TOKEN_TASKS, Objective
 TASK_METRICS = {
     "multiclass": ("loss", "accuracy", "macro_f1"),
     "binary": ("loss", "accuracy", "roc_auc", "pr_auc", "f1", "precision", "recall", "log_loss", "brier"),
+    "multilabel": ("loss", "micro_f1", "macro_f1", "roc_auc"),
     "regression": ("loss", "mae", "rmse", "r2"),
     "lm": ("loss", "perplexity", "token_accuracy"),
     "seq2seq": ("loss", "perplexity", "token_accuracy", "exact_match"),
@@ -33,10 +36,10 @@ TASK_METRICS = {
 }
 # Metrics early stopping may watch, and those of them that are better when higher.
 MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "val_roc_auc", "val_pr_auc", "val_f1",
-            "val_mae", "val_rmse", "val_r2", "val_mase", "val_smape")
+            "val_mae", "val_rmse", "val_r2", "val_mase", "val_smape", "val_micro_f1", "val_macro_f1")
 HIGHER_IS_BETTER = ("accuracy", "roc_auc", "pr_auc", "f1", "r2")
-SHOWN = ("loss", "accuracy", "roc_auc", "rmse", "r2", "perplexity", "token_accuracy", "exact_match", "mase", "smape",
-         "directional_accuracy")
+SHOWN = ("loss", "accuracy", "micro_f1", "roc_auc", "rmse", "r2", "perplexity", "token_accuracy", "exact_match", "mase",
+         "smape", "directional_accuracy")
 
 
 @torch.inference_mode()
@@ -60,7 +63,7 @@ def evaluate(model: torch.nn.Module, kind: DataKind, batches: Iterable[tuple[tor
     if own is not None:
         return own
     return task_metrics(kind.task, torch.cat(outputs) if outputs else torch.empty(0), y, threshold=threshold,
-                        target_scale=kind.target_scale)
+                        target_scale=kind.target_scale, names=kind.class_names)
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor, precision) -> torch.Tensor:
@@ -116,17 +119,20 @@ def model_outputs(model: torch.nn.Module, x: torch.Tensor, to_input: Callable[[t
     return torch.cat(out) if out else torch.empty(0)
 
 
-def probabilities(outputs: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(outputs, dim=1)
+def probabilities(outputs: torch.Tensor, task: str = "multiclass") -> torch.Tensor:
+    """Class probabilities (softmax over classes), or for multilabel each label's own (sigmoid)."""
+    return torch.sigmoid(outputs) if task == "multilabel" else torch.softmax(outputs, dim=1)
 
 
 def task_metrics(task: str, outputs: torch.Tensor, y: torch.Tensor, *, threshold: float = 0.5,
-                 target_scale: tuple[float, float] = (0.0, 1.0)) -> dict[str, float]:
-    """Metrics of outputs (N, C) or (N, 1) against targets (N,). ``target_scale`` (mean, std) undoes the
-    standardisation of regression targets."""
+                 target_scale: tuple[float, float] = (0.0, 1.0), names: list[str] | None = None) -> dict[str, float]:
+    """Metrics of outputs (N, C) or (N, 1) against targets (N,) (multilabel: (N, labels) of 0/1). ``target_scale``
+    (mean, std) undoes the standardisation of regression targets; ``names`` name multilabel's labels."""
     n = len(y)
     if n == 0:
         return {"loss": float("nan"), "samples": 0}
+    if task == "multilabel":
+        return multilabel_metrics(outputs, y, names or [str(j) for j in range(outputs.shape[1])])
     if task == "regression":
         pred, y = outputs[:, 0].double(), y.double()
         loss = F.mse_loss(pred, y).item()
@@ -154,6 +160,21 @@ def task_metrics(task: str, outputs: torch.Tensor, y: torch.Tensor, *, threshold
                int(((pred != c) & (y == c)).sum())) for c in range(classes) if (y == c).any() or (pred == c).any()]
     return {"loss": loss, "accuracy": (pred == y).float().mean().item(), "macro_f1": float(np.mean(f1s)),
             "samples": n}
+
+
+def multilabel_metrics(outputs: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Labels decided at probability 0.5: micro F1 (all decisions pooled) and macro F1 (the mean of each label's);
+    ROC-AUC per label, and their mean over the labels that have both positive and negative samples."""
+    loss = F.binary_cross_entropy_with_logits(outputs.double(), y.double()).item()
+    p, t = torch.sigmoid(outputs.double()).numpy(), y.numpy() > 0.5
+    pred = p >= 0.5
+    tp, fp, fn = (pred & t).sum(0), (pred & ~t).sum(0), (~pred & t).sum(0)  # per label
+    per_label = {f"roc_auc_{name}": roc_auc(p[:, j], t[:, j].astype(np.int64)) for j, name in enumerate(names)}
+    aucs = [v for v in per_label.values() if not math.isnan(v)]
+    return {"loss": loss, "micro_f1": _f1(int(tp.sum()), int(fp.sum()), int(fn.sum())),
+            "macro_f1": float(np.mean([_f1(int(a), int(b), int(c)) for a, b, c in zip(tp, fp, fn, strict=True)])),
+            "roc_auc": float(np.mean(aucs)) if aucs else float("nan"), **per_label,
+            "exact_match": float((pred == t).all(1).mean()), "samples": len(y)}
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:

@@ -2,6 +2,8 @@
 
 - classification (multiclass, binary): cross-entropy, optionally class-weighted and label-smoothed; a sample is
   right when its largest logit is its class.
+- multilabel: binary cross-entropy of each label's own logit (a sigmoid per label); the progress line counts
+  label decisions (logit > 0 against the 0/1 target)
 - regression: mean squared error of the standardised target; nothing counts as right.
 - forecast: mean squared error of the scaled target over every forecast step; nothing counts as right.
 - tokens (lm, seq2seq): cross-entropy over every target token that is not padding (``IGNORE``); a token is right
@@ -30,6 +32,8 @@ class Objective:
             return F.mse_loss(logits[:, 0], y)
         if self.task == "forecast":
             return F.mse_loss(logits, y)
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, y)
         if self.task in TOKEN_TASKS:
             return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
@@ -39,6 +43,8 @@ class Objective:
         stay on the device: reading them forces a sync."""
         if self.task in ("regression", "forecast"):
             return torch.zeros((), dtype=torch.long, device=y.device), len(y)
+        if self.task == "multilabel":
+            return ((logits > 0) == (y > 0.5)).sum(), y.numel()
         if self.task in TOKEN_TASKS:
             keep = y != IGNORE
             return ((logits.argmax(-1) == y) & keep).sum(), keep.sum()
@@ -50,4 +56,6 @@ class Objective:
             return (logits[:, 0] - y).square()
         if self.task == "forecast":
             return (logits - y).square().mean(1)
+        if self.task == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1)
         return F.cross_entropy(logits, y, reduction="none")

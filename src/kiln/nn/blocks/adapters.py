@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+import torch
 from torch import nn
 
 from kiln.nn.base import BlockSpec, Built, Shape, expect
@@ -31,21 +32,35 @@ class RowsToSequence(BlockSpec):
 
 
 class Pool(nn.Module):
+    takes_mask = True  # with a mask (B, T), over the real steps only
+
     def __init__(self, mode: str) -> None:
         super().__init__()
         self.mode = mode
 
-    def forward(self, x):  # (B, T, F) -> (B, F)
+    def forward(self, x, mask=None):  # (B, T, F), mask (B, T) True at real steps -> (B, F)
+        if mask is not None:
+            return self.masked(x, mask)
         if self.mode == "mean":
             return x.mean(dim=1)
         if self.mode == "max":
             return x.amax(dim=1)
         return x[:, -1]
 
+    def masked(self, x, mask):
+        keep = mask[..., None]  # (B, T, 1)
+        if self.mode == "mean":
+            return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+        if self.mode == "max":
+            return x.masked_fill(~keep, float("-inf")).amax(dim=1)
+        last = mask.sum(1).clamp(min=1) - 1  # real steps come first: the last real one (B,)
+        return x[torch.arange(len(x), device=x.device), last]
+
 
 @BLOCKS.register("seq_pool")
 class SeqPool(BlockSpec):
-    """Sequence (T, F) to a vector (F,): mean or max over steps, or the last step."""
+    """Sequence (T, F) to a vector (F,): mean or max over steps, or the last step; over a padded text's real
+    steps only (mean, max, or its last real step)."""
 
     type: Literal["seq_pool"] = "seq_pool"
     mode: Literal["mean", "max", "last"] = "mean"

@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveInt
+from pydantic import NonNegativeInt, PositiveInt
 from torch import nn
 
 from kiln.errors import ConfigError
@@ -32,21 +32,28 @@ TOKENS_FIX = "give token ids: a text data set (dataset: text or text_pairs) feed
 
 
 class Embedding(nn.Module):
-    def __init__(self, vocab: int, width: int) -> None:
+    def __init__(self, vocab: int, width: int, padding: int | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(vocab, width) * INIT_STD)
+        self.padding = padding
 
     def forward(self, ids):  # (B, T) int -> (B, T, C)
         return F.embedding(ids, self.weight)
 
+    def padding_mask(self, ids):  # (B, T) int -> (B, T) bool, True at real tokens; None without a padding id
+        return None if self.padding is None else ids != self.padding
+
 
 @BLOCKS.register("token_embedding")
 class TokenEmbedding(BlockSpec):
-    """A learned vector per token id. ``vocab`` defaults to the data set's tokenizer size."""
+    """A learned vector per token id. ``vocab`` defaults to the data set's tokenizer size. ``padding`` (set by a
+    data set whose texts are padded, such as text_classes) is the id that fills a short text's tail: the model
+    then masks those steps in every block after this one (see :class:`kiln.nn.build.KilnModel`)."""
 
     type: Literal["token_embedding"] = "token_embedding"
     width: PositiveInt
     vocab: PositiveInt | None = None
+    padding: NonNegativeInt | None = None
 
     example: ClassVar[dict] = {"width": 8, "vocab": 11}
     example_input: ClassVar[Shape] = (6,)
@@ -56,7 +63,9 @@ class TokenEmbedding(BlockSpec):
         expect("token_embedding", in_shape, ("vector",), TOKENS_FIX)
         if self.vocab is None:
             raise ConfigError("token_embedding.vocab is not set and no text data set gave a vocabulary; set vocab")
-        return Built(Embedding(self.vocab, self.width), (in_shape[0], self.width), 0)
+        if self.padding is not None and self.padding >= self.vocab:
+            raise ConfigError(f"token_embedding.padding {self.padding} must be below vocab ({self.vocab})")
+        return Built(Embedding(self.vocab, self.width, self.padding), (in_shape[0], self.width), 0)
 
 
 class SinusoidalPosition(nn.Module):

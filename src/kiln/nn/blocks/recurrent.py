@@ -23,12 +23,16 @@ GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 
 class Recurrent(nn.Module):
+    takes_mask = True  # padded steps (mask False) at the end of a sequence are skipped: see ``forward``
+
     def __init__(self, rnn: nn.RNNBase, steps: str) -> None:
         super().__init__()
         self.rnn = rnn
         self.steps = steps
 
-    def forward(self, x):  # (B, T, F) -> (B, T, H*dirs) or (B, H*dirs)
+    def forward(self, x, mask=None):  # (B, T, F), mask (B, T) -> (B, T, H*dirs) or (B, H*dirs)
+        if mask is not None:
+            return self.masked(x, mask)
         out, state = self.rnn(x)
         if self.steps == "all":
             return out
@@ -36,6 +40,27 @@ class Recurrent(nn.Module):
         if self.rnn.bidirectional:
             return torch.cat([h[-2], h[-1]], dim=-1)
         return h[-1]
+
+    def masked(self, x, mask):
+        """Sequences whose real steps come first and padding after (mask True at real steps). One direction reads
+        them as they are: a step's output depends only on the steps before it, so the real steps' outputs ignore
+        the padding after them, and ``last`` is the output at the last real step. Both directions need the
+        backward pass to start at each sequence's own last real step: the batch is packed."""
+        lengths = mask.sum(1).clamp(min=1)  # (B,)
+        if self.rnn.bidirectional:
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, state = self.rnn(packed)
+            if self.steps == "last":
+                h = state[0] if isinstance(state, tuple) else state  # (layers*dirs, B, H), in the batch's order
+                return torch.cat([h[-2], h[-1]], dim=-1)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+            return out
+        return self.pick(self.rnn(x)[0], lengths)
+
+    def pick(self, out, lengths):  # (B, T, H): all steps, or the output at each sequence's last real step (B, H)
+        if self.steps == "all":
+            return out
+        return out[torch.arange(len(out), device=out.device), lengths - 1]
 
     def decode(self, x, cache: dict, pos: int):  # new steps (B, t, F), carrying the state between calls
         if self.rnn.bidirectional or self.steps != "all":

@@ -102,16 +102,16 @@ class Attention(nn.Module):
         steps = 0 if cross else cfg.rotary_steps
         self.register_buffer("rotary", rotary_table(steps, c // cfg.heads) if steps else None, persistent=False)
 
-    def forward(self, x, source=None, cache=None, pos=0):  # x (B, T, C), source (B, S, C) -> (B, T, C)
+    def forward(self, x, source=None, cache=None, pos=0, mask=None):  # x (B, T, C), source (B, S, C) -> (B, T, C)
         if source is None:
-            return self.proj(self.mix(self.qkv(x), cache, pos))
+            return self.proj(self.mix(self.qkv(x), cache, pos, mask))
         return self.proj(self.mix_source(x, source, cache))
 
     def split(self, z):  # (B, T, C) -> (B, h, T, d)
         b, t, c = z.shape
         return z.view(b, t, self.heads, c // self.heads).transpose(1, 2)
 
-    def mix(self, qkv, cache=None, pos=0):  # (B, T, 3C) -> (B, T, C): self-attention, heads side by side
+    def mix(self, qkv, cache=None, pos=0, mask=None):  # (B, T, 3C), mask (B, T) -> (B, T, C): heads side by side
         q, k, v = (self.split(z) for z in qkv.split(qkv.shape[2] // 3, dim=2))  # (B, h, T, d) each
         if self.rotary is not None:  # turn queries and keys by angles that grow with the position
             q, k = rotate(q, self.rotary, pos), rotate(k, self.rotary, pos)
@@ -119,7 +119,7 @@ class Attention(nn.Module):
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, h, pos + T, d)
             cache["k"], cache["v"] = k, v
-        return self.attend(q, k, v, self.causal)
+        return self.attend(q, k, v, self.causal, mask)
 
     def mix_source(self, x, source, cache=None):  # x (B, T, C), source (B, S, C) -> (B, T, C)
         q = self.split(self.q(x))
@@ -131,12 +131,15 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = k, v
         return self.attend(q, k, v, False)
 
-    def attend(self, q, k, v, causal: bool):  # q (B, h, T, d), k and v (B, h, S, d) -> (B, T, C)
+    def attend(self, q, k, v, causal: bool, keys=None):  # q (B, h, T, d), k and v (B, h, S, d) -> (B, T, C)
+        """``keys`` (B, S) bool: the keys a step may attend to (False: padding); a padded key gets no weight."""
         b, h, t, d = q.shape
         mask = None
-        if causal and k.shape[2] != t:  # new steps after cached ones: each sees all the past and itself
+        if causal and (k.shape[2] != t or keys is not None):  # each step sees all the past and itself
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - t)
             causal = False
+        if keys is not None:
+            mask = keys[:, None, None, :] if mask is None else mask & keys[:, None, None, :]  # (B, 1, T or 1, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, h, T, d)
         return y.transpose(1, 2).reshape(b, t, h * d)
@@ -171,8 +174,9 @@ class Layer(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, source=None, cache=None, pos=0):  # x (B, T, C), source (B, S, C) -> (B, T, C)
-        x = self.residual(x, self.norm1, lambda h: self.attn(h, cache=sub_cache(cache, "self"), pos=pos))
+    def forward(self, x, source=None, cache=None, pos=0, mask=None):  # x (B, T, C), source (B, S, C) -> (B, T, C)
+        """``mask`` (B, T) bool: x's real steps; self-attention gives padded steps (False) no weight."""
+        x = self.residual(x, self.norm1, lambda h: self.attn(h, cache=sub_cache(cache, "self"), pos=pos, mask=mask))
         if self.cross is not None:
             x = self.residual(x, self.norm_cross, lambda h: self.cross(h, source, cache=sub_cache(cache, "cross")))
         return self.residual(x, self.norm2, self.mlp)
@@ -188,7 +192,9 @@ class Layer(nn.Module):
 class EncoderLayer(Layer):
     """The module of a ``transformer_encoder`` block: one bidirectional Layer on its own (and the only layer to
     which ``kiln.nn.fuse`` gives its attention and add+norm kernels). It keeps the parameter order this block
-    has always had."""
+    has always had. Padded steps of its input (``mask``) get no attention."""
+
+    takes_mask = True
 
     def __init__(self, cfg: LayerConfig) -> None:
         super().__init__(cfg)
