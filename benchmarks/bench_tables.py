@@ -1,7 +1,7 @@
 """kiln's table configs against scikit-learn on the same stratified folds: German credit and bank marketing.
 
     KILN_DATA=../shared/data python benchmarks/bench_tables.py [--config examples/german_credit.yaml ...]
-        [--folds 5] [--rows N] [--variant NAME:key=value,key=value ...] [--no-default]
+        [--folds 5] [--rows N] [--first-folds N] [--variant "NAME:key=value;key=value" ...] [--no-default]
 
 For each config (default: examples/german_credit.yaml and examples/bank_marketing.yaml) every model is
 scored on the same k stratified folds (seeded by the config's seed, as `kiln train --folds` draws them):
@@ -10,7 +10,7 @@ uses its own validation split (carved from the fold's training rows) for early s
 threshold; the baselines train on all of the fold's training rows. Baselines, with default settings:
 logistic regression on one-hot categories and standardised numbers, and HistGradientBoostingClassifier with
 native categorical support. ``--variant`` adds kiln runs of the same config with overrides (the same ones
-for every config), e.g. ``--variant ple:model.blocks.0.numeric_embedding=ple``; ``--rows`` trains and tests
+for every config), e.g. ``--variant ple:data.numeric_encoding=ple``; ``--rows`` trains and tests
 on a stratified subsample (for development: quicker, noisier). Prints mean +- std over folds and kiln's
 difference to HistGradientBoosting; writes benchmarks/results/tables-<time>.json.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import kiln
-from kiln.config import load_config
+from kiln.config import load_config, parse_set
 from kiln.data.kind import find_data
 from kiln.data.preprocess import fit
 from kiln.data.splits import stratified_folds, stratified_holdout
@@ -107,10 +107,10 @@ def baselines(table, cfg, folds) -> dict[str, list[dict[str, float]]]:
     return results
 
 
-def kiln_folds(cfg, overrides: dict, folds: int, tmp: Path) -> dict:
+def kiln_folds(cfg, overrides: dict, folds: int, tmp: Path, first: int | None) -> dict:
     per_fold = []
     t0 = time.perf_counter()
-    for k in range(folds):
+    for k in range(first or folds):
         with contextlib.redirect_stderr(io.StringIO()):  # the training log: the table below says what counts
             run = kiln.train(cfg, {**overrides, "data.folds": folds, "data.fold": k},
                              out=tmp / f"run_{time.monotonic_ns()}", live=False)
@@ -119,17 +119,20 @@ def kiln_folds(cfg, overrides: dict, folds: int, tmp: Path) -> dict:
     return {"folds": per_fold, "seconds": time.perf_counter() - t0}
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:key=value;key=value``: values are YAML (``model.blocks=[{type: tabular_encoder}, ...]``)."""
     name, _, sets = text.partition(":")
-    return name, dict(s.split("=", 1) for s in sets.split(",") if s)
+    return name, parse_set([s for s in sets.split(";") if s.strip()])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", action="append", default=[], help="a table config (repeatable)")
+    ap.add_argument("--config", nargs="+", action="extend", default=[], help="table configs")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--rows", type=int, default=None, help="a stratified subsample of this many rows")
-    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,key=value (repeatable)")
+    ap.add_argument("--first-folds", type=int, default=None, help="score only the first N of the folds (development)")
+    ap.add_argument("--variant", nargs="+", action="extend", default=[],
+                    help="NAME:key=value;key=value (YAML values), one or more")
     ap.add_argument("--no-default", action="store_true", help="run only the variants, not the configs as they are")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/tables-<time>.json")
@@ -143,7 +146,10 @@ def main() -> None:
                   "numpy": np.__version__, "folds": args.folds, "rows": args.rows, "command": " ".join(sys.argv)}
     print(f"{conditions['cpu']}, {conditions['cores']} cores; torch {torch.__version__}, scikit-learn "
           f"{sklearn.__version__}, kiln {kiln.__version__}")
-    report = {"conditions": conditions, "tables": {}}
+    settings = {"config": [str(c) for c in args.config], "folds": args.folds, "rows": args.rows,
+                "first_folds": args.first_folds, "variant": args.variant, "no_default": args.no_default,
+                "no_baselines": args.no_baselines}
+    report = {"conditions": conditions, "settings": settings, "tables": {}}
     for config in args.config or CONFIGS:
         cfg = load_config(config)
         with tempfile.TemporaryDirectory() as tmpdir:
@@ -159,9 +165,9 @@ def main() -> None:
             results = {}
             for name, overrides in variants:
                 print(f"{name} {overrides or ''}", flush=True)
-                results[name] = {**kiln_folds(cfg, overrides, args.folds, tmp), "overrides": overrides}
+                results[name] = {**kiln_folds(cfg, overrides, args.folds, tmp, args.first_folds), "overrides": overrides}
             if not args.no_baselines:
-                results.update(baselines(table, cfg, folds))
+                results.update(baselines(table, cfg, folds[:args.first_folds]))
         summary = {name: {"seconds": round(r["seconds"], 1), "overrides": r.get("overrides", {}),
                           **{m: {"mean": statistics.fmean(f[m] for f in r["folds"]),
                                  "std": statistics.pstdev(f[m] for f in r["folds"]),

@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
 from kiln.errors import ConfigError
@@ -185,3 +185,51 @@ class Regressor(BlockSpec):
         expect("regressor", in_shape, ("vector",),
                "reduce to a vector first: `seq_pool` after a sequence, `flatten` after an image")
         return Built(nn.Linear(in_shape[0], 1), (1,), in_shape[0])
+
+
+class SharedMembers(nn.Module):
+    """k MLPs that share their weights and differ by a multiplicative vector on their input (random signs at
+    first) and one on their output (ones at first): TabM-mini's parameter-efficient ensemble (Gorishniy et al.
+    2024, "TabM: Advancing Tabular Deep Learning with Parameter-Efficient Ensembling")."""
+
+    def __init__(self, width: int, members: int, units: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.members = members
+        self.r = nn.Parameter(torch.randint(0, 2, (members, width)).float() * 2 - 1)
+        self.s = nn.Parameter(torch.ones(members, units))
+        mlp: list[nn.Module] = []
+        for i in range(layers):
+            mlp += [nn.Linear(width if i == 0 else units, units), nn.ReLU(), nn.Dropout(dropout)]
+        self.mlp = nn.Sequential(*mlp)
+
+    def forward(self, x):  # (B, F) -> (B, units)
+        if self.training:
+            # Each row trains one member, drawn at random: each member learns as a model of its own would (the
+            # following head is linear, so a member's output through it is that member's own prediction).
+            m = torch.randint(0, self.members, (x.shape[0],), device=x.device)
+            return self.mlp(x * self.r[m]) * self.s[m]
+        h = self.mlp(x[:, None, :] * self.r)  # (B, k, units): every member
+        return (h * self.s).mean(1)  # through the linear head: the mean of the members' logits
+
+
+@BLOCKS.register("ensemble_mlp")
+class EnsembleMLP(BlockSpec):
+    """A cheap ensemble of ``members`` MLPs (``layers`` dense layers of ``units``, ReLU, dropout) that share their
+    weights and differ by a learned scaling of their input and of their output (TabM-mini). In training each
+    row trains one member, drawn at random; in evaluation the output is the members' mean, so the linear head
+    after it (``classifier`` or ``regressor``) gives the mean of the members' logits or values."""
+
+    type: Literal["ensemble_mlp"] = "ensemble_mlp"
+    members: PositiveInt = 8
+    units: PositiveInt = 256
+    layers: PositiveInt = 2
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+    example: ClassVar[dict] = {"members": 3, "units": 4, "layers": 2}
+    example_input: ClassVar[Shape] = (6,)
+
+    def build(self, in_shape: Shape) -> Built:
+        expect("ensemble_mlp", in_shape, ("vector",), "give it one vector per row: put it after `tabular_encoder`")
+        module = SharedMembers(in_shape[0], self.members, self.units, self.layers, self.dropout)
+        macs = self.members * (in_shape[0] * self.units + (self.layers - 1) * self.units ** 2)  # evaluation
+        return Built(module, (self.units,), macs)
