@@ -210,7 +210,7 @@ def tables_options(data: dict) -> dict:
     s = data["settings"]
     # Configs are recorded as given; from the repository root they are examples/<name>.
     configs = [str(Path("examples", Path(c).name)) if Path(c).parent.name == "examples" else c for c in s["config"]]
-    return {**s, "config": configs}
+    return {**s, "config": configs, "variant": [f'"{v}"' for v in s["variant"]]}  # quoted, as a shell needs them
 
 
 def tables_cells(data: dict, options: dict) -> tuple[str, str, str]:

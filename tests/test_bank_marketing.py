@@ -190,17 +190,18 @@ def bank_marketing() -> Path:
     return path
 
 
+@pytest.mark.slow  # about a minute of CPU
 def test_bank_marketing_subsample_reaches_a_real_roc_auc(bank_marketing: Path, tmp_path: Path) -> None:
-    """The example's own config on a stratified eighth of the calls (5,149 rows), a few epochs."""
+    """The example's own config on a stratified quarter of the calls (10,297 rows), a few epochs."""
     table = read_table(bank_marketing)
-    _, keep = stratified_holdout(table.columns["y"], 0.125, 0)
+    _, keep = stratified_holdout(table.columns["y"], 0.25, 0)
     sample = tmp_path / "bank.csv"
     with open(sample, "w", newline="") as f:
         w = csv.writer(f, delimiter=";")
         w.writerow(table.columns)
         w.writerows([["" if v[i] is None else v[i] for v in table.columns.values()] for i in keep.tolist()])
     run = kiln.train(REPO / "examples" / "bank_marketing.yaml",
-                     {"data.path": str(sample), "train.epochs": 6, "train.log_every": 1000}, out=tmp_path / "run",
+                     {"data.path": str(sample), "train.epochs": 5, "train.log_every": 1000}, out=tmp_path / "run",
                      live=False)
     kept = {c.name for c in run.kind.prep.columns}
     assert "duration" not in kept and {"age", "euribor3m", "poutcome"} <= kept  # dropped as its documentation says
@@ -208,3 +209,4 @@ def test_bank_marketing_subsample_reaches_a_real_roc_auc(bank_marketing: Path, t
     assert test["roc_auc"] > 0.75, test
     assert test["pr_auc"] > 0.3, test  # 11% positive: a model without skill has PR-AUC 0.11
     assert (run.path / "precision_recall.svg").is_file()
+    assert run.threshold < 0.5 and test["cost"] > 0  # a missed subscriber costs five calls
