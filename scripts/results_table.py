@@ -255,6 +255,36 @@ def sms_spam_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def tables_options(data: dict) -> dict:
+    s = data["settings"]
+    # Configs are recorded as given; from the repository root they are examples/<name>.
+    configs = [str(Path("examples", Path(c).name)) if Path(c).parent.name == "examples" else c for c in s["config"]]
+    return {**s, "config": configs, "variant": [f'"{v}"' for v in s["variant"]]}  # quoted, as a shell needs them
+
+
+def tables_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    c, tables = data["conditions"], data["tables"]
+    names = {"kiln": "kiln", "hist_gradient_boosting": "HGB", "logistic_regression": "LR"}
+    folds = f"{options['first_folds']} of {options['folds']}" if options.get("first_folds") else options["folds"]
+    what = (f"tables, {folds} stratified folds"
+            + (f", a {options['rows']:,}-row subsample" if options.get("rows") else "")
+            + ": ROC-AUC and PR-AUC of kiln's example configs vs scikit-learn's HistGradientBoosting (HGB) and "
+              "logistic regression (LR), defaults")
+    parts = []
+    for config, t in tables.items():
+        r = t["results"]
+        hgb = r.get("hist_gradient_boosting", {}).get("roc_auc", {}).get("mean")
+        cells = ", ".join(
+            f"{names.get(n, n)} {v['roc_auc']['mean']:.4f} +- {v['roc_auc']['std']:.4f} (PR {v['pr_auc']['mean']:.3f})"
+            + (f" **{v['roc_auc']['mean'] - hgb:+.4f}**" if hgb is not None and n.startswith("kiln") else "")
+            for n, v in r.items())
+        parts.append(f"{Path(config).stem} ({t['rows']:,} rows): {cells}")
+    result = "ROC-AUC mean +- std over folds (PR-AUC mean), kiln minus HGB in bold: " + "; ".join(parts)
+    conditions = (f"{c['cpu']}, {c['cores']} cores, Python {c['python']}; torch {c['torch']}, scikit-learn "
+                  f"{c['scikit-learn']}, kiln {c['kiln']}")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -277,6 +307,10 @@ BENCHMARKS = {
     "sms_spam": Benchmark("benchmarks/bench_sms_spam.py",
                           {"config": "examples/sms_spam.yaml", "seeds": [0, 1, 2, 3, 4], "overrides": []},
                           frozenset({"seeds"}), sms_spam_options, sms_spam_cells),
+    "tables": Benchmark("benchmarks/bench_tables.py",
+                        {"config": [], "folds": 5, "rows": None, "first_folds": None, "variant": [], "no_default": False,
+                         "no_baselines": False},
+                        frozenset(), tables_options, tables_cells),
 }
 
 

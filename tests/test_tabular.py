@@ -86,7 +86,7 @@ def test_preprocessing_saved_and_reapplied_identically(table_csv: Path, tmp_path
     table = read_table(table_csv)
     prep, _ = fit(table.take(list(range(200))), "risk", "auto", {}, None)
     prep.save(tmp_path / "preprocessing.json")
-    assert json.loads((tmp_path / "preprocessing.json").read_text())["format"] == "kiln-tabular-1"
+    assert json.loads((tmp_path / "preprocessing.json").read_text())["format"] == "kiln-tabular-2"
     reloaded = Preprocessing.load(tmp_path / "preprocessing.json")
     assert reloaded == prep
     rest = table.take(list(range(200, 300)))

@@ -94,6 +94,19 @@ class HardExamplesConfig(StrictModel):
     select: Literal["hardest", "random"] = "hardest"
 
 
+class CostsConfig(StrictModel):
+    """What each wrong decision of a binary classifier costs, in any one unit (money, minutes of review)."""
+
+    false_positive: NonNegativeFloat  # a negative row predicted positive (e.g. a needless fraud review)
+    false_negative: NonNegativeFloat  # a positive row predicted negative (e.g. a missed fraud)
+
+    @model_validator(mode="after")
+    def _some_cost(self) -> CostsConfig:
+        if not self.false_positive and not self.false_negative:
+            raise ValueError("at least one of false_positive and false_negative must cost more than 0")
+        return self
+
+
 class TrainConfig(StrictModel):
     epochs: PositiveInt = 1
     batch_size: PositiveInt = 64
@@ -101,8 +114,10 @@ class TrainConfig(StrictModel):
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     class_weights: Literal["auto"] | list[PositiveFloat] | None = None  # auto: inverse class frequency in train
-    threshold_metric: Literal["f1", "accuracy", "balanced_accuracy"] | None = None  # binary: pick the decision
-    # threshold that maximises this metric on the validation split (default: 0.5)
+    threshold_metric: Literal["f1", "accuracy", "balanced_accuracy", "cost"] | None = None  # binary: pick the
+    # decision threshold that maximises this metric on the validation split (cost: minimises train.costs);
+    # default 0.5
+    costs: CostsConfig | None = None  # binary, with threshold_metric: cost
     l1: NonNegativeFloat = 0.0  # penalty on the sum of absolute weights
     l2: NonNegativeFloat = 0.0  # penalty on the sum of squared weights (added to the loss)
     grad_clip: PositiveFloat | None = None  # largest global gradient norm
@@ -121,6 +136,15 @@ class TrainConfig(StrictModel):
     steps: PositiveInt = 2000  # text: optimisation steps
     eval_every: PositiveInt = 250  # text: steps between held-out evaluations (also at the first and last step)
     eval_batches: PositiveInt = 20  # text: random batches per split in each of those evaluations
+
+    @model_validator(mode="after")
+    def _costs_with_cost_threshold(self) -> TrainConfig:
+        if self.threshold_metric == "cost" and self.costs is None:
+            raise ValueError("threshold_metric cost needs train.costs: {false_positive: 1, false_negative: 5} "
+                             "(what each wrong decision costs)")
+        if self.costs is not None and self.threshold_metric != "cost":
+            raise ValueError("train.costs is used by threshold_metric: cost; set it, or remove costs")
+        return self
 
     @field_validator("device")
     @classmethod

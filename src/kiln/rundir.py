@@ -10,6 +10,7 @@ Layout of ``runs/<name>/``::
     checkpoints/best.safetensors  weights of the best validation epoch
     model.safetensors             final weights (best epoch when early stopping restores it)
     results.json                  final train / val / test metrics (and a binary task's decision threshold)
+    precision_recall.svg          binary classification: the test split's precision-recall curve
     model.onnx, model.pt2         written by `kiln export`
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
@@ -32,6 +33,7 @@ class RunDir:
     MANIFEST = "manifest.json"
     METRICS = "metrics.jsonl"
     RESULTS = "results.json"
+    PR_CURVE = "precision_recall.svg"
     WEIGHTS = "model.safetensors"
     LAST = "checkpoints/last.safetensors"
     BEST = "checkpoints/best.safetensors"

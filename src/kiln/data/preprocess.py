@@ -3,9 +3,12 @@
 The fitted :class:`Preprocessing` is plain data saved as JSON in the run directory, so evaluate,
 predict and a server apply exactly what training fitted. Model input is one float vector per row::
 
-    [standardised numeric values ..., is-missing indicators ..., category codes ...]
+    [numeric values ..., is-missing indicators ..., category codes ...]
 
-A category code is 1 + the category's index in the training vocabulary; 0 means "unknown" (a value
+A numeric column is one standardised value, or with ``numeric_encoding: ple`` (piecewise-linear encoding,
+Gorishniy et al. 2022, "On Embeddings for Numerical Features in Tabular Deep Learning") one value per bin
+between quantiles of the training rows: 0 below the bin, 1 above it, the position within it in between. A
+network then sees where a number lies in its distribution, as a tree's splits do. A category code is 1 + the category's index in the training vocabulary; 0 means "unknown" (a value
 never seen in training). The tabular blocks (:mod:`kiln.nn.blocks.tabular`) read this layout.
 """
 
@@ -29,7 +32,8 @@ from kiln.registry import did_you_mean
 
 ColumnType = Literal["numeric", "categorical", "boolean", "drop"]
 Task = Literal["binary", "multiclass", "regression"]
-FORMAT = "kiln-tabular-1"
+FORMAT = "kiln-tabular-2"
+OLD_FORMATS = ("kiln-tabular-1",)  # read too: the same fields but ``edges`` (their numbers were standardised)
 BOOLEAN_PAIRS = ({"false", "true"}, {"no", "yes"}, {"n", "y"}, {"f", "t"}, {"0", "1"})
 ID_FRACTION = 0.5  # text columns with more distinct values than this fraction of rows are ids or free text
 REGRESSION_MIN_VALUES = 20  # a numeric target with more distinct values than this is a regression target
@@ -77,6 +81,13 @@ class Column:
     true_value: str | None = None  # boolean: the lowercased text meaning true
     false_value: str | None = None  # boolean: the lowercased text meaning false
     categories: list[str | None] = field(default_factory=list)  # categorical: training vocabulary
+    edges: list[float] = field(default_factory=list)  # numeric, piecewise-linear encoding: bin edges (quantiles of
+    # the training rows, increasing); empty: one standardised value
+
+    @property
+    def width(self) -> int:
+        """Model inputs of the column's value (its is-missing indicator aside)."""
+        return max(len(self.edges) - 1, 1)
 
 
 @dataclass
@@ -107,7 +118,7 @@ class Preprocessing:
     @property
     def numeric_inputs(self) -> int:
         """Inputs before the category codes: standardised values and is-missing indicators."""
-        return len(self.numeric) + sum(c.indicator for c in self.numeric)
+        return sum(c.width for c in self.numeric) + sum(c.indicator for c in self.numeric)
 
     @property
     def cardinalities(self) -> list[int]:
@@ -142,7 +153,10 @@ class Preprocessing:
         for c in self.numeric:
             x = _numbers(c, table)
             missing = np.isnan(x)
-            values.append(np.where(missing, 0.0, (x - c.mean) / c.std))  # missing -> the training mean
+            if c.edges:
+                values.extend(piecewise_linear(np.where(missing, c.mean, x), c.edges).T)  # missing: the mean
+            else:
+                values.append(np.where(missing, 0.0, (x - c.mean) / c.std))  # missing -> the training mean
             if c.indicator:
                 indicators.append(missing.astype(np.float64))
         codes = []
@@ -181,10 +195,12 @@ class Preprocessing:
     def from_json(cls, text: str, source: str = "preprocessing") -> Preprocessing:
         try:
             raw = json.loads(text)
-            if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            if not isinstance(raw, dict) or raw.get("format") not in (FORMAT, *OLD_FORMATS):
                 raise ValueError(f"format is {raw.get('format') if isinstance(raw, dict) else None!r}, not {FORMAT!r}")
             if not isinstance(raw.get("columns"), list):
                 raise ValueError("columns must be a list")
+            if raw["format"] != FORMAT:
+                raw["columns"] = [{"edges": [], **c} if isinstance(c, dict) else c for c in raw["columns"]]
             return cls(_record(Target, raw.get("target"), "target"),
                        [_record(Column, c, f"columns.{i}") for i, c in enumerate(raw["columns"])])
         except ValueError as e:  # pydantic's ValidationError and json's errors are ValueErrors too
@@ -200,7 +216,7 @@ class Preprocessing:
     def describe(self, dropped: list[Column]) -> list[str]:
         """Lines telling the user what was inferred: types, missing values, class balance."""
         lines = [f"{c.name}: {c.type} ({c.reason}){f', {c.missing} missing' if c.missing else ''}"
-                 for c in self.columns + dropped]
+                 f"{f', {c.width} quantile bins' if c.edges else ''}" for c in self.columns + dropped]
         t = self.target
         if t.task == "regression":
             lines.append(f"target {t.name}: regression (mean {t.mean:.4g}, std {t.std:.4g})")
@@ -230,9 +246,10 @@ def _record(cls, raw: Any, where: str):
     return cls(**values)
 
 
-def fit(table: Table, target: str, task: str, overrides: dict[str, str], positive: str | None
-        ) -> tuple[Preprocessing, list[Column]]:
-    """Infer types (``overrides`` win) and fit statistics on ``table`` (the training rows only).
+def fit(table: Table, target: str, task: str, overrides: dict[str, str], positive: str | None,
+        numeric_encoding: str = "standard", bins: int = 16) -> tuple[Preprocessing, list[Column]]:
+    """Infer types (``overrides`` win) and fit statistics on ``table`` (the training rows only); with
+    ``numeric_encoding`` ``ple``, also up to ``bins`` quantile bins per numeric column.
 
     Returns the preprocessing and the columns it drops (with the reason, for the report).
     """
@@ -246,7 +263,8 @@ def fit(table: Table, target: str, task: str, overrides: dict[str, str], positiv
         if name == target:
             continue
         kind, reason = (overrides[name], "set in data.columns") if name in overrides else infer_type(values)
-        column = _fit_column(Column(name, kind, reason, missing=sum(v is None for v in values)), table)
+        column = _fit_column(Column(name, kind, reason, missing=sum(v is None for v in values)), table,
+                             bins if numeric_encoding == "ple" else 0)
         (dropped if kind == "drop" else kept).append(column)
     if not kept:
         why = "; ".join(f"{c.name}: {c.reason}" for c in dropped) or "the target is its only column"
@@ -298,7 +316,7 @@ def _target_values(table: Table, name: str) -> list[str]:
     return raw  # type: ignore[return-value]
 
 
-def _fit_column(c: Column, table: Table) -> Column:
+def _fit_column(c: Column, table: Table, bins: int = 0) -> Column:
     if c.type in ("numeric", "boolean"):
         if c.type == "boolean":
             distinct = sorted({v.lower() for v in table.columns[c.name] if v is not None})
@@ -309,10 +327,20 @@ def _fit_column(c: Column, table: Table) -> Column:
         c.mean = float(present.mean()) if len(present) else 0.0
         c.std = float(present.std()) or 1.0 if len(present) else 1.0
         c.indicator = c.missing > 0
+        if bins and c.type == "numeric" and len(present):
+            edges = np.unique(np.quantile(present, np.linspace(0.0, 1.0, bins + 1)))
+            c.edges = [float(e) for e in edges] if len(edges) > 2 else []  # two values: the plain value says it
     elif c.type == "categorical":
         counts = Counter(table.columns[c.name])
         c.categories = sorted(counts, key=lambda v: (-counts[v], v is None, v or ""))  # most frequent first
     return c
+
+
+def piecewise_linear(x: np.ndarray, edges: list[float]) -> np.ndarray:
+    """(N,) values to (N, bins): per bin, 0 below it, 1 above it, linear within it (values outside the training
+    range sit at 0 or 1 of the outer bins)."""
+    e = np.asarray(edges)
+    return np.clip((x[:, None] - e[:-1]) / (e[1:] - e[:-1]), 0.0, 1.0)
 
 
 def _numbers(c: Column, table: Table) -> np.ndarray:

@@ -94,7 +94,8 @@ class TableInputs:
         return None
 
     def example(self) -> np.ndarray:
-        """A typical row: numeric values at their training means, categories unknown."""
+        """A row of model input (zeros: standardised numbers at their training means, piecewise-linear ones at
+        their lowest bin, categories unknown), to warm a backend with."""
         return np.zeros((1, *self.prep.input_shape), dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:

@@ -35,6 +35,9 @@ class TabularData(DataSpec):
     task: Literal["auto", "binary", "multiclass", "regression"] = "auto"  # auto: from the target's values
     positive: str | None = None  # binary: the positive class (default: the rarer one)
     columns: dict[str, Literal["numeric", "categorical", "boolean", "drop"]] = {}  # overrides of inferred types
+    # A numeric column as one standardised value, or piecewise-linear over up to `bins` quantile bins (ple).
+    numeric_encoding: Literal["standard", "ple"] = "standard"
+    bins: int = Field(default=16, ge=2, le=256)
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # held out for testing (stratified), unless folds
     folds: int | None = Field(default=None, ge=2)  # k-fold cross-validation: test on fold `fold` of `folds`
     fold: int = Field(default=0, ge=0)
@@ -93,7 +96,8 @@ class Tabular(DataKind):
             if not rows:
                 raise DataError(f"data: {table.source} has {len(table)} rows, which leaves no {part} rows; {fix}")
         positive = full.classes[1] if task == "binary" else None
-        self.prep, self.dropped = fit(table.take(self.rows[0]), cfg.target, task, cfg.columns, positive)
+        self.prep, self.dropped = fit(table.take(self.rows[0]), cfg.target, task, cfg.columns, positive,
+                                      cfg.numeric_encoding, cfg.bins)
 
     def table(self) -> Table:
         if self._table is None:

@@ -205,12 +205,14 @@ def average_precision(p: np.ndarray, t: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def choose_threshold(outputs: torch.Tensor, y: torch.Tensor, metric: str) -> float:
-    """The decision threshold on P(positive) in 0.00..1.00 that maximises ``metric`` on these outputs;
-    among equal scores, the one nearest 0.5."""
+def choose_threshold(outputs: torch.Tensor, y: torch.Tensor, metric: str,
+                     costs: tuple[float, float] | None = None) -> float:
+    """The decision threshold on P(positive) in 0.00..1.00 that maximises ``metric`` on these outputs (``cost``:
+    minimises the total cost of the errors, ``costs`` = (per false positive, per false negative)); among equal
+    scores, the one nearest 0.5."""
     p = probabilities(outputs)[:, 1].double().numpy()
     t = y.numpy()
-    best, best_score = 0.5, -1.0
+    best, best_score = 0.5, -math.inf
     for threshold in sorted(np.linspace(0, 1, THRESHOLD_CANDIDATES), key=lambda v: abs(v - 0.5)):
         pred = p >= threshold
         tp, fp = int((pred & (t == 1)).sum()), int((pred & (t == 0)).sum())
@@ -219,8 +221,30 @@ def choose_threshold(outputs: torch.Tensor, y: torch.Tensor, metric: str) -> flo
             score = _f1(tp, fp, fn)
         elif metric == "accuracy":
             score = (tp + tn) / len(t)
+        elif metric == "cost":
+            if costs is None:
+                raise ValueError("threshold metric cost needs the costs of a false positive and a false negative")
+            score = -(fp * costs[0] + fn * costs[1])
         else:  # balanced_accuracy
             score = 0.5 * (tp / max(tp + fn, 1) + tn / max(tn + fp, 1))
         if score > best_score:
             best, best_score = float(threshold), score
     return round(best, 2)
+
+
+def expected_cost(outputs: torch.Tensor, y: torch.Tensor, threshold: float, costs: tuple[float, float]) -> float:
+    """The mean cost per row of deciding at ``threshold``: (false positives * costs[0] + false negatives *
+    costs[1]) / rows."""
+    pred = probabilities(outputs)[:, 1].double().numpy() >= threshold
+    t = y.numpy()
+    return float(((pred & (t == 0)).sum() * costs[0] + (~pred & (t == 1)).sum() * costs[1]) / max(len(t), 1))
+
+
+def precision_recall_curve(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(precision, recall, threshold) at each distinct score, highest score first: deciding "positive" for the
+    rows scoring at least that threshold."""
+    order = np.argsort(-p, kind="mergesort")
+    p, t = p[order], t[order]
+    last_of_score = np.r_[np.nonzero(np.diff(p))[0], len(p) - 1]
+    tp = np.cumsum(t)[last_of_score]
+    return tp / (last_of_score + 1), tp / max(int(t.sum()), 1), p[last_of_score]

@@ -24,7 +24,8 @@ from kiln.nn import KilnModel, build_model
 from kiln.nn.fuse import fuse
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_weights, save_weights
-from kiln.training.metrics import TASK_METRICS, choose_threshold, metrics_line
+from kiln.training.metrics import TASK_METRICS, choose_threshold, expected_cost, metrics_line, probabilities
+from kiln.training.plots import write_precision_recall
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
 from kiln.training.progress import TrainProgress
 from kiln.training.threads import pick_threads
@@ -124,10 +125,13 @@ def _finish(cfg, trainer: Trainer, manifest: dict) -> None:
         load_weights(run_dir / RunDir.BEST, model)
     save_weights(run_dir / RunDir.WEIGHTS, model, {"steps": s.global_step, "epochs": s.epoch})
     threshold = 0.5
+    costs = (cfg.train.costs.false_positive, cfg.train.costs.false_negative) if cfg.train.costs else None
     if cfg.train.threshold_metric and len(data.val_x):
-        threshold = choose_threshold(*trainer.outputs("val"), cfg.train.threshold_metric)
+        threshold = choose_threshold(*trainer.outputs("val"), cfg.train.threshold_metric, costs)
     val = trainer.evaluate("val", threshold) if len(data.val_x) else {}
     test = val if data.test_x is data.val_x else trainer.evaluate("test", threshold)  # a text's held-out tail
+    if trainer.kind.task == "binary":
+        _binary_extras(cfg, trainer, threshold, costs, val, test)
     results = {**summary, "val": val, "test": test, "task": trainer.kind.task, "threshold": threshold,
                "train_seconds": round(s.train_seconds, 3)}
     run_dir.write_json(RunDir.RESULTS, results)
@@ -136,13 +140,28 @@ def _finish(cfg, trainer: Trainer, manifest: dict) -> None:
     trainer.display.log(f"test {metrics_line(test) or '(no held-out data)'}  ({run_dir.path})")
 
 
+def _binary_extras(cfg, trainer: Trainer, threshold: float, costs: tuple[float, float] | None, val: dict,
+                   test: dict) -> None:
+    """A binary run's precision-recall plot of its test split (else validation), and with train.costs the mean
+    cost per row of its decisions on each split."""
+    split = "test" if len(trainer.data.test_x) else "val"
+    outputs, y = trainer.outputs(split)
+    if len(y):
+        write_precision_recall(trainer.run_dir / RunDir.PR_CURVE, probabilities(outputs)[:, 1].double().numpy(),
+                               y.numpy(), threshold, f"{cfg.name}: precision and recall on the {split} split")
+    if costs:
+        for name, metrics in (("val", val), ("test", test)):
+            if metrics and len(trainer.data.split(name)[1]):
+                metrics["cost"] = expected_cost(*trainer.outputs(name), threshold, costs)
+
+
 def check_task_settings(t, task: str) -> None:
     """Settings that only some tasks have, refused before anything is written."""
     es = t.early_stopping
     if es and es.monitor.startswith("val_") and es.monitor[4:] not in TASK_METRICS[task]:
         raise ConfigError(f"train.early_stopping.monitor: {es.monitor} is not a metric of a {task} task; "
                           f"choose one of {', '.join('val_' + m for m in TASK_METRICS[task])}")
-    if t.threshold_metric and task != "binary":
+    if (t.threshold_metric or t.costs) and task != "binary":
         raise ConfigError(f"train.threshold_metric applies to binary classification; this task is {task}")
     classification = task in ("binary", "multiclass")
     for name, value in (("class_weights", t.class_weights), ("label_smoothing", t.label_smoothing)):

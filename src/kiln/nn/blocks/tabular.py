@@ -13,7 +13,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
 from kiln.errors import ConfigError
@@ -51,10 +51,29 @@ class _TableSpec(BlockSpec):
         return self.numeric, list(self.categories)
 
 
+class PeriodicEmbedding(nn.Module):
+    """Each of ``n`` numbers to ``dim`` values: ReLU(Linear([cos(2 pi c v), sin(2 pi c v)])) with ``k`` learned
+    frequencies c and a linear layer of its own per number ("PLR", Gorishniy et al. 2022)."""
+
+    def __init__(self, n: int, k: int, scale: float, dim: int) -> None:
+        super().__init__()
+        self.frequencies = nn.Parameter(torch.randn(n, k) * scale)
+        bound = 1 / math.sqrt(2 * k)  # nn.Linear's initialisation, per number
+        self.weight = nn.Parameter(torch.empty(n, 2 * k, dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, dim).uniform_(-bound, bound))
+
+    def forward(self, v):  # (B, n) -> (B, n * dim)
+        z = 2 * math.pi * v[..., None] * self.frequencies  # (B, n, k)
+        z = torch.cat([torch.cos(z), torch.sin(z)], dim=-1)  # (B, n, 2k)
+        return F.relu(torch.einsum("bnk,nkd->bnd", z, self.weight) + self.bias).flatten(1)
+
+
 class TableEncoder(nn.Module):
-    def __init__(self, numeric: int, cards: list[int], onehot_max: int, dim: int) -> None:
+    def __init__(self, numeric: int, cards: list[int], onehot_max: int, dim: int,
+                 periodic: PeriodicEmbedding | None = None) -> None:
         super().__init__()
         self.numeric = numeric
+        self.periodic = periodic
         self.register_buffer("cards", torch.tensor(cards, dtype=torch.int64), persistent=False)
         onehot = [i for i, c in enumerate(cards) if c <= onehot_max]
         embedded = [i for i, c in enumerate(cards) if c > onehot_max]
@@ -67,7 +86,8 @@ class TableEncoder(nn.Module):
 
     def forward(self, x):  # (B, numeric + n_cat) -> (B, numeric + onehot_width + n_embedded * dim)
         codes = category_codes(x, self.numeric, self.cards)
-        parts = [x[:, :self.numeric]]
+        values = x[:, :self.numeric]
+        parts = [self.periodic(values) if self.periodic is not None and self.numeric else values]
         if self.onehot_width:
             hot = F.one_hot(codes[:, self.onehot] + self.onehot_start, self.onehot_width)  # (B, n_onehot, width)
             parts.append(hot.sum(1).to(x.dtype))
@@ -78,20 +98,30 @@ class TableEncoder(nn.Module):
 
 @BLOCKS.register("tabular_encoder")
 class TabularEncoder(_TableSpec):
-    """A preprocessed table row to one vector: numeric inputs as they are, then each categorical column one-hot
-    (at most ``onehot_max`` categories) or as a learned embedding of ``embed_dim`` values."""
+    """A preprocessed table row to one vector: numeric inputs as they are (or, with ``numeric_embedding:
+    periodic``, each as ``numeric_dim`` values of a learned periodic embedding), then each categorical column
+    one-hot (at most ``onehot_max`` categories) or as a learned embedding of ``embed_dim`` values."""
 
     type: Literal["tabular_encoder"] = "tabular_encoder"
     onehot_max: NonNegativeInt = 12  # categories (unknown included) up to which a column is one-hot
     embed_dim: PositiveInt = 8
+    numeric_embedding: Literal["none", "periodic"] = "none"
+    frequencies: PositiveInt = 48  # periodic: learned frequencies per number
+    frequency_scale: PositiveFloat = 0.01  # periodic: std of the frequencies' initial values (per standard deviation)
+    numeric_dim: PositiveInt = 24  # periodic: values per number
 
-    example: ClassVar[dict] = {"numeric": 3, "categories": [3, 14], "onehot_max": 4, "embed_dim": 2}
+    example: ClassVar[dict] = {"numeric": 3, "categories": [3, 14], "onehot_max": 4, "embed_dim": 2,
+                               "numeric_embedding": "periodic", "frequencies": 4, "numeric_dim": 3}
 
     def build(self, in_shape: Shape) -> Built:
         numeric, cards = self.layout(in_shape)
-        module = TableEncoder(numeric, cards, self.onehot_max, self.embed_dim)
-        width = numeric + module.onehot_width + sum(c > self.onehot_max for c in cards) * self.embed_dim
-        return Built(module, (width,), 0)
+        periodic = (PeriodicEmbedding(numeric, self.frequencies, self.frequency_scale, self.numeric_dim)
+                    if self.numeric_embedding == "periodic" and numeric else None)
+        module = TableEncoder(numeric, cards, self.onehot_max, self.embed_dim, periodic)
+        width = (numeric * (self.numeric_dim if periodic else 1) + module.onehot_width
+                 + sum(c > self.onehot_max for c in cards) * self.embed_dim)
+        flops = numeric * self.frequencies * 2 * self.numeric_dim if periodic else 0
+        return Built(module, (width,), flops)
 
 
 class FeatureTokens(nn.Module):
@@ -155,3 +185,51 @@ class Regressor(BlockSpec):
         expect("regressor", in_shape, ("vector",),
                "reduce to a vector first: `seq_pool` after a sequence, `flatten` after an image")
         return Built(nn.Linear(in_shape[0], 1), (1,), in_shape[0])
+
+
+class SharedMembers(nn.Module):
+    """k MLPs that share their weights and differ by a multiplicative vector on their input (random signs at
+    first) and one on their output (ones at first): TabM-mini's parameter-efficient ensemble (Gorishniy et al.
+    2024, "TabM: Advancing Tabular Deep Learning with Parameter-Efficient Ensembling")."""
+
+    def __init__(self, width: int, members: int, units: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.members = members
+        self.r = nn.Parameter(torch.randint(0, 2, (members, width)).float() * 2 - 1)
+        self.s = nn.Parameter(torch.ones(members, units))
+        mlp: list[nn.Module] = []
+        for i in range(layers):
+            mlp += [nn.Linear(width if i == 0 else units, units), nn.ReLU(), nn.Dropout(dropout)]
+        self.mlp = nn.Sequential(*mlp)
+
+    def forward(self, x):  # (B, F) -> (B, units)
+        if self.training:
+            # Each row trains one member, drawn at random: each member learns as a model of its own would (the
+            # following head is linear, so a member's output through it is that member's own prediction).
+            m = torch.randint(0, self.members, (x.shape[0],), device=x.device)
+            return self.mlp(x * self.r[m]) * self.s[m]
+        h = self.mlp(x[:, None, :] * self.r)  # (B, k, units): every member
+        return (h * self.s).mean(1)  # through the linear head: the mean of the members' logits
+
+
+@BLOCKS.register("ensemble_mlp")
+class EnsembleMLP(BlockSpec):
+    """A cheap ensemble of ``members`` MLPs (``layers`` dense layers of ``units``, ReLU, dropout) that share their
+    weights and differ by a learned scaling of their input and of their output (TabM-mini). In training each
+    row trains one member, drawn at random; in evaluation the output is the members' mean, so the linear head
+    after it (``classifier`` or ``regressor``) gives the mean of the members' logits or values."""
+
+    type: Literal["ensemble_mlp"] = "ensemble_mlp"
+    members: PositiveInt = 8
+    units: PositiveInt = 256
+    layers: PositiveInt = 2
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+    example: ClassVar[dict] = {"members": 3, "units": 4, "layers": 2}
+    example_input: ClassVar[Shape] = (6,)
+
+    def build(self, in_shape: Shape) -> Built:
+        expect("ensemble_mlp", in_shape, ("vector",), "give it one vector per row: put it after `tabular_encoder`")
+        module = SharedMembers(in_shape[0], self.members, self.units, self.layers, self.dropout)
+        macs = self.members * (in_shape[0] * self.units + (self.layers - 1) * self.units ** 2)  # evaluation
+        return Built(module, (self.units,), macs)

@@ -1,0 +1,191 @@
+"""kiln's table configs against scikit-learn on the same stratified folds: German credit and bank marketing.
+
+    KILN_DATA=../shared/data python benchmarks/bench_tables.py [--config examples/german_credit.yaml ...]
+        [--folds 5] [--rows N] [--first-folds N] [--variant "NAME:key=value;key=value" ...] [--no-default]
+
+For each config (default: examples/german_credit.yaml and examples/bank_marketing.yaml) every model is
+scored on the same k stratified folds (seeded by the config's seed, as `kiln train --folds` draws them):
+ROC-AUC and PR-AUC (average precision) on each fold's test rows, which no model sees before scoring. kiln
+uses its own validation split (carved from the fold's training rows) for early stopping and the decision
+threshold; the baselines train on all of the fold's training rows. Baselines, with default settings:
+logistic regression on one-hot categories and standardised numbers, and HistGradientBoostingClassifier with
+native categorical support. ``--variant`` adds kiln runs of the same config with overrides (the same ones
+for every config), e.g. ``--variant ple:data.numeric_encoding=ple``; ``--rows`` trains and tests
+on a stratified subsample (for development: quicker, noisier). Prints mean +- std over folds and kiln's
+difference to HistGradientBoosting; writes benchmarks/results/tables-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import kiln
+from kiln.config import load_config, parse_set
+from kiln.data.kind import find_data
+from kiln.data.preprocess import fit
+from kiln.data.splits import stratified_folds, stratified_holdout
+from kiln.data.table import read_table
+from kiln.training.metrics import average_precision, roc_auc
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = [REPO / "examples" / "german_credit.yaml", REPO / "examples" / "bank_marketing.yaml"]
+METRICS = ("roc_auc", "pr_auc")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def subsample(table, target: str, rows: int, seed: int, tmp: Path) -> Path:
+    """A stratified subsample of ``rows`` rows written as a CSV (kiln reads it like the full file)."""
+    _, keep = stratified_holdout(table.columns[target], rows / len(table), seed)
+    path = tmp / "subsample.csv"
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(table.columns)
+        for i in keep.tolist():
+            w.writerow(["" if v[i] is None else v[i] for v in table.columns.values()])
+    return path
+
+
+def baselines(table, cfg, folds) -> dict[str, list[dict[str, float]]]:
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
+
+    prep, _ = fit(table, cfg.data.target, cfg.data.task, dict(cfg.data.columns), cfg.data.positive)
+    num = [c.name for c in prep.numeric if c.type == "numeric"]
+    cat = [c.name for c in prep.columns if c.type != "numeric"]  # categorical and boolean columns
+    x = np.array([[table.columns[c][i] for c in num + cat] for i in range(len(table))], dtype=object)
+    x[:, :len(num)] = np.array([[np.nan if v is None else float(v) for v in row] for row in x[:, :len(num)]])
+    x[:, len(num):] = np.where(x[:, len(num):] == None, "(missing)", x[:, len(num):])  # noqa: E711
+    y = (np.array(table.columns[cfg.data.target]) == prep.target.classes[1]).astype(int)
+    ni, ci = list(range(len(num))), list(range(len(num), len(num) + len(cat)))
+    models = {
+        "logistic_regression": lambda: make_pipeline(
+            ColumnTransformer([("num", StandardScaler(), ni), ("cat", OneHotEncoder(handle_unknown="ignore"), ci)]),
+            LogisticRegression(max_iter=2000)),
+        "hist_gradient_boosting": lambda: make_pipeline(
+            ColumnTransformer([("num", "passthrough", ni),
+                               ("cat", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1), ci)]),
+            HistGradientBoostingClassifier(categorical_features=list(range(len(ni), len(ni) + len(ci))),
+                                           random_state=0)),
+    }
+    results = {}
+    for name, make in models.items():
+        per_fold = []
+        t0 = time.perf_counter()
+        for test in folds:
+            mask = np.ones(len(y), bool)
+            mask[test] = False
+            p = make().fit(x[mask], y[mask]).predict_proba(x[test])[:, 1]
+            per_fold.append({"roc_auc": roc_auc(p, y[test]), "pr_auc": average_precision(p, y[test])})
+        results[name] = {"folds": per_fold, "seconds": time.perf_counter() - t0}
+    return results
+
+
+def kiln_folds(cfg, overrides: dict, folds: int, tmp: Path, first: int | None) -> dict:
+    per_fold = []
+    t0 = time.perf_counter()
+    for k in range(first or folds):
+        with contextlib.redirect_stderr(io.StringIO()):  # the training log: the table below says what counts
+            run = kiln.train(cfg, {**overrides, "data.folds": folds, "data.fold": k},
+                             out=tmp / f"run_{time.monotonic_ns()}", live=False)
+        per_fold.append({m: run.metrics["test"][m] for m in METRICS})
+        print(f"  fold {k}: " + "  ".join(f"{m} {per_fold[-1][m]:.4f}" for m in METRICS), flush=True)
+    return {"folds": per_fold, "seconds": time.perf_counter() - t0}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:key=value;key=value``: values are YAML (``model.blocks=[{type: tabular_encoder}, ...]``)."""
+    name, _, sets = text.partition(":")
+    return name, parse_set([s for s in sets.split(";") if s.strip()])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", nargs="+", action="extend", default=[], help="table configs")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=None, help="a stratified subsample of this many rows")
+    ap.add_argument("--first-folds", type=int, default=None, help="score only the first N of the folds (development)")
+    ap.add_argument("--variant", nargs="+", action="extend", default=[],
+                    help="NAME:key=value;key=value (YAML values), one or more")
+    ap.add_argument("--no-default", action="store_true", help="run only the variants, not the configs as they are")
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/tables-<time>.json")
+    args = ap.parse_args()
+
+    import sklearn
+    variants = ([] if args.no_default else [("kiln", {})]) + [
+        (f"kiln_{n}", o) for n, o in map(parse_variant, args.variant)]
+    conditions = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                  "torch": torch.__version__, "kiln": kiln.__version__, "scikit-learn": sklearn.__version__,
+                  "numpy": np.__version__, "folds": args.folds, "rows": args.rows, "command": " ".join(sys.argv)}
+    print(f"{conditions['cpu']}, {conditions['cores']} cores; torch {torch.__version__}, scikit-learn "
+          f"{sklearn.__version__}, kiln {kiln.__version__}")
+    settings = {"config": [str(c) for c in args.config], "folds": args.folds, "rows": args.rows,
+                "first_folds": args.first_folds, "variant": args.variant, "no_default": args.no_default,
+                "no_baselines": args.no_baselines}
+    report = {"conditions": conditions, "settings": settings, "tables": {}}
+    for config in args.config or CONFIGS:
+        cfg = load_config(config)
+        with tempfile.TemporaryDirectory() as tmpdir:
+            tmp = Path(tmpdir)
+            table = read_table(find_data(cfg.data.path, cfg.data.root, "a table"))
+            if args.rows and args.rows < len(table):
+                cfg = load_config(config, {"data.path": str(subsample(table, cfg.data.target, args.rows,
+                                                                       cfg.seed, tmp))})
+                table = read_table(Path(cfg.data.path))
+            # The same folds kiln's --folds uses: stratified by the target, seeded by the config's seed.
+            folds = [f.numpy() for f in stratified_folds(table.columns[cfg.data.target], args.folds, cfg.seed)]
+            print(f"\n{config}: {len(table)} rows, {args.folds} stratified folds (seed {cfg.seed})", flush=True)
+            results = {}
+            for name, overrides in variants:
+                print(f"{name} {overrides or ''}", flush=True)
+                results[name] = {**kiln_folds(cfg, overrides, args.folds, tmp, args.first_folds), "overrides": overrides}
+            if not args.no_baselines:
+                results.update(baselines(table, cfg, folds[:args.first_folds]))
+        summary = {name: {"seconds": round(r["seconds"], 1), "overrides": r.get("overrides", {}),
+                          **{m: {"mean": statistics.fmean(f[m] for f in r["folds"]),
+                                 "std": statistics.pstdev(f[m] for f in r["folds"]),
+                                 "values": [f[m] for f in r["folds"]]} for m in METRICS}}
+                   for name, r in results.items()}
+        hgb = summary.get("hist_gradient_boosting")
+        print(f"{'model':28s} {'ROC-AUC mean +- std':>20s} {'PR-AUC mean +- std':>20s} {'ROC-AUC - HGB':>14s} "
+              f"{'seconds':>8s}")
+        for name, s in summary.items():
+            diff = f"{s['roc_auc']['mean'] - hgb['roc_auc']['mean']:+.4f}" if hgb else ""
+            print(f"{name:28s} {s['roc_auc']['mean']:>11.4f} +- {s['roc_auc']['std']:.4f} "
+                  f"{s['pr_auc']['mean']:>11.4f} +- {s['pr_auc']['std']:.4f} {diff:>14s} {s['seconds']:>8.0f}")
+        report["tables"][str(config)] = {"config": cfg.to_dict(), "rows": len(table), "results": summary}
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"tables-{stamp}.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
