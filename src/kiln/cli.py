@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   kiln predict runs/mnist_seed digit.png other.npy
   kiln train examples/german_credit.yaml --folds 5
   kiln predict runs/german_credit rows.csv --out predictions.csv
+  kiln predict runs/movielens --user 42 --top 10
   kiln summary examples/mnist_seed.yaml
   kiln generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 1
   kiln serve runs/mnist_seed --port 8000
@@ -50,15 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split (default: test)")
     e.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    pr = sub.add_parser("predict", help="predict for files: images, table rows or source texts, by the run's data",
+    pr = sub.add_parser("predict", help="predict for files (images, table rows, source texts) or recommend for --user",
                         description="Predict for each input in the files, by the run's kind of data: an image run "
                                     "classifies PNG/JPEG images (converted to the model's input size; light "
                                     "backgrounds are inverted) or .npy arrays of pixels (uint8 0..255 or float "
                                     "0..1); a table run predicts each row of CSV or Parquet files (printed as CSV "
                                     "with the prediction columns added); a text-pairs run translates each line "
-                                    "of text files (printed as source<TAB>target).")
+                                    "of text files (printed as source<TAB>target); a recommendation run lists "
+                                    "the --top best items for each --user that the user has not interacted with.")
     pr.add_argument("run", help="run directory written by `kiln train`")
-    pr.add_argument("files", nargs="+", help="image or .npy files; CSV or Parquet files of rows; text files of sources")
+    pr.add_argument("files", nargs="*", help="image or .npy files; CSV or Parquet files of rows; text files of sources")
+    pr.add_argument("--user", action="append", default=[], metavar="ID",
+                    help="recommendation runs: a user id of the training data (repeatable)")
+    pr.add_argument("--top", type=int, default=10, help="with --user: how many items per user (default: 10)")
     pr.add_argument("--out", help="write what would be printed to this file instead (default: stdout)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -242,8 +247,10 @@ def cmd_predict(args) -> None:
     from kiln.fsutil import atomic_write_text
     from kiln.run import Run
 
+    if bool(args.files) == bool(args.user):
+        raise KilnError("give files to predict for, or --user ID for a recommendation run (not both)")
     run = Run.load(args.run)
-    records = run.predict_files(args.files)
+    records = run.recommend(args.user, args.top) if args.user else run.predict_files(args.files)
     text = json.dumps(records, indent=2) + "\n" if args.json else run.kind.render(records)
     if args.out:
         atomic_write_text(args.out, text)

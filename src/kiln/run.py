@@ -137,6 +137,11 @@ class Run:
         """Greedy targets for source texts (a ``text_pairs`` run)."""
         return self._offered("translate")(self.model, list(sources), self.config.train.eval_batch_size, cache)
 
+    def recommend(self, users: list, top: int = 10) -> list[dict[str, Any]]:
+        """For each user id (an interactions run), the ``top`` best-scored items the user has not interacted with:
+        one record per (user, rank) with ``item``, ``title`` (where the run has titles) and ``score``."""
+        return self._offered("recommend")(self, list(users), top)
+
     def rows_input(self, table) -> torch.Tensor:
         """Raw table rows (a :class:`kiln.data.table.Table`) to model input with the run's saved preprocessing."""
         self._offered("predict_table")

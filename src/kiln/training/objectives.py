@@ -2,6 +2,8 @@
 
 - classification (multiclass, binary): cross-entropy, optionally class-weighted and label-smoothed; a sample is
   right when its largest logit is its class.
+- ranking (recommendation): cross-entropy of the true item (candidate 0) among sampled ones (a sampled softmax);
+  a sample is right when the true item scores highest.
 - regression: mean squared error of the standardised target; nothing counts as right.
 - tokens (lm, seq2seq): cross-entropy over every target token that is not padding (``IGNORE``); a token is right
   when it is the most likely one.
