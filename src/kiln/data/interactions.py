@@ -74,7 +74,7 @@ class InteractionsData(DataSpec):
 
     @model_validator(mode="after")
     def _checks(self) -> InteractionsData:
-        if "val_fraction" in self.model_fields_set:
+        if self.val_fraction != DataSpec.model_fields["val_fraction"].default:  # a saved config holds the default
             raise ValueError("data.val_fraction does not apply to interactions: each user's last data.val_last "
                              "interactions are the validation split")
         if self.target == "rating" and self.rating_column is None:
