@@ -247,8 +247,6 @@ def cmd_predict(args) -> None:
     from kiln.fsutil import atomic_write_text
     from kiln.run import Run
 
-    if bool(args.files) == bool(args.user):
-        raise KilnError("give files to predict for, or --user ID for a recommendation run (not both)")
     run = Run.load(args.run)
     records = run.recommend(args.user, args.top) if args.user else run.predict_files(args.files)
     text = json.dumps(records, indent=2) + "\n" if args.json else run.kind.render(records)
@@ -270,7 +268,10 @@ def cmd_summary(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict" and bool(args.files) == bool(args.user):
+        parser.error("predict: give files to predict for, or --user ID for a recommendation run (not both)")
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary,
          "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -61,7 +62,7 @@ class InteractionsData(DataSpec):
     user_column: str = "user"
     item_column: str = "item"
     rating_column: str | None = None  # needed for target: rating
-    time_column: str | None = None  # numbers (e.g. Unix seconds); without it, the file's order is the time order
+    time_column: str | None = None  # numbers (e.g. Unix seconds) or ISO 8601 dates; default: the file's order
     target: Literal["implicit", "rating"] = "implicit"  # rank items, or predict ratings
     negatives: PositiveInt = 64  # implicit: random items scored against each true one in training
     test_last: PositiveInt = 5  # each user's last interactions held out for test
@@ -100,14 +101,21 @@ def _column(table: Table, name: str, setting: str) -> list[str | None]:
     return table.columns[name]
 
 
-def _numbers(table: Table, name: str, setting: str) -> np.ndarray:
+def _numbers(table: Table, name: str, setting: str, dates: bool = False) -> np.ndarray:
+    """A column as float64; with ``dates``, ISO 8601 dates and times count too (as Unix seconds)."""
     out = np.empty(len(table), dtype=np.float64)
     for i, v in enumerate(_column(table, name, setting)):
         try:
             out[i] = float(v) if v is not None else np.nan
         except ValueError:
-            raise DataError(f"data.{setting}: {table.source} {table.where[i]}: {v!r} in column {name!r} is not a "
-                            "number") from None
+            try:
+                if not dates:
+                    raise
+                when = datetime.fromisoformat(v)
+                out[i] = (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+            except ValueError:
+                raise DataError(f"data.{setting}: {table.source} {table.where[i]}: {v!r} in column {name!r} is not a "
+                                "number" + (" or an ISO 8601 date" if dates else "")) from None
         if not np.isfinite(out[i]):
             raise DataError(f"data.{setting}: {table.source} {table.where[i]}: column {name!r} has no value")
     return out
@@ -158,7 +166,7 @@ class Interactions(DataKind):
         item_code = {v: k for k, v in enumerate(self.item_ids)}
         u = np.fromiter((user_code[x] for x in users), dtype=np.int64, count=len(users))
         i = np.fromiter((item_code[x] for x in items), dtype=np.int64, count=len(items))
-        when = _numbers(table, cfg.time_column, "time_column") if cfg.time_column else np.arange(len(u), dtype=float)
+        when = _numbers(table, cfg.time_column, "time_column", dates=True) if cfg.time_column else np.arange(len(u), dtype=float)
         rating = _numbers(table, cfg.rating_column, "rating_column") if cfg.rating_column else None
         order = np.lexsort((np.arange(len(u)), when, u))  # by user, then time, then the file's order
         self.u, self.i = u[order], i[order]
@@ -404,11 +412,12 @@ class Interactions(DataKind):
         return records
 
     def render(self, records: list[dict[str, Any]]) -> str:
-        lines = []
+        """Tab-separated lines: user, rank, item, score (and title, where the run has titles)."""
+        lines = ["user\trank\titem\tscore" + ("\ttitle" if self.titles else "")]
         for r in records:
-            title = f"  {r['title']}" if r.get("title") else ""
+            title = f"\t{r['title']}" if self.titles else ""
             lines.append(f"{r['user']}\t{r['rank']}\t{r['item']}\t{r['score']:.4f}{title}")
-        return "user\trank\titem\tscore" + ("\ttitle" if self.titles else "") + "\n" + "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n"
 
     def predict_files(self, run, paths: list[str | Path]) -> list[dict[str, Any]]:
         raise KilnError(f"{run.path} is a recommendation run; {self.usage}")
