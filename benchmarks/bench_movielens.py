@@ -1,4 +1,4 @@
-"""kiln's recommenders against a popularity ranking, item-kNN and implicit's ALS on MovieLens latest-small, side by side.
+"""kiln's recommenders beside a popularity ranking, item-kNN and implicit's ALS on MovieLens latest-small.
 
     KILN_DATA=../shared/data python benchmarks/bench_movielens.py [--seeds 2] [--threads 2] [--skip-rating]
 

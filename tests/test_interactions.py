@@ -1,5 +1,5 @@
-"""Recommendation (``dataset: interactions``): the per-user time-ordered split, the ranking metrics against hand-computed
-values, real training on MovieLens beating popularity, reload, serving, and bad input."""
+"""Recommendation (``dataset: interactions``): the per-user time-ordered split, the ranking metrics against
+hand-computed values, real training on MovieLens beating popularity, reload, serving, and bad input."""
 
 import csv
 import math
@@ -64,8 +64,8 @@ def synthetic(tmp_path_factory):
 def synthetic_run(synthetic, tmp_path_factory):
     cfg = cfg_dict(synthetic, test_last=2, val_last=2, negatives=8, items_path=str(synthetic.parent / "items.csv"),
                    items_id_column="i", title_column="name")
-    return kiln.train(cfg, {"train.epochs": 15, "train.optimizer.lr": 0.05}, out=tmp_path_factory.mktemp("runs") / "recs",
-                      live=False)
+    return kiln.train(cfg, {"train.epochs": 15, "train.optimizer.lr": 0.05},
+                      out=tmp_path_factory.mktemp("runs") / "recs", live=False)
 
 
 # ---- the split ---------------------------------------------------------------------------------------------------

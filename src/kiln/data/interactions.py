@@ -166,7 +166,8 @@ class Interactions(DataKind):
         item_code = {v: k for k, v in enumerate(self.item_ids)}
         u = np.fromiter((user_code[x] for x in users), dtype=np.int64, count=len(users))
         i = np.fromiter((item_code[x] for x in items), dtype=np.int64, count=len(items))
-        when = _numbers(table, cfg.time_column, "time_column", dates=True) if cfg.time_column else np.arange(len(u), dtype=float)
+        when = (_numbers(table, cfg.time_column, "time_column", dates=True) if cfg.time_column
+                else np.arange(len(u), dtype=np.float64))
         rating = _numbers(table, cfg.rating_column, "rating_column") if cfg.rating_column else None
         order = np.lexsort((np.arange(len(u)), when, u))  # by user, then time, then the file's order
         self.u, self.i = u[order], i[order]
@@ -234,7 +235,10 @@ class Interactions(DataKind):
         for name in self.run_files:
             if not (run_dir / name).is_file():
                 raise RunDirError(f"{run_dir.path} has no {name}: it is not a finished recommendation run")
-        saved = json.loads((run_dir / MAPS).read_text())
+        try:
+            saved = json.loads((run_dir / MAPS).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{run_dir / MAPS} is not readable JSON: {e}") from None
         self.user_ids, self.item_ids, self.titles = saved["users"], saved["items"], saved["titles"]
         self.feature_names, self.counts = saved["features"], saved["counts"]
         self.rating_mean, self.rating_std = saved["rating_mean"], saved["rating_std"]
@@ -243,7 +247,7 @@ class Interactions(DataKind):
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise RunDirError(f"{run_dir / HISTORY} is not a readable safetensors file: {e}") from None
         self.ptr, self.i = history["ptr"].numpy(), history["items"].numpy()
-        self.features = np.zeros((len(self.item_ids), len(self.feature_names)), dtype=np.float32)  # in the weights
+        self.features: np.ndarray | None = None  # saved in the weights; read again only to start training afresh
 
     # ---- what a run is -----------------------------------------------------------------------------
 
@@ -275,6 +279,8 @@ class Interactions(DataKind):
 
     def fill_model(self, model: torch.nn.Module) -> None:
         """The items' side features go into the blocks that read them (saved with the weights)."""
+        if self.features is None:  # a resumed run that stopped before its first checkpoint starts afresh
+            self.titles, self.feature_names, self.features = self._item_attributes()
         for module in model.modules():
             if hasattr(module, "set_item_features"):
                 module.set_item_features(torch.from_numpy(self.features))

@@ -155,9 +155,9 @@ def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, fl
     """Ranking metrics of item scores (users, items) against targets (users, items): 1 a held-out (relevant) item,
     -1 an item the user had seen (not ranked), 0 any other. Users without a relevant item are not counted.
 
-    With k = 10: Recall@k: relevant items in the top k / relevant items. NDCG@k: sum of 1/log2(rank + 1) over relevant items in
-    the top k, over the best possible sum (min(relevant, k) items at the top). Hit rate@k: users with a relevant
-    item in the top k. Ties in score rank the lower item index first."""
+    With k = 10: Recall@k: relevant items in the top k / relevant items. NDCG@k: sum of 1/log2(rank + 1) over
+    relevant items in the top k, over the best possible sum (min(relevant, k) items at the top). Hit rate@k: users
+    with a relevant item in the top k. Ties in score rank the lower item index first."""
     relevant = targets == 1
     n_rel = relevant.sum(1)
     keep = n_rel > 0
