@@ -223,6 +223,8 @@ def test_served_top_k_excludes_seen_items(synthetic_run):
         bad = c.post("/v1/predict", json={"instances": [{"user": "u5"}, {"user": "ghost"}]})
         assert bad.status_code == 422 and "instances.1.user" in bad.text and "ghost" in bad.text
         assert c.get("/v1/model").json()["task"] == "ranking"
+        schema = c.get("/openapi.json").json()["components"]["schemas"]
+        assert "UserInstance" in schema and "RankedItem" in schema
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
