@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   kiln train examples/german_credit.yaml --folds 5
   kiln predict runs/german_credit rows.csv --out predictions.csv
   kiln predict runs/sms_spam --text "WINNER! Call now to claim your prize"
+  kiln predict runs/movielens --user 42 --top 10
   kiln summary examples/mnist_seed.yaml
   kiln generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 1
   kiln serve runs/mnist_seed --port 8000
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "val", "train"], default="test", help="data split (default: test)")
     e.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    pr = sub.add_parser("predict", help="predict for files: images, table rows or source texts, by the run's data",
+    pr = sub.add_parser("predict", help="predict for files (images, table rows, source texts) or recommend for --user",
                         description="Predict for each input in the files, by the run's kind of data: an image run "
                                     "classifies PNG/JPEG images (converted to the model's input size; light "
                                     "backgrounds are inverted) or .npy arrays of pixels (uint8 0..255 or float "
@@ -60,12 +61,16 @@ def _parser() -> argparse.ArgumentParser:
                                     "of text files (printed as source<TAB>target); a time-series run forecasts "
                                     "the steps after each history CSV (the series' latest rows); a "
                                     "text-classification run classifies each --text or each line of text files "
-                                    "(printed as label<TAB>probability<TAB>text).")
+                                    "(printed as label<TAB>probability<TAB>text); a recommendation run lists "
+                                    "the --top best items for each --user that the user has not interacted with.")
     pr.add_argument("run", help="run directory written by `kiln train`")
     pr.add_argument("files", nargs="*", help="image or .npy files; CSV or Parquet files of rows; text files of sources "
                                              "or of texts to classify")
     pr.add_argument("--text", action="append", default=[], help="a text to classify (repeatable; text-classification "
                                                                  "runs)")
+    pr.add_argument("--user", action="append", default=[], metavar="ID",
+                    help="recommendation runs: a user id of the training data (repeatable)")
+    pr.add_argument("--top", type=int, default=10, help="with --user: how many items per user (default: 10)")
     pr.add_argument("--out", help="write what would be printed to this file instead (default: stdout)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -251,8 +256,11 @@ def cmd_predict(args) -> None:
     from kiln.run import Run
 
     run = Run.load(args.run)
-    records = run.predict_texts(args.text) if args.text else []
-    records += run.predict_files(args.files) if args.files else []
+    if args.user:
+        records = run.recommend(args.user, args.top)
+    else:
+        records = run.predict_texts(args.text) if args.text else []
+        records += run.predict_files(args.files) if args.files else []
     text = json.dumps(records, indent=2) + "\n" if args.json else run.kind.render(records)
     if args.out:
         atomic_write_text(args.out, text)
@@ -274,8 +282,11 @@ def cmd_summary(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "predict" and not args.files and not args.text:
-        parser.error("predict: give the files to predict for, or --text TEXT")
+    if args.command == "predict" and not (args.files or args.text or args.user):
+        parser.error("predict: give the files to predict for, --text TEXT (text-classification runs) or --user ID "
+                     "(recommendation runs)")
+    if args.command == "predict" and args.user and (args.files or args.text):
+        parser.error("predict: --user (a recommendation run) takes no files or --text")
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary,
          "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy,

@@ -146,6 +146,10 @@ class Run:
         """A time-series run's forecast after ``history`` (its latest rows, column name -> value, at least the
         lookback): ``{"forecast": [{"time": ..., "value": ...}, ...]}`` in the series' units."""
         return self._offered("forecast")(self, history)
+    def recommend(self, users: list, top: int = 10) -> list[dict[str, Any]]:
+        """For each user id (an interactions run), the ``top`` best-scored items the user has not interacted with:
+        one record per (user, rank) with ``item``, ``title`` (where the run has titles) and ``score``."""
+        return self._offered("recommend")(self, list(users), top)
 
     def rows_input(self, table) -> torch.Tensor:
         """Raw table rows (a :class:`kiln.data.table.Table`) to model input with the run's saved preprocessing."""

@@ -4,4 +4,6 @@ Importing this package registers every kind under the name ``data.dataset`` uses
 new module here and one name in the line below.
 """
 
-from kiln.data import mnist, tabular, text, text_classes, text_pairs, timeseries  # noqa: F401  (each registers its kind)
+from kiln.data import (  # noqa: F401  (each registers its kind)
+    interactions, mnist, tabular, text, text_classes, text_pairs, timeseries,
+)

@@ -58,7 +58,8 @@ class DataKind:
     decodes: ClassVar[bool] = False  # answers come from the kind's decode_batch (text decoded step by step, a
     # forecast undone per history), not from a traced forward pass
     input_name: ClassVar[str] = "inputs"  # the name of an exported graph's input
-    task: str = "multiclass"  # multiclass | binary | multilabel | regression | lm | seq2seq | forecast
+    answers: ClassVar[str] = "task"  # what a served answer is: by the task (classes, values, texts), or "items"
+    task: str = "multiclass"  # multiclass | binary | multilabel | regression | lm | seq2seq | forecast | ranking
     input_shape: Shape
     class_names: list[str] = []
 
@@ -89,6 +90,10 @@ class DataKind:
 
     def check_model(self, specs: list[BlockSpec]) -> None:
         """Refuse, before anything is written, a model this kind of data cannot train."""
+
+    def fill_model(self, model: torch.nn.Module) -> None:
+        """Put what the data fixes into a newly built model before training (e.g. items' side features, which
+        are then saved with the weights); nothing for most kinds."""
 
     def report(self) -> list[str]:
         """Lines for the training log describing what was read and inferred."""

@@ -53,6 +53,16 @@ class TextPrediction(BaseModel):
     text: str = Field(description="the text the model wrote (without the prompt or source)")
 
 
+class RankedItem(BaseModel):
+    item: str = Field(description="the item's id in the training data")
+    title: str | None = Field(None, description="the item's title, where the run has titles")
+    score: float = Field(description="the model's score (a predicted rating, for rating runs); higher ranks first")
+
+
+class ItemsPrediction(BaseModel):
+    items: list[RankedItem] = Field(description="the best items the user has not interacted with, best first")
+
+
 class ClassAnswers:
     """Classes with probabilities. A binary run picks its positive class when that class's probability
     reaches the decision threshold chosen on validation in training (as ``Run.predict_rows`` does)."""
@@ -153,7 +163,28 @@ class ForecastAnswers:
         return {"kind": "forecast", "target": self.target}
 
 
-def answers_for(run: Run) -> ClassAnswers | LabelsAnswers | ValueAnswers | TextAnswers | ForecastAnswers:
+class ItemAnswers:
+    """Ranked items per user (recommendation runs), as the run's kind computed them."""
+
+    prediction = ItemsPrediction
+    summary = "Recommend items"
+
+    def __init__(self, run: Run) -> None:
+        self.task = run.kind.task
+
+    def answer(self, ranked: np.ndarray) -> list[dict[str, Any]]:
+        for i, items in enumerate(ranked):
+            if not all(np.isfinite(item["score"]) for item in items):
+                raise NotFinite(i)
+        return [{"items": list(items)} for items in ranked]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "items", "meaning": "the user's best-scored items, not yet interacted with, best first"}
+
+
+def answers_for(run: Run) -> ClassAnswers | LabelsAnswers | ValueAnswers | TextAnswers | ForecastAnswers | ItemAnswers:
+    if run.kind.answers == "items":
+        return ItemAnswers(run)
     task = run.kind.task
     if task == "regression":
         return ValueAnswers(run)

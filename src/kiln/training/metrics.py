@@ -6,6 +6,9 @@
 - multilabel: loss (binary cross-entropy per label), micro and macro F1 of the labels at probability 0.5, ROC-AUC
   (the mean over labels) and each label's own ROC-AUC (``roc_auc_<label>``)
 - regression: loss (MSE of the standardised target), MAE, RMSE and R2 in the target's own units
+- ranking (recommendation): per user, every item scored; items marked seen (target -1) left out; Recall@10,
+  NDCG@10 and hit rate@10 of the held-out items (target 1), and as loss their mean cross-entropy over all
+  unseen items (a full softmax)
 - lm, seq2seq: loss (cross-entropy per target token), perplexity, token accuracy; seq2seq also the share of
   samples whose greedy output is exactly the target
 - forecast: loss (MSE of the scaled targets); the kind of data adds MAE, RMSE, MASE, sMAPE and directional
@@ -33,13 +36,16 @@ TASK_METRICS = {
     "lm": ("loss", "perplexity", "token_accuracy"),
     "seq2seq": ("loss", "perplexity", "token_accuracy", "exact_match"),
     "forecast": ("loss", "mae", "rmse", "mase", "smape", "directional_accuracy"),
+    "ranking": ("loss", "recall@10", "ndcg@10", "hit_rate@10"),
 }
+RANK_K = 10  # the cut-off of the ranking metrics
 # Metrics early stopping may watch, and those of them that are better when higher.
 MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "val_roc_auc", "val_pr_auc", "val_f1",
-            "val_mae", "val_rmse", "val_r2", "val_mase", "val_smape", "val_micro_f1", "val_macro_f1")
-HIGHER_IS_BETTER = ("accuracy", "roc_auc", "pr_auc", "f1", "r2")
+            "val_mae", "val_rmse", "val_r2", "val_mase", "val_smape", "val_micro_f1", "val_macro_f1",
+            "val_recall@10", "val_ndcg@10", "val_hit_rate@10")
+HIGHER_IS_BETTER = ("accuracy", "roc_auc", "pr_auc", "f1", "r2", "recall@10", "ndcg@10", "hit_rate@10")
 SHOWN = ("loss", "accuracy", "micro_f1", "roc_auc", "rmse", "r2", "perplexity", "token_accuracy", "exact_match", "mase",
-         "smape", "directional_accuracy")
+         "smape", "directional_accuracy", "recall@10", "ndcg@10", "hit_rate@10")
 
 
 @torch.inference_mode()
@@ -133,6 +139,8 @@ def task_metrics(task: str, outputs: torch.Tensor, y: torch.Tensor, *, threshold
         return {"loss": float("nan"), "samples": 0}
     if task == "multilabel":
         return multilabel_metrics(outputs, y, names or [str(j) for j in range(outputs.shape[1])])
+    if task == "ranking":
+        return ranking_metrics(outputs, y)
     if task == "regression":
         pred, y = outputs[:, 0].double(), y.double()
         loss = F.mse_loss(pred, y).item()
@@ -175,6 +183,32 @@ def multilabel_metrics(outputs: torch.Tensor, y: torch.Tensor, names: list[str])
             "macro_f1": float(np.mean([_f1(int(a), int(b), int(c)) for a, b, c in zip(tp, fp, fn, strict=True)])),
             "roc_auc": float(np.mean(aucs)) if aucs else float("nan"), **per_label,
             "exact_match": float((pred == t).all(1).mean()), "samples": len(y)}
+
+
+def ranking_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Ranking metrics of item scores (users, items) against targets (users, items): 1 a held-out (relevant) item,
+    -1 an item the user had seen (not ranked), 0 any other. Users without a relevant item are not counted.
+
+    With k = 10: Recall@k: relevant items in the top k / relevant items. NDCG@k: sum of 1/log2(rank + 1) over
+    relevant items in the top k, over the best possible sum (min(relevant, k) items at the top). Hit rate@k: users
+    with a relevant item in the top k. Ties in score rank the lower item index first."""
+    relevant = targets == 1
+    n_rel = relevant.sum(1)
+    keep = n_rel > 0
+    scores, relevant, n_rel = scores[keep].double(), relevant[keep], n_rel[keep].double()
+    if not len(scores):
+        return {"loss": float("nan"), "samples": 0}
+    scores = scores.masked_fill(targets[keep] == -1, -torch.inf)
+    loss = -(torch.log_softmax(scores, dim=1)[relevant]).mean().item()
+    k = min(RANK_K, scores.shape[1])  # fewer items than 10: all of them
+    top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    hits = relevant.gather(1, top).double()  # (users, k)
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+    ideal = torch.cumsum(discount, 0)[(n_rel.clamp(max=k) - 1).long()]
+    return {"loss": loss, f"recall@{RANK_K}": float((hits.sum(1) / n_rel).mean()),
+            f"ndcg@{RANK_K}": float(((hits * discount).sum(1) / ideal).mean()),
+            f"hit_rate@{RANK_K}": float((hits.sum(1) > 0).double().mean()), "samples": len(scores)}
+
 
 
 def _f1(tp: int, fp: int, fn: int) -> float:

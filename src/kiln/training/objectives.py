@@ -4,6 +4,8 @@
   right when its largest logit is its class.
 - multilabel: binary cross-entropy of each label's own logit (a sigmoid per label); the progress line counts
   label decisions (logit > 0 against the 0/1 target)
+- ranking (recommendation): cross-entropy of the true item (candidate 0) among sampled ones (a sampled softmax);
+  a sample is right when the true item scores highest.
 - regression: mean squared error of the standardised target; nothing counts as right.
 - forecast: mean squared error of the scaled target over every forecast step; nothing counts as right.
 - tokens (lm, seq2seq): cross-entropy over every target token that is not padding (``IGNORE``); a token is right

@@ -68,6 +68,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     kind.check_model(cfg.blocks)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.blocks, kind.input_shape).to(device)
+    kind.fill_model(model)
     use_fuse, fuse_reason = pick_fuse(cfg.train.fuse, device)
     execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
     # A run stopped before its first checkpoint holds no training yet: resuming it starts from the beginning.
