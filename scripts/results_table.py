@@ -285,6 +285,40 @@ def tables_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+
+def movielens_options(data: dict) -> dict:
+    c = data["conditions"]
+    parts = data.get("parts") or ["ranking"]  # recorded since --parts exists; the first file holds the ranking only
+    return {"seeds": c["seeds"], "threads": c["threads"], "parts": ",".join(parts)}
+
+
+RANKERS = {"popularity": "popularity", "item_knn": "item-kNN", "als": "ALS (implicit)",
+           "matrix_factorization": "kiln matrix factorisation", "two_tower": "kiln two-tower"}
+
+
+def movielens_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    d = data["data"]
+    what = (f"MovieLens latest-small, `{data['config']}`, each user's last interactions held out ({d['users']} users, "
+            f"{d['items']:,} items ranked per user): kiln vs popularity, item-kNN and ALS on the same split and metric "
+            f"function, {plural(options['seeds'], 'seed')} for kiln")
+    parts = []
+    if "kiln" in data:
+        pop = data["baselines"]["popularity"]["ndcg@10"]
+        rows = {**data["baselines"], **data["kiln"]}
+        parts.append("test NDCG@10 / Recall@10 / hit rate@10: " + ", ".join(
+            f"{RANKERS.get(k, k)} {v['ndcg@10']:.4f}"
+            + (f" +- {v['std']['ndcg@10']:.4f} (**{v['ndcg@10'] / pop:.2f}x** popularity)" if "std" in v else "")
+            + f" / {v['recall@10']:.4f} / {v['hit_rate@10']:.3f}" for k, v in rows.items()))
+    if "rating" in data:
+        r = data["rating"]
+        parts.append(f"ratings: test RMSE kiln matrix factorisation {r['kiln_matrix_factorization_rmse']:.3f} +- "
+                     f"{r['std']:.3f} stars, global mean {r['global_mean']:.3f}, user+item biases "
+                     f"{r['user_item_bias']:.3f}")
+    c = data["conditions"]
+    conditions = f"{c['cpu']}, Python {c['python']}; torch {c['torch']}; {threads(c['threads'])}"
+    return what, "; ".join(parts), conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -307,6 +341,8 @@ BENCHMARKS = {
     "sms_spam": Benchmark("benchmarks/bench_sms_spam.py",
                           {"config": "examples/sms_spam.yaml", "seeds": [0, 1, 2, 3, 4], "overrides": []},
                           frozenset({"seeds"}), sms_spam_options, sms_spam_cells),
+    "movielens": Benchmark("benchmarks/bench_movielens.py", {"seeds": 2, "threads": 2, "parts": "ranking,rating"},
+                           frozenset({"seeds"}), movielens_options, movielens_cells),
     "tables": Benchmark("benchmarks/bench_tables.py",
                         {"config": [], "folds": 5, "rows": None, "first_folds": None, "variant": [], "no_default": False,
                          "no_baselines": False},
