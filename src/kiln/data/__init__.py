@@ -4,4 +4,4 @@ Importing this package registers every kind under the name ``data.dataset`` uses
 new module here and one name in the line below.
 """
 
-from kiln.data import mnist, tabular, text, text_pairs  # noqa: F401  (each registers its kind)
+from kiln.data import folders, mnist, tabular, text, text_pairs  # noqa: F401  (each registers its kind)
