@@ -183,42 +183,70 @@ def test_grey_models_and_16_bit_and_exif_orientation():
 # ---- training, saving, predicting, serving -----------------------------------------------------------------
 
 
-def test_training_learns_colours_and_the_run_reopens_alone(tmp_path, cache):
-    folder = write_folder(tmp_path / "photos", per_class=16)
-    cfg = config(folder, augment={"flip": True, "brightness": 0.1})
-    run = kiln.train(cfg, out=str(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    """A small model trained on colour photos of every format (its cache in its own folder)."""
+    tmp = tmp_path_factory.mktemp("colours")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_CACHE", str(tmp / "cache"))
+        folder = write_folder(tmp / "photos", per_class=16)
+        run = kiln.train(config(folder, augment={"flip": True, "brightness": 0.1}), out=str(tmp / "run"))
+        yield run
+
+
+def test_training_learns_colours_and_the_run_reopens_alone(colour_run):
+    run = colour_run
     assert run.metrics["test"]["accuracy"] >= 0.9
     saved = json.loads((run.path / "images.json").read_text())
     assert saved["classes"] == ["blue", "green", "red"] and saved["shape"] == [3, 16, 16]
     assert saved["mean"] == run.kind.mean and saved["std"] == run.kind.std
-    # The run reopens from its directory alone and gives the same outputs.
+    # The run reopens from its directory alone: the same outputs, the same test metrics, its own normalisation.
     reloaded = kiln.Run.load(run.path)
     x = run.kind.load().test_x
     assert torch.allclose(reloaded.predict(x), run.predict(x), atol=1e-6)
-    # kiln predict takes ordinary image files of any size and format.
+    assert reloaded.kind.mean == run.kind.mean
+    assert reloaded.evaluate()["accuracy"] == pytest.approx(run.metrics["test"]["accuracy"])
+
+
+def test_predict_and_serving_take_photos_of_any_size_and_format(colour_run, tmp_path):
+    run = kiln.Run.load(colour_run.path)
     big = tmp_path / "big_red.webp"
     photo(COLOURS["red"], (300, 200), 7).save(big, format="WEBP")
-    records = reloaded.predict_files([big])
-    assert records[0]["class"] == "red"
-    # A server takes uploads (multipart) and base64 JSON, converted the same way.
-    adapter = reloaded.kind.inputs()
+    assert run.predict_files([big])[0]["class"] == "red"
+    # A server's reader converts uploads and base64 JSON the same way.
+    adapter = run.kind.inputs()
     data = big.read_bytes()
     from_files = adapter.from_files([("big_red.webp", data)])
-    model = adapter.instance_model()
     from pydantic import TypeAdapter
 
-    inst = TypeAdapter(model).validate_python({"image_base64": base64.b64encode(data).decode()})
-    from_json = adapter.from_instances([inst])
-    assert from_files.shape == (1, 3, 16, 16) and np.array_equal(from_files, from_json)
-    assert int(reloaded.predict(from_files).argmax()) == reloaded.class_names.index("red")
+    inst = TypeAdapter(adapter.instance_model()).validate_python({"image_base64": base64.b64encode(data).decode()})
+    assert from_files.shape == (1, 3, 16, 16) and np.array_equal(from_files, adapter.from_instances([inst]))
+    expected = run.predict(from_files)
+    assert int(expected.argmax()) == run.class_names.index("red")
+    pytest.importorskip("fastapi", reason="needs the serve extra: pip install 'kiln[serve]'")
+    from fastapi.testclient import TestClient
+
+    from kiln.serve import create_app
+
+    jpeg = io.BytesIO()
+    photo(COLOURS["green"], (120, 90), 5).save(jpeg, format="JPEG")
+    with TestClient(create_app(run.path)) as client:
+        multipart = client.post("/v1/predict", files=[("files", ("big_red.webp", data, "image/webp")),
+                                                      ("files", ("g.jpg", jpeg.getvalue(), "image/jpeg"))])
+        assert multipart.status_code == 200, multipart.text
+        answers = multipart.json()["predictions"]
+        assert [a["label"] for a in answers] == ["red", "green"]
+        assert answers[0]["probabilities"]["red"] == pytest.approx(float(expected[0, 2]), abs=1e-5)
+        as_json = client.post("/v1/predict", json={"instances": [{"image_base64": base64.b64encode(data).decode()}]})
+        assert as_json.status_code == 200 and as_json.json()["predictions"][0]["label"] == "red"
+        broken = client.post("/v1/predict", files=[("files", ("t.jpg", jpeg.getvalue()[:200], "image/jpeg"))])
+        assert broken.status_code == 422 and "files.0" in broken.text
 
 
-def test_kiln_predict_command_on_a_photo(tmp_path, cache, capsys):
-    folder = write_folder(tmp_path / "photos", per_class=10)
-    run = kiln.train(config(folder, epochs=3), out=str(tmp_path / "run"))
+def test_kiln_predict_command_on_a_photo(colour_run, tmp_path, capsys):
     pic = tmp_path / "blue.jpg"
     photo(COLOURS["blue"], (64, 48), 3).save(pic, format="JPEG")
-    assert main(["predict", str(run.path), str(pic)]) == 0
+    assert main(["predict", str(colour_run.path), str(pic)]) == 0
     assert f"{pic}: blue" in capsys.readouterr().out
 
 
