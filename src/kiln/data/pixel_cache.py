@@ -182,5 +182,9 @@ def decode_into(store: PixelStore, paths: list[Path], hashes: list[str], workers
                 results = [r for part in pool.map(_decode_files, jobs) for r in part]
         except OSError as e:
             raise DataError(f"could not start image decoding workers ({e}); set data.workers: 1") from None
-    store.add({hashes[i]: r for i, r in zip(todo, results, strict=True)})
+    try:
+        store.add({hashes[i]: r for i, r in zip(todo, results, strict=True)})
+    except OSError as e:
+        raise DataError(f"cannot write the image cache in {store.dir} ({e.strerror or e}); set KILN_CACHE to a "
+                        "writable folder") from None
     return len(files), n_workers
