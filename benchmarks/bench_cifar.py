@@ -51,9 +51,8 @@ def worker_kiln(epochs: int, seed: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = kiln.train(str(CONFIG), [f"train.epochs={epochs}", f"seed={seed}", f"train.threads={threads}"],
                          out=str(Path(tmp) / "run"))
-        results = run.metrics
-    return {"train_seconds": results["train_seconds"], "test_accuracy": results["test"]["accuracy"],
-            "fused": run.manifest["execution"]["fuse"]}
+        results, fused = run.metrics, run.manifest["execution"]["fuse"]
+    return {"train_seconds": results["train_seconds"], "test_accuracy": results["test"]["accuracy"], "fused": fused}
 
 
 def worker_eager(epochs: int, seed: int, threads: int) -> dict:

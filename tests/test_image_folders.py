@@ -258,7 +258,7 @@ def test_cifar_small_subset_learns(tmp_path, cache):
     cfg = load_config(Path(__file__).parent.parent / "examples" / "cifar10_small.yaml",
                       {"data.limit_train": 1500, "data.limit_test": 500, "train.epochs": 4, "train.threads": 1})
     run = kiln.train(cfg, out=str(tmp_path / "cifar"))
-    assert run.metrics["test"]["accuracy"] > 0.3  # chance is 0.1
+    assert run.metrics["test"]["accuracy"] > 0.3  # chance is 0.1; 41% here
     assert run.manifest["execution"]["fuse"]  # the first conv2d + maxpool2d runs fused
 
 
