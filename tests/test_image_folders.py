@@ -133,6 +133,17 @@ def test_second_load_decodes_nothing_and_a_changed_file_is_decoded_again(tmp_pat
     assert list(cache.glob("images/*/pixels.u8"))  # the pixels live in the cache, memory-mapped when read
 
 
+def test_a_damaged_cache_is_decoded_again_not_trusted(tmp_path, cache):
+    folder = write_folder(tmp_path / "photos", per_class=4)
+    a = kind_of(data_cfg(folder)).load()
+    (pixels,) = cache.glob("images/*/pixels.u8")
+    pixels.write_bytes(pixels.read_bytes()[:100])  # shorter than its index says
+    kind = kind_of(data_cfg(folder))
+    b = kind.load()
+    assert kind.counts["decoded"] == 12 and torch.equal(a.train_x, b.train_x)
+    assert kind_of(data_cfg(folder)).load() is not None and pixels.stat().st_size == 12 * 3 * 16 * 16
+
+
 def test_decoding_in_workers_equals_decoding_here(tmp_path, monkeypatch):
     folder = write_folder(tmp_path / "photos", per_class=30)
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "c1"))
