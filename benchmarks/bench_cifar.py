@@ -119,7 +119,7 @@ def worker_eager(epochs: int, seed: int, threads: int) -> dict:
     gen = torch.Generator().manual_seed(seed + 1)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
-    def augment(x):  # x in [0, 1]: horizontal flip and shift in one grid_sample, as anyone writes it without torchvision
+    def augment(x):  # x in [0, 1]: flip and shift in one grid_sample, as anyone writes it without torchvision
         b = len(x)
         sign = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0) if aug.flip else torch.ones(b)
         tx = (torch.rand(b, generator=gen) * 2 - 1) * 2 * aug.shift
@@ -155,8 +155,8 @@ def worker_eager(epochs: int, seed: int, threads: int) -> dict:
 def run_worker(system: str, epochs: int, seed: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--epochs", str(epochs), "--seed", str(seed),
            "--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": str(threads)}
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{system} failed:\n{out.stderr[-3000:]}")

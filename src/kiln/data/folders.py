@@ -30,7 +30,7 @@ from pydantic import Field, PositiveInt
 from kiln.data.images import AugmentConfig, ImageKind, ImageSpec
 from kiln.data.kind import find_data
 from kiln.data.pixel_cache import PixelStore, content_hash, decode_into
-from kiln.data.pixels import PIXEL_SCALE, RESIZE_POLICIES, cutout, fit_photo, photo_augment
+from kiln.data.pixels import PIXEL_SCALE, cutout, fit_photo, photo_augment
 from kiln.data.splits import Splits, stratified_holdout
 from kiln.errors import DataError, RunDirError
 from kiln.fsutil import atomic_write_text
