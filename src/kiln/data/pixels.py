@@ -111,6 +111,8 @@ def fit_photo(img, channels: int, size: tuple[int, int], policy: str) -> np.ndar
     """
     from PIL import Image, ImageOps
 
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy {policy!r} is not one of {', '.join(RESIZE_POLICIES)}")
     h, w = size
     if img.format == "JPEG":
         side = max(h, w)
