@@ -2,8 +2,8 @@
 model, on the same photos, splits, normalisation and augmentation. Time per epoch, their ratio, test accuracy.
 
 Both train the same small ResNet (the example's blocks, written out by hand in plain PyTorch for the eager loop),
-with AdamW and a one-cycle schedule of the same settings, batch size and epochs, flip + shift augmentation
-(batched tensor operations in both), the same thread count, on the 5,000 training photos of
+with AdamW and a one-cycle schedule of the same settings, batch size and epochs, the example's flip + shift +
+cutout augmentation (batched tensor operations in both), the same thread count, on the 5,000 training photos of
 ../shared/data/cifar10_small, and report accuracy on its 1,000 test photos. Each system runs in its own process,
 alternately, --reps times each (seed r for repetition r).
 
@@ -128,6 +128,16 @@ def worker_eager(epochs: int, seed: int, threads: int) -> dict:
         theta = torch.stack([torch.stack([sign, zero, tx], 1), torch.stack([zero, one, ty], 1)], 1)
         return F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
 
+    def cut(x):  # cutout after normalisation: a square of side aug.cutout x the size, at a random centre, zeroed
+        b, _, h, w = x.shape
+        side = round(aug.cutout * h)
+        cy, cx = torch.randint(0, h, (b,), generator=gen), torch.randint(0, w, (b,), generator=gen)
+        rows = (torch.arange(h)[None] - (cy - side // 2)[:, None]).clamp(min=0) < side
+        rows &= torch.arange(h)[None] >= (cy - side // 2)[:, None]
+        cols = (torch.arange(w)[None] - (cx - side // 2)[:, None]).clamp(min=0) < side
+        cols &= torch.arange(w)[None] >= (cx - side // 2)[:, None]
+        return x.masked_fill(rows[:, None, :, None] & cols[:, None, None, :], 0.0)
+
     seconds = 0.0
     for _ in range(epochs):
         model.train()
@@ -136,7 +146,8 @@ def worker_eager(epochs: int, seed: int, threads: int) -> dict:
         for start in range(0, len(order), t.batch_size):
             idx = order[start:start + t.batch_size]
             x = augment(x_train[idx].float() / 255.0)
-            logits = model((x - mean) / std)
+            x = (x - mean) / std
+            logits = model(cut(x) if aug.cutout else x)
             loss = loss_fn(logits, y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

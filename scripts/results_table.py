@@ -212,8 +212,8 @@ def cifar_options(data: dict) -> dict:
 
 def cifar_cells(data: dict, options: dict) -> tuple[str, str, str]:
     summary = data["summary"]
-    what = (f"`examples/cifar10_small.yaml` (small ResNet, {plural(data['epochs'], 'epoch')} on 5,000 CIFAR-10 photos, "
-            "flip + shift augmentation): " + " vs ".join(SYSTEMS.get(s, s) for s in summary))
+    what = (f"`examples/cifar10_small.yaml` (small ResNet, {plural(data['epochs'], 'epoch')} on 5,000 CIFAR-10 photos "
+            "with the example's augmentation): " + " vs ".join(SYSTEMS.get(s, s) for s in summary))
     result = (f"seconds per epoch, median of {plural(options['reps'], 'run')}: "
               + ", ".join(f"{SYSTEMS.get(s, s)} {v['seconds_per_epoch_median']:.2f}" for s, v in summary.items())
               + "".join(f"; {SYSTEMS.get(s, s)} / kiln **{r:.2f}x**" for s, r in data["kiln_speedup"].items())
