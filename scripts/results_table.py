@@ -319,6 +319,24 @@ def movielens_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, "; ".join(parts), conditions
 
 
+def cifar_options(data: dict) -> dict:
+    return {k: v for k, v in data["args"].items() if k not in ("worker", "seed")}
+
+
+def cifar_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    summary = data["summary"]
+    what = (f"`examples/cifar10_small.yaml` (small ResNet, {plural(data['epochs'], 'epoch')} on 5,000 CIFAR-10 photos "
+            "with the example's augmentation): " + " vs ".join(SYSTEMS.get(s, s) for s in summary))
+    result = (f"seconds per epoch, median of {plural(options['reps'], 'run')}: "
+              + ", ".join(f"{SYSTEMS.get(s, s)} {v['seconds_per_epoch_median']:.2f}" for s, v in summary.items())
+              + "".join(f"; {SYSTEMS.get(s, s)} / kiln **{r:.2f}x**" for s, r in data["kiln_speedup"].items())
+              + "; test accuracy " + " / ".join(pct(v["test_accuracy_median"]) for v in summary.values()))
+    hw = data["hardware"]
+    conditions = (f"{machine(hw)}; {threads(options['threads'])}; load average {hw['load_average_1m_at_end']:.1f} "
+                  "at the end")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -347,6 +365,8 @@ BENCHMARKS = {
                         {"config": [], "folds": 5, "rows": None, "first_folds": None, "variant": [], "no_default": False,
                          "no_baselines": False},
                         frozenset(), tables_options, tables_cells),
+    "cifar": Benchmark("benchmarks/bench_cifar.py", {"epochs": None, "reps": 1, "threads": 1, "systems": "kiln,eager"},
+                       frozenset({"reps", "systems"}), cifar_options, cifar_cells),
 }
 
 

@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict for files (images, table rows, source texts) or recommend for --user",
                         description="Predict for each input in the files, by the run's kind of data: an image run "
-                                    "classifies PNG/JPEG images (converted to the model's input size; light "
-                                    "backgrounds are inverted) or .npy arrays of pixels (uint8 0..255 or float "
+                                    "classifies image files (an MNIST run: PNG/JPEG converted to its input size, "
+                                    "light backgrounds inverted; an image-folder run: JPEG/PNG/BMP/WebP... fitted "
+                                    "as in training) or .npy arrays of pixels (uint8 0..255 or float "
                                     "0..1); a table run predicts each row of CSV or Parquet files (printed as CSV "
                                     "with the prediction columns added); a text-pairs run translates each line "
                                     "of text files (printed as source<TAB>target); a time-series run forecasts "

@@ -32,8 +32,13 @@ class ImageInputs:
     kind = "image"
     accepts_files = True
 
-    def __init__(self, shape: tuple[int, int, int]) -> None:
+    def __init__(self, shape: tuple[int, int, int], fit=None, formats: list[str] | None = None) -> None:
+        """``fit`` turns a decoded PIL image into uint8 (C, H, W) (default: :func:`fit_image`, as for MNIST);
+        ``formats``: the Pillow formats accepted (default PNG and JPEG)."""
         self.shape = tuple(shape)  # (C, H, W)
+        self.fit = fit or (lambda img: fit_image(img, self.shape))
+        self.formats = list(formats or IMAGE_FORMATS)
+        names = "/".join(self.formats)
         c, h, w = self.shape
         pixel = Annotated[float, Strict(), Field(ge=0, le=255)]  # a number: not "12", not true
         row = Annotated[list[pixel], Field(min_length=w, max_length=w)]
@@ -49,7 +54,7 @@ class ImageInputs:
         self._encoded = create_model(
             "EncodedImageInstance", __config__=strict,
             image_base64=(str, Field(min_length=4, max_length=12 * 2**20, pattern=r"^[A-Za-z0-9+/]+={0,2}$",
-                                     description="a PNG or JPEG file, base64-encoded (standard alphabet)")),
+                                     description=f"a {names} file, base64-encoded (standard alphabet)")),
         )
 
     def instance_model(self) -> Any:
@@ -110,8 +115,8 @@ class ImageInputs:
     def describe(self) -> dict[str, Any]:
         c, h, w = self.shape
         return {"kind": "image", "shape": [c, h, w], "channels": c, "height": h, "width": w,
-                "json": ["pixels (0..255, or 0..1 with scale=unit)", "image_base64 (PNG/JPEG)"],
-                "multipart": "one or more PNG/JPEG files in the form field `files`"}
+                "json": ["pixels (0..255, or 0..1 with scale=unit)", f"image_base64 ({'/'.join(self.formats)})"],
+                "multipart": f"one or more {'/'.join(self.formats)} files in the form field `files`"}
 
     def _from_pixels(self, pixels: list, scale: str, where: str) -> np.ndarray:
         arr = np.asarray(pixels, dtype=np.float64).reshape(self.shape)  # lengths checked by the schema
@@ -134,18 +139,17 @@ class ImageInputs:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            with Image.open(io.BytesIO(data), formats=self.formats) as img:
                 if max(img.size) > MAX_IMAGE_SIDE:
                     raise InputError(where, f"image is {img.size[0]}x{img.size[1]}; the largest side allowed is "
                                           f"{MAX_IMAGE_SIDE} pixels")
                 budget.take(img.size, where)
-                img.load()
-                return fit_image(img, self.shape)  # the same conversion as `kiln predict`
+                return self.fit(img)  # the same conversion as `kiln predict`
         except InputError:
             raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             reason = "unknown format" if isinstance(e, UnidentifiedImageError) else str(e)
-            raise InputError(where, f"not a readable PNG or JPEG image ({reason})") from None
+            raise InputError(where, f"not a readable {' or '.join(self.formats)} image ({reason})") from None
 
 
 class _PixelBudget:

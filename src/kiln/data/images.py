@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from pydantic import Field, PositiveInt
 
 from kiln.data.image_inputs import ImageInputs
 from kiln.data.kind import DataKind, DataSpec
-from kiln.data.pixels import PIXEL_SCALE, augment, read_image_file, to_model_input
+from kiln.data.pixels import PIXEL_SCALE, augment, fit_image, read_image_file, to_model_input
 from kiln.schema import StrictModel
 
 
@@ -64,12 +65,19 @@ class ImageKind(DataKind):
     def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randint(0, 256, (n, *self.input_shape), dtype=torch.uint8, generator=gen)
 
+    def fit(self, img) -> np.ndarray:
+        """An opened PIL image as uint8 (C, H, W) in the input shape: how `kiln predict` and a server read image
+        files (MNIST-style: grey, resized, a light background inverted; photo kinds override it)."""
+        return fit_image(img, self.input_shape)
+
+    image_formats: ClassVar[list[str]] = ["PNG", "JPEG"]  # what a server decodes (Pillow's format names)
+
     def inputs(self) -> ImageInputs:
-        return ImageInputs(self.input_shape)
+        return ImageInputs(self.input_shape, self.fit, self.image_formats)
 
     def predict_files(self, run, paths: list[str | Path]) -> list[dict[str, Any]]:
         """Each image or .npy file's class and probabilities."""
-        images = torch.stack([read_image_file(Path(p), self.input_shape) for p in paths])
+        images = torch.stack([read_image_file(Path(p), self.input_shape, self.fit) for p in paths])
         names = self.class_names
         return [
             {"file": str(p), "class": names[int(row.argmax())], "probability": float(row.max()),
