@@ -254,9 +254,9 @@ def test_a_request_over_the_pixel_budget_is_refused(client):
 
 @pytest.mark.parametrize("form", ["files", "base64"])
 def test_image_decoding_does_not_hold_up_the_event_loop(client, monkeypatch, form):
-    import kiln.data.image_inputs
+    import kiln.data.images
 
-    fit_image = kiln.data.image_inputs.fit_image
+    fit_image = kiln.data.images.fit_image  # what an image kind's `fit` calls on each decoded upload
     decoding = threading.Event()
 
     def slow_fit_image(img, shape):  # stands for the decoding of large images: 1 s
@@ -264,7 +264,7 @@ def test_image_decoding_does_not_hold_up_the_event_loop(client, monkeypatch, for
         time.sleep(1.0)
         return fit_image(img, shape)
 
-    monkeypatch.setattr(kiln.data.image_inputs, "fit_image", slow_fit_image)
+    monkeypatch.setattr(kiln.data.images, "fit_image", slow_fit_image)
     image = png_bytes(mnist_test_images(1)[0][0])
     if form == "files":
         request = {"files": [("files", ("d.png", image, "image/png"))]}
