@@ -47,7 +47,8 @@ def test_block_contract(name, fields, in_shape, tmp_path):
     x = torch.randint(0, tokens, (4, *shape)) if tokens else torch.randn(4, *shape, requires_grad=True)
 
     y = model(x)
-    assert tuple(y.shape) == (4, *model.output_shape), "inferred output shape must match the real one"
+    members = (model.blocks[0].members,) if model.ensemble else ()  # training: one output per ensemble member
+    assert tuple(y.shape) == (4, *members, *model.output_shape), "inferred output shape must match the real one"
     assert torch.isfinite(y).all()
 
     y.square().mean().backward()
@@ -60,6 +61,7 @@ def test_block_contract(name, fields, in_shape, tmp_path):
     model.eval()
     with torch.no_grad():
         expected = model(x)
+    assert tuple(expected.shape) == (4, *model.output_shape)
     save_weights(tmp_path / "w.safetensors", model)
     torch.manual_seed(1)
     fresh, _ = _build(name, fields, in_shape)

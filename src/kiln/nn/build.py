@@ -28,13 +28,18 @@ class KilnModel(nn.Module):
     Padded token ids: a block with a ``padding_mask`` (a token_embedding given a padding id) marks the real steps
     of its input, (B, T) bool; each later block that ``takes_mask`` (recurrent, transformer_encoder, seq_pool) is
     then called with ``mask=`` and ignores the padded steps, so a text's output does not depend on how far it was
-    padded. Blocks without ``takes_mask`` work on each step alone."""
+    padded. Blocks without ``takes_mask`` work on each step alone.
+
+    Ensembles: a block with ``members`` (``ensemble_mlp``) gives one output per member, (B, k, ...), and the
+    blocks after it work on each member alone; in training the model's output keeps the members,
+    (B, k, *output_shape), each member's own prediction; in evaluation it is their mean, (B, *output_shape)."""
 
     def __init__(self, blocks: list[nn.Module], input_shape: Shape, layers: list[LayerInfo]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.input_shape = tuple(input_shape)
         self.layers = layers
+        self.ensemble = any(getattr(block, "members", None) for block in blocks)
 
     @property
     def output_shape(self) -> Shape:
@@ -49,6 +54,8 @@ class KilnModel(nn.Module):
             if hasattr(block, "padding_mask"):
                 mask = block.padding_mask(x)
             x = block(x)
+        if self.ensemble and not self.training:
+            x = x.mean(1)  # the members' mean: logits (or regression values)
         return x
 
 

@@ -10,6 +10,10 @@
 - forecast: mean squared error of the scaled target over every forecast step; nothing counts as right.
 - tokens (lm, seq2seq): cross-entropy over every target token that is not padding (``IGNORE``); a token is right
   when it is the most likely one.
+
+An ensemble (``ensemble_mlp``) gives in training one prediction per member, logits with one more dimension
+after the batch, (B, k, ...): each member is scored against the same targets, the loss is the mean of the members'
+losses, the progress line counts each member's answers, and a sample's own loss is its mean over the members.
 """
 
 from __future__ import annotations
@@ -28,8 +32,21 @@ class Objective:
         self.class_weight = class_weight
         self.label_smoothing = label_smoothing
 
+    def members(self, logits: torch.Tensor, y: torch.Tensor) -> int:
+        """How many members' predictions ``logits`` hold: k for (B, k, ...) logits, 0 for one prediction."""
+        per_sample = 0 if self.task in ("multilabel", "forecast") else 1  # logit dims beyond the target's
+        return logits.shape[1] if logits.dim() == y.dim() + per_sample + 1 else 0
+
+    def _flat(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Members' logits (B, k, ...) as (B * k, ...) rows, each with its sample's target."""
+        k = self.members(logits, y)
+        if not k:
+            return logits, y, 0
+        return logits.flatten(0, 1), y.repeat_interleave(k, 0), k
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean loss of a batch (float32 logits)."""
+        """The mean loss of a batch (float32 logits); members' logits: the mean of the members' losses."""
+        logits, y, _ = self._flat(logits, y)
         if self.task == "regression":
             return F.mse_loss(logits[:, 0], y)
         if self.task == "forecast":
@@ -43,6 +60,7 @@ class Objective:
     def counts(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
         """(right answers, how many were counted): samples, or for tokens the targets that are not padding. Both
         stay on the device: reading them forces a sync."""
+        logits, y, _ = self._flat(logits, y)
         if self.task in ("regression", "forecast"):
             return torch.zeros((), dtype=torch.long, device=y.device), len(y)
         if self.task == "multilabel":
@@ -54,6 +72,11 @@ class Objective:
 
     def sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each sample's own loss (unweighted, unsmoothed): how hard the sample still is (train.hard_examples)."""
+        flat, flat_y, k = self._flat(logits, y)
+        losses = self._sample_losses(flat, flat_y)
+        return losses.view(len(y), k).mean(1) if k else losses
+
+    def _sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.task == "regression":
             return (logits[:, 0] - y).square()
         if self.task == "forecast":

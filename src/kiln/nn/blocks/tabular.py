@@ -190,7 +190,11 @@ class Regressor(BlockSpec):
 class SharedMembers(nn.Module):
     """k MLPs that share their weights and differ by a multiplicative vector on their input (random signs at
     first) and one on their output (ones at first): TabM-mini's parameter-efficient ensemble (Gorishniy et al.
-    2024, "TabM: Advancing Tabular Deep Learning with Parameter-Efficient Ensembling")."""
+    2024, "TabM: Advancing Tabular Deep Learning with Parameter-Efficient Ensembling").
+
+    Every member sees every row: (B, F) -> (B, k, units), one output per member. The blocks after it work on
+    the last dimension (a linear head gives each member's own logits, (B, k, C)); ``members`` tells the model
+    (``KilnModel``) to average the members' outputs in evaluation."""
 
     def __init__(self, width: int, members: int, units: int, layers: int, dropout: float) -> None:
         super().__init__()
@@ -202,22 +206,17 @@ class SharedMembers(nn.Module):
             mlp += [nn.Linear(width if i == 0 else units, units), nn.ReLU(), nn.Dropout(dropout)]
         self.mlp = nn.Sequential(*mlp)
 
-    def forward(self, x):  # (B, F) -> (B, units)
-        if self.training:
-            # Each row trains one member, drawn at random: each member learns as a model of its own would (the
-            # following head is linear, so a member's output through it is that member's own prediction).
-            m = torch.randint(0, self.members, (x.shape[0],), device=x.device)
-            return self.mlp(x * self.r[m]) * self.s[m]
-        h = self.mlp(x[:, None, :] * self.r)  # (B, k, units): every member
-        return (h * self.s).mean(1)  # through the linear head: the mean of the members' logits
+    def forward(self, x):  # (B, F) -> (B, k, units): every member on every row
+        return self.mlp(x[:, None, :] * self.r) * self.s
 
 
 @BLOCKS.register("ensemble_mlp")
 class EnsembleMLP(BlockSpec):
     """A cheap ensemble of ``members`` MLPs (``layers`` dense layers of ``units``, ReLU, dropout) that share their
-    weights and differ by a learned scaling of their input and of their output (TabM-mini). In training each
-    row trains one member, drawn at random; in evaluation the output is the members' mean, so the linear head
-    after it (``classifier`` or ``regressor``) gives the mean of the members' logits or values."""
+    weights and differ by a learned scaling of their input and of their output (TabM-mini). Each member
+    predicts every row through the head after it (``classifier`` or ``regressor``, applied to each member):
+    training minimises the mean of the members' losses; in evaluation (metrics, predict, serving, export) the
+    model's output is the mean of the members' logits (or regression values), one prediction per row."""
 
     type: Literal["ensemble_mlp"] = "ensemble_mlp"
     members: PositiveInt = 8
@@ -231,5 +230,5 @@ class EnsembleMLP(BlockSpec):
     def build(self, in_shape: Shape) -> Built:
         expect("ensemble_mlp", in_shape, ("vector",), "give it one vector per row: put it after `tabular_encoder`")
         module = SharedMembers(in_shape[0], self.members, self.units, self.layers, self.dropout)
-        macs = self.members * (in_shape[0] * self.units + (self.layers - 1) * self.units ** 2)  # evaluation
-        return Built(module, (self.units,), macs)
+        macs = self.members * (in_shape[0] * self.units + (self.layers - 1) * self.units ** 2)
+        return Built(module, (self.units,), macs)  # the shape of one member's output

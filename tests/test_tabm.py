@@ -1,0 +1,125 @@
+"""TabM-mini (``ensemble_mlp``): every member predicts every row in training and the loss is the mean of the
+members' losses; in evaluation the model gives the members' mean, one prediction per row, through Run.predict,
+a reloaded run, ONNX export and serving; a real training on bank marketing (when KILN_DATA has it)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from test_bank_marketing import REPO, bank_marketing, config, fraud_csv  # noqa: F401  (bank_marketing: fixture)
+
+import kiln
+from kiln.data.splits import stratified_holdout
+from kiln.data.table import read_table
+from kiln.nn.blocks.tabular import EnsembleMLP
+from kiln.nn.build import build_model
+from kiln.registry import BLOCKS
+from kiln.training.objectives import Objective
+
+ENSEMBLE = [{"type": "tabular_encoder"}, {"type": "ensemble_mlp", "members": 4, "units": 32, "dropout": 0.0},
+            {"type": "classifier"}]
+
+
+def two_members(classes: int = 3):
+    """A 2-member ensemble_mlp and a classifier head on 5 inputs, no dropout."""
+    torch.manual_seed(0)
+    specs = [EnsembleMLP(members=2, units=8, layers=2, dropout=0.0), BLOCKS.get("classifier")(classes=classes)]
+    return build_model(specs, (5,))
+
+
+def own_logits(model, x: torch.Tensor, m: int) -> torch.Tensor:
+    """Member m alone: the shared MLP on the input scaled by its r, its output scaled by its s, the head."""
+    members, head = model.blocks
+    return head(members.mlp(x * members.r[m]) * members.s[m])
+
+
+@pytest.mark.parametrize("task", ["multiclass", "weighted"])
+def test_loss_of_two_members_is_the_mean_of_each_members_own_loss(task: str) -> None:
+    model = two_members().train()
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    logits = model(x)
+    assert logits.shape == (16, 2, 3)  # one prediction per member in training
+    weight = torch.tensor([1.0, 3.0, 0.5]) if task == "weighted" else None
+    objective = Objective("multiclass", class_weight=weight, label_smoothing=0.1)
+    own = [objective.loss(own_logits(model, x, m), y) for m in range(2)]
+    assert torch.allclose(own_logits(model, x, 1), logits[:, 1], atol=1e-6)
+    assert objective.loss(logits, y).item() == pytest.approx(((own[0] + own[1]) / 2).item(), rel=1e-5)
+    assert abs(own[0].item() - own[1].item()) > 1e-4  # the members differ (else the test could not fail)
+    # a sample's own loss: its mean over the members; the progress line counts each member's answers
+    per_sample = objective.sample_losses(logits, y)
+    assert per_sample.shape == (16,)
+    assert torch.allclose(per_sample, (Objective("multiclass").sample_losses(own_logits(model, x, 0), y)
+                                       + Objective("multiclass").sample_losses(own_logits(model, x, 1), y)) / 2)
+    right, counted = objective.counts(logits, y)
+    assert counted == 32 and right == sum((own_logits(model, x, m).argmax(1) == y).sum() for m in range(2))
+
+
+def test_members_are_found_only_with_a_member_dimension() -> None:
+    assert Objective("multiclass").members(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)) == 0
+    assert Objective("multiclass").members(torch.zeros(4, 5, 3), torch.zeros(4, dtype=torch.long)) == 5
+    assert Objective("regression").members(torch.zeros(4, 1), torch.zeros(4)) == 0
+    assert Objective("regression").members(torch.zeros(4, 6, 1), torch.zeros(4)) == 6
+    assert Objective("multilabel").members(torch.zeros(4, 3), torch.zeros(4, 3)) == 0
+    assert Objective("multilabel").members(torch.zeros(4, 2, 3), torch.zeros(4, 3)) == 2
+    assert Objective("lm").members(torch.zeros(4, 7, 9), torch.zeros(4, 7, dtype=torch.long)) == 0
+
+
+def test_evaluation_gives_the_mean_of_the_members_logits_per_row() -> None:
+    model = two_members()
+    x = torch.randn(16, 5)
+    members = model.train()(x)
+    mean = model.eval()(x)
+    assert mean.shape == (16, 3)
+    assert torch.allclose(mean, members.mean(1), atol=1e-6)
+    plain = build_model([BLOCKS.get("dense")(units=4), BLOCKS.get("classifier")(classes=3)], (5,))
+    assert not plain.ensemble and plain.train()(x).shape == (16, 3)  # other models: unchanged
+
+
+def test_ensemble_run_predicts_reloads_exports_and_serves_the_same(tmp_path: Path) -> None:
+    path = fraud_csv(tmp_path / "fraud.csv")
+    cfg = config(path)
+    cfg["model"]["blocks"] = ENSEMBLE
+    run = kiln.train(cfg, out=tmp_path / "run", live=False)
+    assert run.metrics["test"]["roc_auc"] > 0.75, run.metrics["test"]  # learnt: a broken ensemble scores ~0.5
+    rows = [{"amount": float(a), "hour": h, "channel": c} for a, h, c in
+            [(1e6, 2, "web"), (0.01, 14, "shop"), (150.0, 3, "new channel"), (80.0, 22, "web")]]
+    again = kiln.Run.load(run.path)
+    predictions = run.predict_rows(rows)
+    assert again.predict_rows(rows) == predictions
+    table = read_table(path)
+    probabilities = again.predict(again.rows_input(table))
+    assert probabilities.shape == (len(table), 2)  # one (averaged) prediction per row
+    assert torch.allclose(probabilities.sum(1), torch.ones(len(table)))
+    assert [p["prediction"] for p in again.predict_table(table)] == [p["prediction"] for p in run.predict_table(table)]
+    from kiln.export import export_run
+    exported = export_run(run.path, format="onnx")  # compared with PyTorch on the test rows, within 1e-4
+    assert exported["max_abs_diff"] <= 1e-4
+    fastapi = pytest.importorskip("fastapi.testclient", reason="needs the serve extra: pip install 'kiln[serve]'")
+    from kiln.serve import create_app
+    want = [[p["probability_no"], p["probability_yes"]] for p in predictions]
+    for backend in ("torch", "onnx"):  # TorchScript traced in evaluation mode, and the exported ONNX file
+        with fastapi.TestClient(create_app(run.path, backend=backend)) as client:
+            served = client.post("/v1/predict", json={"instances": rows}).json()["predictions"]
+        assert [p["label"] for p in served] == [p["prediction"] for p in predictions], backend
+        got = [[p["probabilities"]["no"], p["probabilities"]["yes"]] for p in served]
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-4), backend
+
+
+@pytest.mark.slow  # about a minute of CPU
+def test_tabm_on_bank_marketing_subsample_reaches_a_real_roc_auc(bank_marketing: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The example config with ensemble_mlp on a stratified quarter of the calls (10,297 rows), a few epochs."""
+    table = read_table(bank_marketing)
+    _, keep = stratified_holdout(table.columns["y"], 0.25, 0)
+    sample = tmp_path / "bank.csv"
+    with open(sample, "w", newline="") as f:
+        w = csv.writer(f, delimiter=";")
+        w.writerow(table.columns)
+        w.writerows([["" if v[i] is None else v[i] for v in table.columns.values()] for i in keep.tolist()])
+    blocks = [{"type": "tabular_encoder"}, {"type": "ensemble_mlp", "members": 8, "units": 64}, {"type": "classifier"}]
+    run = kiln.train(REPO / "examples" / "bank_marketing.yaml",
+                     {"data.path": str(sample), "model.blocks": blocks, "train.epochs": 5, "train.log_every": 1000},
+                     out=tmp_path / "run", live=False)
+    assert run.metrics["test"]["roc_auc"] > 0.75, run.metrics["test"]
