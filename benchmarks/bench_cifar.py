@@ -27,19 +27,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kiln.hardware import cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = ROOT / "examples" / "cifar10_small.yaml"
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---- workers -------------------------------------------------------------------------------------------------

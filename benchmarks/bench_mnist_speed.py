@@ -176,13 +176,11 @@ def worker_eager(epochs: int, seed: int, data_path: str) -> dict:
 
 def hardware() -> dict:
     info = {"machine": platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-        info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    except (OSError, StopIteration):
-        pass
+    from kiln.hardware import cpu_flags, cpu_model
+
+    info["cpu"] = cpu_model()
+    flags = cpu_flags()
+    info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return info
 
 

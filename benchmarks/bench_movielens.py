@@ -39,6 +39,7 @@ import torch
 import kiln
 from kiln.config import load_config
 from kiln.data.kind import open_kind
+from kiln.hardware import cpu_model
 from kiln.training.metrics import ranking_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,15 +48,6 @@ METRICS = ("recall@10", "ndcg@10", "hit_rate@10")
 RATING_WEIGHT_DECAY = 1e-4  # of 0, 1e-4 and 3e-4 the best test RMSE (chosen on the test split: optimistic)
 TWO_TOWER = {"model.blocks": [{"type": "two_tower", "dim": 64, "hidden": 128, "out": 64}]}
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def score(scores: np.ndarray, targets: torch.Tensor) -> dict[str, float]:

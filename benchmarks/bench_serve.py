@@ -148,9 +148,9 @@ def environment() -> dict:
 
     import kiln
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    from kiln.hardware import cpu_model
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": onnxruntime.__version__,
             "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__, "kiln": kiln.__version__,
             "load_average_at_start": os.getloadavg()}

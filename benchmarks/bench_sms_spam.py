@@ -35,21 +35,13 @@ import torch
 import kiln
 from kiln.config import load_config
 from kiln.data.kind import open_kind
+from kiln.hardware import cpu_model
 from kiln.training.metrics import roc_auc
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 METRICS = ("roc_auc", "f1")
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def f1(p: np.ndarray, t: np.ndarray, threshold: float = 0.5) -> float:

@@ -39,21 +39,13 @@ from kiln.data.kind import find_data
 from kiln.data.preprocess import fit
 from kiln.data.splits import stratified_folds, stratified_holdout
 from kiln.data.table import read_table
+from kiln.hardware import cpu_model
 from kiln.training.metrics import average_precision, roc_auc
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "examples" / "german_credit.yaml", REPO / "examples" / "bank_marketing.yaml"]
 METRICS = ("roc_auc", "pr_auc")
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def subsample(table, target: str, rows: int, seed: int, tmp: Path) -> Path:

@@ -33,3 +33,15 @@ def _auto_threads_ignore_load(monkeypatch):
     from kiln.training import threads
 
     monkeypatch.setattr(threads, "other_runnable_threads", lambda: 0.0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread (and much faster on a busy machine); other tests keep theirs.
+    A test module that trains tiny models uses it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,15 +4,13 @@ a reloaded run, ONNX export and serving; a real training on bank marketing (when
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
-from test_bank_marketing import REPO, bank_marketing, config, fraud_csv  # noqa: F401  (bank_marketing: fixture)
+from test_bank_marketing import REPO, bank_marketing, bank_quarter, config, fraud_csv  # noqa: F401  (bank_marketing: fixture)
 
 import kiln
-from kiln.data.splits import stratified_holdout
 from kiln.data.table import read_table
 from kiln.nn.blocks.tabular import EnsembleMLP
 from kiln.nn.build import build_model
@@ -111,13 +109,7 @@ def test_ensemble_run_predicts_reloads_exports_and_serves_the_same(tmp_path: Pat
 @pytest.mark.slow  # about a minute of CPU
 def test_tabm_on_bank_marketing_subsample_reaches_a_real_roc_auc(bank_marketing: Path, tmp_path: Path) -> None:  # noqa: F811
     """The example config with ensemble_mlp on a stratified quarter of the calls (10,297 rows), a few epochs."""
-    table = read_table(bank_marketing)
-    _, keep = stratified_holdout(table.columns["y"], 0.25, 0)
-    sample = tmp_path / "bank.csv"
-    with open(sample, "w", newline="") as f:
-        w = csv.writer(f, delimiter=";")
-        w.writerow(table.columns)
-        w.writerows([["" if v[i] is None else v[i] for v in table.columns.values()] for i in keep.tolist()])
+    sample = bank_quarter(bank_marketing, tmp_path / "bank.csv")
     blocks = [{"type": "tabular_encoder"}, {"type": "ensemble_mlp", "members": 8, "units": 64}, {"type": "classifier"}]
     run = kiln.train(REPO / "examples" / "bank_marketing.yaml",
                      {"data.path": str(sample), "model.blocks": blocks, "train.epochs": 5, "train.log_every": 1000},

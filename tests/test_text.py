@@ -26,13 +26,7 @@ CORPUS = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:
 UNSEEN = "naïve café ✓ 日本語 \x00\x7f 🙂 tab\tend"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and much faster on a busy machine); other tests keep theirs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blocks(*specs: dict) -> list[BlockSpec]:

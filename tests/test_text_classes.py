@@ -24,13 +24,7 @@ SMS = "sms_spam/SMSSpamCollection"
 PAD = 30  # the padding id of the masking tests' models (vocabulary 0..30)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread (and much faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sms_path() -> Path:

@@ -21,6 +21,19 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+def cpu_model() -> str:
+    """The CPU's name (Linux ``/proc/cpuinfo``'s ``model name``), else what ``platform`` says; for reports."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
     """The feature flags in the text of a ``/proc/cpuinfo``: its first ``flags`` line (x86) or ``Features``
     line (ARM)."""

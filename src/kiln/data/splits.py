@@ -56,3 +56,18 @@ def stratified_folds(labels: list, k: int, seed: int) -> list[torch.Tensor]:
         fold_of[idx] = (torch.arange(len(idx)) + dealt) % k
         dealt += len(idx)
     return [torch.nonzero(fold_of == f).flatten() for f in range(k)]
+
+
+def stratified_rows(strata: list, test_fraction: float, val_fraction: float, seed: int,
+                    folds: int | None = None, fold: int = 0) -> tuple[list[int], list[int], list[int]]:
+    """Row indices (train, val, test), each stratum keeping its share: the test rows are fold ``fold`` of
+    ``folds`` stratified folds, else a held-out ``test_fraction``; validation is ``val_fraction`` of the rest."""
+    if folds:
+        test = stratified_folds(strata, folds, seed)[fold]
+        keep = torch.ones(len(strata), dtype=torch.bool)
+        keep[test] = False
+        rest = torch.nonzero(keep).flatten()
+    else:
+        rest, test = stratified_holdout(strata, test_fraction, seed)
+    part, val = stratified_holdout([strata[i] for i in rest], val_fraction, seed + 1)
+    return rest[part].tolist(), rest[val].tolist(), test.sort().values.tolist()

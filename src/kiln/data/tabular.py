@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from kiln.data.kind import DataKind, DataSpec, find_data
 from kiln.data.preprocess import Column, Preprocessing, fit, fit_target
-from kiln.data.splits import Splits, stratified_folds, stratified_holdout
+from kiln.data.splits import Splits, stratified_rows
 from kiln.data.table import Table, read_table, rows_to_table
 from kiln.data.table_inputs import TableInputs
 from kiln.errors import DataError, RunDirError
@@ -58,15 +58,7 @@ def split_indices(table: Table, target: str, task: str, cfg: TabularData, seed: 
     """
     raw = table.columns[target]
     labels = raw if task != "regression" else [0] * len(raw)
-    if cfg.folds:
-        test = stratified_folds(labels, cfg.folds, seed)[cfg.fold]
-        mask = torch.ones(len(raw), dtype=torch.bool)
-        mask[test] = False
-        rest = torch.nonzero(mask).flatten()
-    else:
-        rest, test = stratified_holdout(labels, cfg.test_fraction, seed)
-    part, val = stratified_holdout([labels[i] for i in rest], cfg.val_fraction, seed + 1)
-    return rest[part].tolist(), rest[val].tolist(), test.sort().values.tolist()
+    return stratified_rows(labels, cfg.test_fraction, cfg.val_fraction, seed, cfg.folds, cfg.fold)
 
 
 @KINDS.register("tabular")

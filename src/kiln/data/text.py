@@ -54,6 +54,17 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
+def text_lines(paths: list[str | Path]) -> list[str]:
+    """The non-empty lines of UTF-8 text files, in order (what `kiln predict` reads for text runs)."""
+    lines = []
+    for f in paths:
+        try:
+            lines += [line for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise KilnError(f"{f}: cannot read it as UTF-8 text ({e})") from None
+    return lines
+
+
 class TokenKind(DataKind):
     """Token ids, with a tokenizer fitted on the text or reloaded from the run directory (the text itself is then
     read only when a split is asked for)."""

@@ -26,9 +26,9 @@ import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 
 from kiln.data.kind import DataKind, find_data
-from kiln.data.splits import Splits, stratified_folds, stratified_holdout
+from kiln.data.splits import Splits, stratified_rows
 from kiln.data.table import SNIFF_CHARS, _dialect
-from kiln.data.text import TokenKind, TokenSpec
+from kiln.data.text import TokenKind, TokenSpec, text_lines
 from kiln.data.text_class_inputs import TextClassInputs
 from kiln.data.tokenizers import FILE, fit_tokenizer, load_tokenizer
 from kiln.errors import ConfigError, DataError, KilnError
@@ -241,15 +241,7 @@ class TextClasses(TokenKind):
         """Row indices (train, val, test), stratified by the label (multilabel: by a text's set of labels)."""
         cfg, seed = self.cfg, self.seed
         strata = [self.stratum(labels) for labels in self.file.labels]
-        if cfg.folds:
-            test = stratified_folds(strata, cfg.folds, seed)[cfg.fold]
-            keep = torch.ones(len(strata), dtype=torch.bool)
-            keep[test] = False
-            rest = torch.nonzero(keep).flatten()
-        else:
-            rest, test = stratified_holdout(strata, cfg.test_fraction, seed)
-        part, val = stratified_holdout([strata[i] for i in rest], cfg.val_fraction, seed + 1)
-        rows = rest[part].tolist(), rest[val].tolist(), test.sort().values.tolist()
+        rows = stratified_rows(strata, cfg.test_fraction, cfg.val_fraction, seed, cfg.folds, cfg.fold)
         for indices, name, fix in ((rows[0], "training", "lower data.test_fraction or data.val_fraction"),
                                    (rows[2], "test", "raise data.test_fraction, or give more rows")):
             if not indices:
@@ -399,13 +391,7 @@ class TextClasses(TokenKind):
 
     def predict_files(self, run, paths: list[str | Path]) -> list[dict[str, Any]]:
         """Each non-empty line of each file is a text."""
-        texts = []
-        for f in paths:
-            try:
-                lines = Path(f).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise KilnError(f"{f}: cannot read it as UTF-8 text ({e})") from None
-            texts += [line for line in lines if line.strip()]
+        texts = text_lines(paths)
         if not texts:
             raise KilnError(f"{', '.join(map(str, paths))}: no text lines to classify")
         return self.predict_texts(run, texts)

@@ -17,10 +17,10 @@ from pydantic import Field
 
 from kiln.data.requests import objects
 from kiln.data.splits import Splits, holdout
-from kiln.data.text import IGNORE, TokenKind, TokenSpec
+from kiln.data.text import IGNORE, TokenKind, TokenSpec, text_lines
 from kiln.data.text_inputs import SourceInputs
 from kiln.data.tokenizers import SEQ2SEQ_SPECIALS
-from kiln.errors import DataError, KilnError
+from kiln.errors import DataError
 from kiln.nn.generate import translate_ids
 from kiln.registry import KINDS
 
@@ -145,13 +145,7 @@ class TextPairs(TokenKind):
 
     def predict_files(self, run, paths: list[str | Path]) -> list[dict[str, Any]]:
         """Each line of each file is a source (a TSV line's first column)."""
-        sources = []
-        for f in paths:
-            try:
-                lines = Path(f).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                raise KilnError(f"{f}: cannot read it as UTF-8 text ({e})") from None
-            sources += [line.split("\t", 1)[0] for line in lines if line.strip()]
+        sources = [line.split("\t", 1)[0] for line in text_lines(paths)]
         return [{"source": s, "target": t} for s, t in zip(sources, run.translate(sources), strict=True)]
 
     def render(self, records: list[dict[str, Any]]) -> str:

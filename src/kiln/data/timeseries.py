@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveInt, model_validator
 
-from kiln.data import forecasting as fc
+import kiln.data.forecasting as fc
 from kiln.data.kind import DataKind, DataSpec, find_data
 from kiln.data.series import (CALENDAR, FREQUENCIES, TRANSFORMS, Times, advance, calendar_features, check_transform,
                               dropped, invert, read_times, stages, transform_steps)
