@@ -48,6 +48,10 @@ class ImageKind(DataKind):
         a = self.cfg.augment
         return augment(x, a.shift, a.rotate, a.scale, gen) if (a.shift or a.rotate or a.scale) else x
 
+    def shown(self, split: str, x: torch.Tensor, idx: list[int]) -> list[dict[str, Any]]:
+        """The stored pixels, (H, W) grey or (H, W, C) colour."""
+        return [{"image": (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()} for img in x[idx]]
+
     def as_stored(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W), (N, H, W) for one channel, or one image; uint8 0..255 or float 0..1."""
         shape = self.input_shape

@@ -133,6 +133,12 @@ class DataKind:
         targets), or None for the task's standard ones."""
         return None
 
+    def shown(self, split: str, x: torch.Tensor, idx: list[int]) -> list[dict[str, Any]]:
+        """How a report shows the stored samples ``idx`` of split ``split`` (``x``: that split as ``load`` gave it),
+        each ``{"image": uint8 array (H, W) or (H, W, C)}``, ``{"row": {column: value as read}}`` or
+        ``{"text": str}``; ``{}`` for a kind that has no way to show one."""
+        return [{} for _ in idx]
+
     def exact_matches(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int | None:
         """How many samples the model's greedy output gets entirely right, for kinds with such a metric."""
         return None

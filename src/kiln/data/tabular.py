@@ -146,6 +146,11 @@ class Tabular(DataKind):
     def save(self, run_path: Path) -> None:
         self.prep.save(run_path / PREPROCESSING)
 
+    def shown(self, split: str, x: torch.Tensor, idx: list[int]) -> list[dict[str, Any]]:
+        """Each row as the file holds it (``load`` has drawn the splits' rows)."""
+        rows = self.table().take([self.rows[("train", "val", "test").index(split)][i] for i in idx])
+        return [{"row": {name: values[k] for name, values in rows.columns.items()}} for k in range(len(idx))]
+
     # ---- inference -----------------------------------------------------------------------------------
 
     def random_inputs(self, n: int, gen: torch.Generator) -> torch.Tensor:

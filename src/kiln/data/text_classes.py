@@ -335,6 +335,11 @@ class TextClasses(TokenKind):
         self.extra["truncated"] = dict(zip(("train", "val", "test"), self.truncated, strict=True))
         return Splits(*parts, checksums={self.source.name: self.file.digest})
 
+    def shown(self, split: str, x: torch.Tensor, idx: list[int]) -> list[dict[str, Any]]:
+        """Each text as the file holds it."""
+        rows = self.rows[("train", "val", "test").index(split)]
+        return [{"text": self.file.texts[rows[i]]} for i in idx]
+
     def checksums(self) -> dict[str, str]:
         return {self.source.name: self.file.digest}
 
