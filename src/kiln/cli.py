@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   kiln serve runs/mnist_seed --port 8000
   kiln export runs/mnist_seed
   kiln export runs/german_credit --format torch-export --check random
+  kiln report runs/mnist_seed --out mnist_card.html
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
 $KILN_CACHE or ~/.cache/kiln."""
 
@@ -96,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value before building")
     _add_serving_commands(sub)
+    rp = sub.add_parser("report", help="write a run's model card: one self-contained HTML file",
+                        description="Write the run's model card, one HTML file that needs no network: data summary, "
+                                    "config, learning curves, confusion matrix or predicted-vs-true plot, per-class "
+                                    "metrics, calibration, the worst test errors, and the explanations, fairness "
+                                    "audit, privacy budget, compression and export figures the run holds.")
+    rp.add_argument("run", help="run directory written by `kiln train`")
+    rp.add_argument("--out", help="the HTML file to write (default: <run>/report.html)")
     return p
 
 
@@ -269,6 +277,12 @@ def cmd_predict(args) -> None:
         sys.stdout.write(text)
 
 
+def cmd_report(args) -> None:
+    from kiln.report import write_report
+
+    print(f"wrote {write_report(args.run, args.out)}")
+
+
 def cmd_summary(args) -> None:
     from kiln.config import load_config
     from kiln.rundir import RunDir, open_run_dir
@@ -291,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary,
          "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy,
-         "generate": cmd_generate}[args.command](args)
+         "generate": cmd_generate, "report": cmd_report}[args.command](args)
     except KilnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

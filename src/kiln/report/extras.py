@@ -17,6 +17,7 @@ tolerantly (an unexpected shape is shown as tables of its JSON, never an error):
 from __future__ import annotations
 
 import json
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def explanations(run_dir: RunDir) -> Section | None:
     used: set[Path] = set()
     notes: list[str] = []
     cards = []
-    for i, path in enumerate(jsons[:MAX_EXPLAINED]):
+    for path in jsons[:MAX_EXPLAINED]:
         obj, error = _read_json(path)
         if error:
             notes.append(error)
@@ -108,7 +109,7 @@ def explanations(run_dir: RunDir) -> Section | None:
             html += _tokens(found[0][:400])
         elif found:
             ranked = sorted(found[0], key=lambda t: -abs(t[1]))[:MAX_BARS]
-            html += svg.hbars(f"fig-explanation-{i}", ranked, title=f"Attributions: {path.stem}"[:70])
+            html += svg.hbars(f"fig-explanation-{re.sub(r'[^A-Za-z0-9_-]', '-', path.stem)}", ranked, title=f"Attributions: {path.stem}"[:70])
         elif not facts:
             html += json_html(obj)
         for m in media:

@@ -141,10 +141,10 @@ def heatmap(fig_id: str, matrix: Sequence[Sequence[int]], labels: Sequence[str],
     n = len(labels)
     cell = max(14, min(48, 480 // max(n, 1)))
     short = [escape(str(name)[:12]) for name in labels]
-    left, top = 100, 46
-    width, height = left + n * cell + 20, top + n * cell + 44
+    left, top = 100, 34
+    width, height = left + n * cell + 20, top + n * cell + 70
     body = [f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-weight="bold">{escape(title)}</text>',
-            f'<text x="{left + n * cell / 2:.0f}" y="{top - 20}" text-anchor="middle">{escape(xlabel)}</text>',
+            f'<text x="{left + n * cell / 2:.0f}" y="{top + n * cell + 62}" text-anchor="middle">{escape(xlabel)}</text>',
             f'<text x="12" y="{top + n * cell / 2:.0f}" text-anchor="middle" '
             f'transform="rotate(-90 12 {top + n * cell / 2:.0f})">{escape(ylabel)}</text>']
     small = cell < 30

@@ -1,0 +1,362 @@
+"""`kiln report`: the model card of a run, one self-contained HTML file.
+
+Small real runs (an MNIST subset with the whole 10,000-image test split, German credit as a classifier and as a
+regression) are reported; the files other commands add (explanations/, audit.json + audit.svg, the privacy budget
+in results.json, compression.json, an exported model) are hand-made here in the shapes agreed for them. The page
+is opened in a real headless browser (Playwright driving Debian's Chromium) where both are installed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from kiln.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"  # git-ignored; CI keeps the screenshots
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FAST = {"train.threads": 1, "train.log_every": 10}
+# The sections and figures every classification run's card has, by id.
+CLASSIFICATION = ("summary", "metrics", "curves", "fig-loss", "fig-metrics", "confusion", "fig-confusion", "per-class",
+                  "per-class-table", "calibration", "fig-calibration", "errors", "errors-table", "config", "config-yaml")
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory, mnist_root) -> Path:
+    import kiln
+
+    out = tmp_path_factory.mktemp("report") / "mnist"
+    kiln.train(REPO / "examples" / "mnist_seed.yaml", {**FAST, "data.limit_train": 2000, "train.epochs": 2,
+                                                        "train.batch_size": 50, "train.optimizer.lr": 0.003},
+               out=out, live=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def credit_root() -> Path:
+    import os
+
+    root = os.environ.get("KILN_DATA")
+    if not root or not (Path(root) / "german_credit" / "german_credit.csv").is_file():
+        pytest.skip("German credit data unavailable: set KILN_DATA to a folder holding german_credit/german_credit.csv")
+    return Path(root)
+
+
+@pytest.fixture(scope="module")
+def credit_run(tmp_path_factory, credit_root) -> Path:
+    import kiln
+
+    out = tmp_path_factory.mktemp("report") / "credit"
+    kiln.train(REPO / "examples" / "german_credit.yaml", {**FAST, "train.epochs": 8}, out=out, live=False)
+    return out
+
+
+class Ids(HTMLParser):
+    """Every element id of a page, and every URL its elements would load (src, href, srcdoc aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.urls: list[str] = []
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        for name, value in attrs:
+            if name == "id":
+                self.ids.append(value)
+            if name in ("src", "href", "xlink:href", "action", "data", "poster") and value:
+                self.urls.append(value)
+
+
+def parse(html: str) -> Ids:
+    p = Ids()
+    p.feed(html)
+    return p
+
+
+def assert_self_contained(html: str) -> Ids:
+    page = parse(html)
+    assert len(page.ids) == len(set(page.ids)), "ids are unique"
+    outside = [u for u in page.urls if not (u.startswith("data:") or u.startswith("#"))]
+    assert not outside, outside
+    assert "script" not in page.tags and "link" not in page.tags
+    assert "http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'" in html
+    assert not re.search(r"url\((?!data:)", html), "no stylesheet URL"
+    return page
+
+
+def tiny_png() -> bytes:
+    """A 4x4 grey PNG written by hand (no library), as `kiln explain` writes overlays."""
+    raw = b"".join(b"\x00" + bytes([40 * (r + c) for c in range(4)]) for r in range(4))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="120" height="40"><rect width="80" height="20" fill="#36c"/></svg>'
+
+
+def add_trust_files(run: Path) -> None:
+    """The files kiln explain / audit / DP training / compress / export add, in their agreed shapes."""
+    ex = run / "explanations"
+    ex.mkdir()
+    (ex / "row_0.json").write_text(json.dumps({
+        "input": "test row 0", "method": "integrated_gradients", "prediction": "bad", "probability": 0.81,
+        "attributions": [{"column": "status_account", "attribution": 0.42},
+                         {"column": "duration_months", "attribution": -0.13}, {"column": "age", "attribution": 0.05}]}))
+    (ex / "row_0.svg").write_text(SVG)
+    (ex / "text_0.json").write_text(json.dumps({"method": "integrated_gradients", "tokens": [
+        {"token": "WINNER", "attribution": 0.9}, {"token": "call", "attribution": 0.2},
+        {"token": "now", "attribution": -0.1}]}))
+    (ex / "text_0.html").write_text('<p><span style="background:#fbb">WINNER</span> call now</p>')
+    (ex / "digit_0.json").write_text(json.dumps({"input": "test[0]", "method": "saliency", "target": "7"}))
+    (ex / "digit_0_overlay.png").write_bytes(tiny_png())
+    (ex / "global_importance.json").write_text(json.dumps({"importance": {"status_account": 0.2, "amount": 0.1}}))
+    (run / "audit.json").write_text(json.dumps({
+        "sensitive": ["sex"], "split": "test",
+        "groups": {"female": {"size": 62, "selection_rate": 0.31, "accuracy": 0.71, "tpr": 0.6, "fpr": 0.2},
+                   "male": {"size": 138, "selection_rate": 0.22, "accuracy": 0.74, "tpr": 0.55, "fpr": 0.12}},
+        "demographic_parity_difference": {"value": 0.09, "ci95": [0.01, 0.2]}}))
+    (run / "audit.svg").write_text(SVG)
+    (run / "compression.json").write_text(json.dumps({
+        "method": "dynamic_int8", "size_mib": {"before": 0.31, "after": 0.09},
+        "test": {"before": {"accuracy": 0.74}, "after": {"accuracy": 0.735}}}))
+    (run / "model.onnx").write_bytes(b"\0" * 2048)
+    results = json.loads((run / "results.json").read_text())
+    results["privacy"] = {"epsilon": 2.97, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.1,
+                          "accountant": "prv"}
+    (run / "results.json").write_text(json.dumps(results))
+
+
+# ---- the HTML itself ------------------------------------------------------------------------------------------
+
+
+def test_mnist_card_has_every_figure_and_stays_small(mnist_run: Path) -> None:
+    from kiln.report import write_report
+
+    path = write_report(mnist_run)
+    assert path == mnist_run / "report.html"
+    html = path.read_text()
+    page = assert_self_contained(html)
+    for fig in CLASSIFICATION + ("fig-steps",):
+        assert fig in page.ids, fig
+    assert path.stat().st_size < 5 * 2**20
+    # The whole test split was predicted, and the confusion matrix counts every test image once.
+    results = json.loads((mnist_run / "results.json").read_text())
+    assert results["test"]["samples"] == 10000
+    cells = [int(n) for n in re.findall(r"predicted \w+: (\d+)</title>", html)]
+    assert len(cells) == 100 and sum(cells) == 10000
+    # Its diagonal is the run's own test accuracy.
+    diagonal = sum(int(count) for _, count in re.findall(r"true (\d), predicted \1: (\d+)</title>", html))
+    assert diagonal == round(results["test"]["accuracy"] * 10000)
+    # The worst errors are wrong, shown as images, most confident first.
+    rows = re.findall(r'<img class="sample" alt="input" src="data:image/png;base64,[^"]+"></td><td>(\d)</td>'
+                      r'<td>(\d)</td><td class="num">([0-9.]+)</td>', html)
+    assert len(rows) == 12 and all(t != p for t, p, _ in rows)
+    probs = [float(p) for *_, p in rows]
+    assert probs == sorted(probs, reverse=True)
+    # No optional section without its file.
+    for absent in ("explanations", "fairness", "privacy", "compression", "serving", "notes"):
+        assert absent not in page.ids
+
+
+def test_worst_errors_and_calibration_agree_with_the_run(mnist_run: Path) -> None:
+    """The report's figures come from the run's own predictions: recomputed here through Run."""
+    import numpy as np
+
+    from kiln.report.predictions import calibration, per_class, test_predictions, worst
+    from kiln.run import Run
+
+    run = Run.load(mnist_run)
+    p = test_predictions(run, run.kind.load())
+    probs = run.predict(p.x).numpy()
+    assert np.allclose(p.scores, probs, atol=1e-6)
+    evaluated = run.evaluate("test")
+    assert abs(float((p.pred == p.y).mean()) - evaluated["accuracy"]) < 1e-6
+    top = worst(p, 5)
+    assert all(probs[w["index"]].argmax() != p.y[w["index"]] for w in top)
+    wrong = probs.argmax(1) != p.y
+    assert top[0]["probability"] == pytest.approx(probs[wrong].max(1).max())
+    cal = calibration(p)
+    assert sum(b["count"] for b in cal["bins"]) == 10000
+    acc = sum(b["frequency"] * b["count"] for b in cal["bins"]) / 10000
+    assert acc == pytest.approx(evaluated["accuracy"], abs=1e-6)
+    f1 = np.mean([r["f1"] for r in per_class(p)])
+    assert f1 == pytest.approx(evaluated["macro_f1"], abs=1e-6)
+
+
+def test_a_run_made_before_these_features_renders(mnist_run: Path, tmp_path: Path, capsys) -> None:
+    """An old run: only its config, manifest, metrics, results and weights."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "results.json", "model.safetensors"):
+        shutil.copy(mnist_run / name, old / name)
+    out = tmp_path / "card.html"
+    assert main(["report", str(old), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    page = assert_self_contained(out.read_text())
+    for fig in CLASSIFICATION:
+        assert fig in page.ids, fig
+    assert not (old / "report.html").exists()
+
+
+def test_credit_card_shows_rows_and_every_trust_section(credit_run: Path, tmp_path: Path) -> None:
+    from kiln.report import render_report
+
+    run = tmp_path / "credit"
+    shutil.copytree(credit_run, run)
+    add_trust_files(run)
+    html = render_report(run)
+    page = assert_self_contained(html)
+    for fig in (*CLASSIFICATION, "fig-pr", "explanations", "explanation-cards", "fig-explanation-row_0", "fig-explanation-global_importance", "fairness",
+                "fig-audit", "audit-table", "privacy", "privacy-table", "compression", "compression-table", "serving",
+                "serving-table"):
+        assert fig in page.ids, fig
+    # the worst errors show the rows as the CSV holds them
+    assert "<b>status_account</b> A1" in html and "<b>purpose</b>" in html
+    assert "(&epsilon; = 2.97, &delta; = 1e-05) spent" in html
+    assert "female" in html and "0.31" in html  # the audit's groups as a table
+    assert "WINNER" in html and 'srcdoc="&lt;p&gt;' in html  # tokens coloured; the HTML snippet in a sandboxed frame
+    assert "digit_0_overlay.png" in html and "dynamic_int8" in html
+
+
+def test_regression_card_plots_predicted_against_true(credit_root: Path, tmp_path: Path) -> None:
+    import kiln
+    from kiln.report import render_report
+
+    run = kiln.train(REPO / "examples" / "german_credit.yaml", {**FAST, "train.epochs": 6, "data.target": "amount",
+                                                                "data.positive": None, "train.early_stopping": None,
+                                                                "train.threshold_metric": None, "model.blocks.4": {"type": "regressor"}},
+                     out=tmp_path / "amount", live=False)
+    assert run.kind.task == "regression"
+    page = assert_self_contained(html := render_report(run.path))
+    for fig in ("fig-pred-true", "fig-residuals", "errors-table", "curves", "fig-loss"):
+        assert fig in page.ids, fig
+    for absent in ("confusion", "calibration", "per-class"):
+        assert absent not in page.ids
+    assert "largest errors" in html
+
+
+def test_a_run_whose_data_is_gone_still_renders(credit_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from kiln.report import render_report
+
+    monkeypatch.delenv("KILN_DATA")
+    monkeypatch.chdir(tmp_path)
+    page = assert_self_contained(html := render_report(credit_run))
+    assert {"summary", "metrics", "curves", "config", "notes"} <= set(page.ids)
+    assert "confusion" not in page.ids
+    assert "Test predictions were not computed" in html and "german_credit.csv" in html
+
+
+def test_bad_input_is_an_error_naming_it(tmp_path: Path, capsys) -> None:
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a kiln run directory" in capsys.readouterr().err
+
+
+# ---- in a real browser ----------------------------------------------------------------------------------------
+
+
+def open_in_browser(path: Path, screenshot: Path) -> dict:
+    """Open the page in headless Chromium with every request recorded and any leaving the page refused."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (apt-get install -y chromium; .ci/run installs it)")
+    seen: dict = {"requests": [], "console": [], "errors": []}
+    url = path.resolve().as_uri()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: seen["console"].append((m.type, m.text)))
+            page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+
+            def route(r):
+                seen["requests"].append(r.request.url)
+                if r.request.url == url or r.request.url.startswith("data:"):
+                    r.continue_()
+                else:
+                    r.abort()
+
+            page.context.route("**/*", route)
+            page.on("request", lambda r: seen["requests"].append(r.url))
+            page.goto(url)
+            page.wait_for_load_state("load")
+            seen["ids"] = page.evaluate("Array.from(document.querySelectorAll('[id]')).map(e => e.id)")
+            seen["boxes"] = page.evaluate(
+                "Object.fromEntries(Array.from(document.querySelectorAll('[id^=fig-]')).map(e => "
+                "[e.id, [e.getBoundingClientRect().width, e.getBoundingClientRect().height]]))")
+            seen["broken_images"] = page.evaluate(
+                "Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt)")
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return seen
+
+
+def assert_clean(seen: dict, path: Path, figures: tuple[str, ...]) -> None:
+    own = path.resolve().as_uri()
+    assert all(u == own or u.startswith("data:") for u in seen["requests"]), seen["requests"]
+    assert not [c for c in seen["console"] if c[0] in ("error", "warning")], seen["console"]
+    assert not seen["errors"], seen["errors"]
+    assert not seen["broken_images"], seen["broken_images"]
+    for fig in figures:
+        assert fig in seen["ids"], fig
+        if fig.startswith("fig-"):
+            w, h = seen["boxes"][fig]
+            assert w > 50 and h > 30, (fig, w, h)
+
+
+def test_mnist_card_in_a_real_browser(mnist_run: Path) -> None:
+    from kiln.report import write_report
+
+    path = write_report(mnist_run)
+    shot = ARTIFACTS / "report_mnist.png"
+    seen = open_in_browser(path, shot)
+    assert_clean(seen, path, CLASSIFICATION + ("fig-steps",))
+    assert shot.stat().st_size > 10_000
+    assert path.stat().st_size < 5 * 2**20
+
+
+def test_credit_card_with_every_section_in_a_real_browser(credit_run: Path, tmp_path: Path) -> None:
+    from kiln.report import write_report
+
+    run = tmp_path / "credit"
+    shutil.copytree(credit_run, run)
+    add_trust_files(run)
+    path = write_report(run)
+    seen = open_in_browser(path, ARTIFACTS / "report_credit.png")
+    assert_clean(seen, path, CLASSIFICATION + ("fig-pr", "fig-explanation-row_0", "fig-explanation-global_importance", "fig-audit", "privacy-table",
+                                               "compression-table", "serving-table"))
+
+
+def test_a_snippet_that_reaches_out_is_stopped_by_the_page(credit_run: Path, tmp_path: Path) -> None:
+    """An explanation's HTML that names a remote image loads nothing: the page's policy forbids it."""
+    from kiln.report import write_report
+
+    run = tmp_path / "credit"
+    shutil.copytree(credit_run, run)
+    (run / "explanations").mkdir()
+    (run / "explanations" / "x.html").write_text('<img src="http://203.0.113.9/pixel.png"><p>tokens</p>')
+    path = write_report(run)
+    seen = open_in_browser(path, tmp_path / "shot.png")
+    own = path.resolve().as_uri()
+    assert all(u == own or u.startswith("data:") or u == "about:srcdoc" for u in seen["requests"]), seen["requests"]
