@@ -12,6 +12,7 @@ import re
 import shutil
 import struct
 import zlib
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -250,6 +251,30 @@ def test_regression_card_plots_predicted_against_true(credit_root: Path, tmp_pat
     assert "largest errors" in html
 
 
+def test_text_card_shows_the_misread_texts(tmp_path: Path) -> None:
+    import os
+
+    import kiln
+    from kiln.report import render_report
+
+    sms = Path(os.environ.get("KILN_DATA") or ".") / "sms_spam" / "SMSSpamCollection"
+    if not sms.is_file():
+        pytest.skip("SMS spam unavailable: set KILN_DATA to a folder holding sms_spam/SMSSpamCollection")
+    config = {"name": "sms", "seed": 0,
+              "data": {"dataset": "text_classes", "path": str(sms), "header": False, "label": 0, "text": 1,
+                       "tokenizer": "bpe", "vocab_size": 1000, "max_tokens": 48},
+              "model": {"blocks": [{"type": "token_embedding", "width": 32}, {"type": "seq_pool", "mode": "max"},
+                                   {"type": "classifier"}]},
+              "train": {"epochs": 2, "batch_size": 32, "threads": 1, "optimizer": {"name": "adam", "lr": 0.005}}}
+    run = kiln.train(config, out=tmp_path / "sms", live=False)
+    page = assert_self_contained(html := render_report(run.path))
+    for fig in CLASSIFICATION:
+        assert fig in page.ids, fig
+    texts = {line.split("\t", 1)[1] for line in sms.read_text(encoding="utf-8").splitlines() if "\t" in line}
+    shown = re.findall(r'<div class="row">([^<]+)</div>', html)
+    assert shown and all(any(escape(t)[:80] == s[:80] for t in texts) for s in shown)  # the messages as written
+
+
 def test_a_run_whose_data_is_gone_still_renders(credit_run: Path, tmp_path: Path, monkeypatch) -> None:
     from kiln.report import render_report
 
@@ -360,3 +385,4 @@ def test_a_snippet_that_reaches_out_is_stopped_by_the_page(credit_run: Path, tmp
     seen = open_in_browser(path, tmp_path / "shot.png")
     own = path.resolve().as_uri()
     assert all(u == own or u.startswith("data:") or u == "about:srcdoc" for u in seen["requests"]), seen["requests"]
+    assert any("203.0.113.9" in text and "Content Security Policy" in text for _, text in seen["console"])

@@ -33,6 +33,7 @@ COMPRESSION = "compression.json"
 MAX_FILE = 2 * 2**20  # larger files from other commands are named, not inlined
 MAX_EXPLAINED = 12  # inputs shown
 MAX_BARS = 15
+SMALL_SHOWN = 140  # pixels
 NAME_KEYS = ("column", "feature", "name", "token", "input", "word")
 VALUE_KEYS = ("attribution", "importance", "value", "score", "weight", "contribution")
 MEDIA = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
@@ -78,12 +79,23 @@ def _media(path: Path, notes: list[str]) -> str:
         notes.append(f"{path.name} is larger than {MAX_FILE // 2**20} MiB and is not inlined")
         return ""
     if path.suffix.lower() in MEDIA:
-        uri = data_uri(path.read_bytes(), MEDIA[path.suffix.lower()])
-        return figure(f'<img class="plot" alt="{escape(path.name)}" src="{uri}">', path.name)
+        data = path.read_bytes()
+        return figure(f'<img class="plot" alt="{escape(path.name)}"{_enlarged(data)} '
+                      f'src="{data_uri(data, MEDIA[path.suffix.lower()])}">', path.name)
     # An HTML snippet: shown in a sandboxed frame (no scripts), under the page's policy (nothing fetched).
     text = path.read_text(encoding="utf-8", errors="replace")
     return f'<div class="card"><iframe sandbox="" title="{escape(path.name)}" srcdoc="{escape(text)}"></iframe>' \
            f'<div class="note">{escape(path.name)}</div></div>'
+
+
+def _enlarged(data: bytes) -> str:
+    """A style that shows a small PNG (a 28x28 attribution map) at least SMALL_SHOWN pixels wide, pixels kept sharp."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
+        return ""
+    width = int.from_bytes(data[16:20], "big")
+    if not 0 < width < SMALL_SHOWN:
+        return ""
+    return f' style="width:{width * -(-SMALL_SHOWN // width)}px;image-rendering:pixelated"'
 
 
 def explanations(run_dir: RunDir) -> Section | None:
