@@ -96,7 +96,7 @@ def _info(run_dir: RunDir, loaded: dict[str, Any] | None, results: dict[str, Any
     from kiln.config import load_config
 
     facts: dict[str, Any] = {}
-    name, classes, lines, target = run_dir.path.name, [], [], None
+    name, classes, lines, target, layers = run_dir.path.name, [], [], None, []
     try:
         cfg = load_config(run_dir / RunDir.CONFIG)
         name = cfg.name
@@ -114,6 +114,8 @@ def _info(run_dir: RunDir, loaded: dict[str, Any] | None, results: dict[str, Any
         classes = list(kind.class_names)
         lines = kind.report()
         target = kind.target_name
+        layers = [[layer.index, layer.type, " x ".join(map(str, layer.out_shape)), layer.params, layer.macs]
+                  for layer in run.model.layers]
     else:
         facts["task"] = results.get("task")
         for split in ("val", "test"):
@@ -129,4 +131,4 @@ def _info(run_dir: RunDir, loaded: dict[str, Any] | None, results: dict[str, Any
             facts[label] = results[key]
     for file, digest in (manifest.get("data_checksums") or {}).items():
         facts[f"sha256 {file}"] = digest
-    return {"name": name, "facts": facts, "classes": classes, "lines": lines, "target": target}
+    return {"name": name, "facts": facts, "classes": classes, "lines": lines, "target": target, "layers": layers}

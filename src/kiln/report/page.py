@@ -29,7 +29,7 @@ table{border-collapse:collapse;margin:6px 0;font-size:13px}td,th{border:1px soli
 text-align:left;vertical-align:top}th{background:#f3f3f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
 pre{background:#f7f7f7;border:1px solid #e6e6e6;padding:10px;overflow:auto;font-size:12px;max-height:520px}
 figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top}figcaption{font-size:12px;color:#555;
-max-width:560px}img.sample{image-rendering:pixelated;width:84px;border:1px solid #ccc}
+max-width:500px}img.sample{image-rendering:pixelated;width:84px;border:1px solid #ccc}
 img.plot{max-width:100%}.note{color:#666;font-size:13px}.row{font-size:12px;max-width:640px}
 .tokens span{padding:1px 2px;border-radius:2px}iframe{border:1px solid #ddd;width:100%;height:140px}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #e4e4e4;border-radius:4px;padding:8px;
@@ -64,11 +64,11 @@ def fmt(v: Any) -> str:
 
 def table(header: list[str], rows: list[list[Any]], table_id: str | None = None) -> str:
     """An HTML table; numbers right-aligned; every value escaped."""
-    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    head = "<tr>" + "".join(f"<th>{escape(str(h))}</th>" for h in header) + "</tr>" if any(header) else ""
     body = "".join("<tr>" + "".join(
         f'<td class="num">{escape(fmt(v))}</td>' if isinstance(v, int | float) and not isinstance(v, bool)
         else f"<td>{v.html if isinstance(v, Raw) else escape(fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f'<table{f" id={chr(34)}{escape(table_id)}{chr(34)}" if table_id else ""}><tr>{head}</tr>{body}</table>'
+    return f'<table{f" id={chr(34)}{escape(table_id)}{chr(34)}" if table_id else ""}>{head}{body}</table>'
 
 
 class Raw:

@@ -21,6 +21,9 @@ def summary(info: dict[str, Any]) -> Section:
     """What was trained on what: the kind of data, task, classes, splits, the model and where it ran."""
     rows = [[k, v] for k, v in info["facts"].items() if v not in (None, "")]
     html = table(["", ""], rows, "summary-table")
+    if info.get("layers"):
+        html += "<h3>Model</h3>" + table(["#", "block", "output shape", "parameters", "multiply-adds"],
+                                         info["layers"], "model-table")
     if info.get("classes"):
         names = info["classes"]
         shown = ", ".join(names[:60]) + (f" and {len(names) - 60} more" if len(names) > 60 else "")

@@ -13,8 +13,8 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-WIDTH, HEIGHT = 560, 340  # pixels of a chart
-LEFT, RIGHT, TOP, BOTTOM = 64, 150, 34, 46  # margins around the plotting area (the legend sits on the right)
+WIDTH, HEIGHT = 500, 320  # pixels of a chart: two side by side on the page
+LEFT, RIGHT, TOP, BOTTOM = 64, 140, 34, 46  # margins around the plotting area (the legend sits on the right)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 MAX_POINTS = 1500  # a curve or scatter is thinned to about this many points
@@ -142,7 +142,7 @@ def heatmap(fig_id: str, matrix: Sequence[Sequence[int]], labels: Sequence[str],
     cell = max(14, min(48, 480 // max(n, 1)))
     short = [escape(str(name)[:12]) for name in labels]
     left, top = 100, 34
-    width, height = left + n * cell + 20, top + n * cell + 70
+    width, height = max(left + n * cell + 20, 320), top + n * cell + 70
     body = [f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-weight="bold">{escape(title)}</text>',
             f'<text x="{left + n * cell / 2:.0f}" y="{top + n * cell + 62}" text-anchor="middle">{escape(xlabel)}</text>',
             f'<text x="12" y="{top + n * cell / 2:.0f}" text-anchor="middle" '
