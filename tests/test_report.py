@@ -275,6 +275,43 @@ def test_text_card_shows_the_misread_texts(tmp_path: Path) -> None:
     assert shown and all(any(escape(t)[:80] == s[:80] for t in texts) for s in shown)  # the messages as written
 
 
+def test_a_forecast_run_renders_from_its_files(tmp_path: Path) -> None:
+    import os
+
+    import kiln
+    from kiln.report import render_report
+
+    if not (Path(os.environ.get("KILN_DATA") or ".") / "timeseries" / "airline-passengers.csv").is_file():
+        pytest.skip("airline passengers unavailable: set KILN_DATA to a folder holding timeseries/")
+    run = kiln.train(REPO / "examples" / "airline.yaml", {**FAST, "train.epochs": 4}, out=tmp_path / "air", live=False)
+    page = assert_self_contained(html := render_report(run.path))
+    assert {"summary", "model-table", "metrics", "curves", "fig-loss", "config", "notes"} <= set(page.ids)
+    assert "confusion" not in page.ids and "a forecast run: no confusion matrix" in html
+
+
+def test_calibration_and_worst_of_binary_and_multilabel_predictions() -> None:
+    """By hand: four binary rows and three multilabel rows."""
+    import numpy as np
+    import torch
+
+    from kiln.report.predictions import Predictions, calibration, per_class, worst
+
+    p = Predictions("binary", ["no", "yes"], torch.zeros(4, 1), np.array([0, 1, 1, 0]),
+                    np.array([[0.95, 0.05], [0.35, 0.65], [0.8, 0.2], [0.3, 0.7]]), 0.5)
+    cal = calibration(p)  # P(yes) 0.05 | 0.2 | 0.65, 0.7 -> positives 0/1, 1/1, 1/2
+    assert [(b["count"], b["frequency"]) for b in cal["bins"]] == [(1, 0.0), (1, 1.0), (1, 1.0), (1, 0.0)]
+    assert cal["ece"] == pytest.approx((0.05 + 0.8 + 0.35 + 0.7) / 4)
+    assert [w["index"] for w in worst(p, 5)] == [2, 3]  # P(no) 0.8 for a yes, then P(yes) 0.7 for a no
+    assert per_class(p)[1] == {"class": "yes", "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    m = Predictions("multilabel", ["a", "b"], torch.zeros(3, 1), np.array([[1, 0], [0, 1], [1, 1]]),
+                    np.array([[0.9, 0.2], [0.6, 0.7], [0.8, 0.3]]), 0.5)
+    wrong = worst(m, 5)  # row 2 misses b at 0.3 (sure at 0.7); row 1 says a at 0.6
+    assert [(w["index"], w["probability"]) for w in wrong] == [(2, pytest.approx(0.7)), (1, pytest.approx(0.6))]
+    assert wrong[0]["true"] == "a, b" and wrong[0]["predicted"] == "a"
+    assert per_class(m)[0]["precision"] == pytest.approx(2 / 3) and per_class(m)[1]["recall"] == 0.5
+    assert sum(b["count"] for b in calibration(m)["bins"]) == 6
+
+
 def test_a_run_whose_data_is_gone_still_renders(credit_run: Path, tmp_path: Path, monkeypatch) -> None:
     from kiln.report import render_report
 

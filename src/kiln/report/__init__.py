@@ -8,6 +8,7 @@ saying what is missing and why.
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def render_report(run: str | Path) -> str:
         sections.config(config_text),
     ]
     if notes:
-        found.append(("notes", "Notes", "".join(f'<p class="note">{n}</p>' for n in notes)))
+        found.append(("notes", "Notes", "".join(f'<p class="note">{escape(n)}</p>' for n in notes)))
     title = f"Model card: {info['name']}"
     subtitle = f"{info['facts'].get('kind of data', '')} run at {run_dir.path}"
     return page(title, subtitle, [s for s in found if s is not None])
@@ -71,8 +72,6 @@ def _json(run_dir: RunDir, name: str) -> dict[str, Any]:
 
 def _predict(run_dir: RunDir, notes: list[str]) -> dict[str, Any] | None:
     """The loaded run, its data and its test predictions; None (with a note saying why) when they cannot be had."""
-    from html import escape
-
     from kiln.report.predictions import TASKS, test_predictions, worst
     from kiln.run import Run
 
@@ -80,13 +79,13 @@ def _predict(run_dir: RunDir, notes: list[str]) -> dict[str, Any] | None:
         run = Run.load(run_dir.path)
         splits = run.kind.load()
         if run.kind.task not in TASKS:
-            notes.append(escape(f"a {run.kind.task} run: no confusion matrix, calibration or per-sample errors "
-                                "(they apply to classification and regression)"))
+            notes.append(f"a {run.kind.task} run: no confusion matrix, calibration or per-sample errors (they apply "
+                         "to classification and regression)")
             return {"run": run, "splits": splits, "predictions": None, "shown": []}
         p = test_predictions(run, splits)
         shown = run.kind.shown("test", p.x, [w["index"] for w in worst(p, sections.WORST)])
     except KilnError as e:
-        notes.append(escape(f"Test predictions were not computed, so the sections that need them are left out: {e}"))
+        notes.append(f"Test predictions were not computed, so the sections that need them are left out: {e}")
         return None
     return {"run": run, "splits": splits, "predictions": p, "shown": shown}
 

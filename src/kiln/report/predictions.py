@@ -113,9 +113,10 @@ def worst(p: Predictions, k: int) -> list[dict[str, Any]]:
         return [{"index": int(i), "true": float(p.y[i]), "predicted": float(p.scores[i]),
                  "error": float(p.scores[i] - p.y[i])} for i in order]
     if p.task == "multilabel":
-        wrong = (p.pred != (p.y > 0.5)).any(1)
-        conf = np.where(p.pred == 1, p.scores, 1 - p.scores).min(1)  # the least sure of its label decisions
-        order = [i for i in np.argsort(-conf, kind="stable") if wrong[i]][:k]
+        wrong = p.pred != (p.y > 0.5)  # (N, labels)
+        sure = np.where(p.pred == 1, p.scores, 1 - p.scores)  # how sure each label decision was
+        conf = np.where(wrong, sure, 0.0).max(1)  # the surest of a sample's wrong decisions
+        order = [i for i in np.argsort(-conf, kind="stable") if wrong[i].any()][:k]
         return [{"index": int(i), "true": ", ".join(n for n, t in zip(p.names, p.y[i], strict=True) if t > 0.5),
                  "predicted": ", ".join(n for n, s in zip(p.names, p.pred[i], strict=True) if s),
                  "probability": float(conf[i])} for i in order]

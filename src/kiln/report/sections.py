@@ -61,7 +61,7 @@ def _numeric_keys(records: list[dict[str, Any]]) -> list[str]:
 def curves(records: list[dict[str, Any]]) -> Section | None:
     """Learning curves from metrics.jsonl: losses and the other metrics per epoch (or per evaluation of a run
     trained by steps), and the training loss at each logged step."""
-    evals = [r for r in records if r.get("kind") == "epoch"]
+    evals = [r for r in records if r.get("kind", "epoch" if "epoch" in r and "val_loss" in r else None) == "epoch"]
     x_key = "epoch"
     if not evals:
         evals, x_key = [r for r in records if r.get("kind") == "eval"], "step"
