@@ -26,9 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"  # git-ignored; CI keeps the screenshots
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FAST = {"train.threads": 1, "train.log_every": 10}
+EXPLAINED = ("fig-explanation-row_0", "fig-explanation-global_importance")  # the bars of add_trust_files' JSONs
 # The sections and figures every classification run's card has, by id.
-CLASSIFICATION = ("summary", "metrics", "curves", "fig-loss", "fig-metrics", "confusion", "fig-confusion", "per-class",
-                  "per-class-table", "calibration", "fig-calibration", "errors", "errors-table", "config", "config-yaml")
+CLASSIFICATION = ("summary", "metrics", "curves", "fig-loss", "fig-metrics", "confusion", "fig-confusion",
+                  "per-class", "per-class-table", "calibration", "fig-calibration", "errors", "errors-table", "config",
+                  "config-yaml")
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def parse(html: str) -> Ids:
 def assert_self_contained(html: str) -> Ids:
     page = parse(html)
     assert len(page.ids) == len(set(page.ids)), "ids are unique"
-    outside = [u for u in page.urls if not (u.startswith("data:") or u.startswith("#"))]
+    outside = [u for u in page.urls if not u.startswith(("data:", "#"))]
     assert not outside, outside
     assert "script" not in page.tags and "link" not in page.tags
     assert "http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'" in html
@@ -222,7 +224,7 @@ def test_credit_card_shows_rows_and_every_trust_section(credit_run: Path, tmp_pa
     add_trust_files(run)
     html = render_report(run)
     page = assert_self_contained(html)
-    for fig in (*CLASSIFICATION, "fig-pr", "explanations", "explanation-cards", "fig-explanation-row_0", "fig-explanation-global_importance", "fairness",
+    for fig in (*CLASSIFICATION, "fig-pr", "explanations", "explanation-cards", *EXPLAINED, "fairness",
                 "fig-audit", "audit-table", "privacy", "privacy-table", "compression", "compression-table", "serving",
                 "serving-table"):
         assert fig in page.ids, fig
@@ -238,10 +240,10 @@ def test_regression_card_plots_predicted_against_true(credit_root: Path, tmp_pat
     import kiln
     from kiln.report import render_report
 
-    run = kiln.train(REPO / "examples" / "german_credit.yaml", {**FAST, "train.epochs": 6, "data.target": "amount",
-                                                                "data.positive": None, "train.early_stopping": None,
-                                                                "train.threshold_metric": None, "model.blocks.4": {"type": "regressor"}},
-                     out=tmp_path / "amount", live=False)
+    as_regression = {**FAST, "train.epochs": 6, "data.target": "amount", "data.positive": None,
+                     "train.early_stopping": None, "train.threshold_metric": None,
+                     "model.blocks.4": {"type": "regressor"}}
+    run = kiln.train(REPO / "examples" / "german_credit.yaml", as_regression, out=tmp_path / "amount", live=False)
     assert run.kind.task == "regression"
     page = assert_self_contained(html := render_report(run.path))
     for fig in ("fig-pred-true", "fig-residuals", "errors-table", "curves", "fig-loss"):
@@ -406,7 +408,7 @@ def test_credit_card_with_every_section_in_a_real_browser(credit_run: Path, tmp_
     add_trust_files(run)
     path = write_report(run)
     seen = open_in_browser(path, ARTIFACTS / "report_credit.png")
-    assert_clean(seen, path, CLASSIFICATION + ("fig-pr", "fig-explanation-row_0", "fig-explanation-global_importance", "fig-audit", "privacy-table",
+    assert_clean(seen, path, CLASSIFICATION + ("fig-pr", *EXPLAINED, "fig-audit", "privacy-table",
                                                "compression-table", "serving-table"))
 
 

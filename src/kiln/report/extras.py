@@ -121,7 +121,8 @@ def explanations(run_dir: RunDir) -> Section | None:
             html += _tokens(found[0][:400])
         elif found:
             ranked = sorted(found[0], key=lambda t: -abs(t[1]))[:MAX_BARS]
-            html += svg.hbars(f"fig-explanation-{re.sub(r'[^A-Za-z0-9_-]', '-', path.stem)}", ranked, title=f"Attributions: {path.stem}"[:70])
+            fig_id = "fig-explanation-" + re.sub(r"[^A-Za-z0-9_-]", "-", path.stem)
+            html += svg.hbars(fig_id, ranked, title=f"Attributions: {path.stem}"[:70])
         elif not facts:
             html += json_html(obj)
         for m in media:

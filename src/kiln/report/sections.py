@@ -108,8 +108,8 @@ def confusion_section(p: Predictions) -> Section | None:
     n = len(p.names)
     rule = f"decided at P({p.names[1]}) >= {p.threshold:.2f}" if p.task == "binary" else "the most probable class"
     if n <= MAX_MATRIX_CLASSES:
-        fig = figure(svg.heatmap("fig-confusion", counts, p.names, title=f"Confusion matrix ({len(p.y):,} test "
-                                 f"samples)"), f"rows: true class, columns: predicted ({rule}); shade: share of the row")
+        heat = svg.heatmap("fig-confusion", counts, p.names, title=f"Confusion matrix ({len(p.y):,} test samples)")
+        fig = figure(heat, f"rows: true class, columns: predicted ({rule}); shade: share of the row")
     else:
         pairs = sorted(((counts[i][j], p.names[i], p.names[j]) for i in range(n) for j in range(n) if i != j),
                        reverse=True)[:30]

@@ -68,8 +68,8 @@ class _Axes:
         return LEFT + fx * (self.w - LEFT - self.right), TOP + (1 - fy) * (self.h - TOP - BOTTOM)
 
     def frame(self, title: str, xlabel: str, ylabel: str) -> list[str]:
-        out = [f'<text x="{(LEFT + self.w - self.right) / 2:.0f}" y="18" text-anchor="middle" '
-               f'font-weight="bold">{escape(title)}</text>']
+        out = [(f'<text x="{(LEFT + self.w - self.right) / 2:.0f}" y="18" text-anchor="middle" '
+                f'font-weight="bold">{escape(title)}</text>')]
         bottom, right = self.h - BOTTOM, self.w - self.right
         for t in ticks(self.x0, self.x1):
             x, _ = self.px(t, self.y0)
@@ -143,10 +143,11 @@ def heatmap(fig_id: str, matrix: Sequence[Sequence[int]], labels: Sequence[str],
     short = [escape(str(name)[:12]) for name in labels]
     left, top = 100, 34
     width, height = max(left + n * cell + 20, 320), top + n * cell + 70
+    middle, bottom = top + n * cell / 2, top + n * cell
     body = [f'<text x="{width / 2:.0f}" y="18" text-anchor="middle" font-weight="bold">{escape(title)}</text>',
-            f'<text x="{left + n * cell / 2:.0f}" y="{top + n * cell + 62}" text-anchor="middle">{escape(xlabel)}</text>',
-            f'<text x="12" y="{top + n * cell / 2:.0f}" text-anchor="middle" '
-            f'transform="rotate(-90 12 {top + n * cell / 2:.0f})">{escape(ylabel)}</text>']
+            f'<text x="{left + n * cell / 2:.0f}" y="{bottom + 62}" text-anchor="middle">{escape(xlabel)}</text>',
+            (f'<text x="12" y="{middle:.0f}" text-anchor="middle" '
+             f'transform="rotate(-90 12 {middle:.0f})">{escape(ylabel)}</text>')]
     small = cell < 30
     for i, row in enumerate(matrix):
         total = sum(row) or 1
