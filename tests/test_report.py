@@ -214,6 +214,11 @@ def test_a_run_made_before_these_features_renders(mnist_run: Path, tmp_path: Pat
     for fig in CLASSIFICATION:
         assert fig in page.ids, fig
     assert not (old / "report.html").exists()
+    # A results.json cut short (a kill mid-write of an old kiln): the card says so and keeps the rest.
+    (old / "results.json").write_text('{"test": {"loss": 0.3')
+    assert main(["report", str(old)]) == 0
+    page = assert_self_contained(html := (old / "report.html").read_text())
+    assert {"notes", "fig-confusion", "fig-loss"} <= set(page.ids) and "results.json is corrupt" in html
 
 
 def test_credit_card_shows_rows_and_every_trust_section(credit_run: Path, tmp_path: Path) -> None:
@@ -320,7 +325,8 @@ def test_a_run_whose_data_is_gone_still_renders(credit_run: Path, tmp_path: Path
     monkeypatch.delenv("KILN_DATA")
     monkeypatch.chdir(tmp_path)
     page = assert_self_contained(html := render_report(credit_run))
-    assert {"summary", "metrics", "curves", "config", "notes"} <= set(page.ids)
+    assert {"summary", "model-table", "metrics", "curves", "config", "notes"} <= set(page.ids)
+    assert "<td>table</td>" in html and "good, bad" in html  # what the run is, from its own files
     assert "confusion" not in page.ids
     assert "Test predictions were not computed" in html and "german_credit.csv" in html
 
@@ -330,6 +336,8 @@ def test_bad_input_is_an_error_naming_it(tmp_path: Path, capsys) -> None:
     assert "is not a directory" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
     assert "not a kiln run directory" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder" in capsys.readouterr().err
 
 
 # ---- in a real browser ----------------------------------------------------------------------------------------

@@ -23,24 +23,23 @@ REPORT = "report.html"
 
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """Write the model card of the run at ``run`` to ``out`` (default ``<run>/report.html``); its path."""
-    html = render_report(run)
     path = Path(out) if out is not None else Path(run) / REPORT
     if path.is_dir():
         raise KilnError(f"--out {path} is a folder; give a file name, e.g. {path / REPORT}")
-    atomic_write_text(path, html)
+    atomic_write_text(path, render_report(run))
     return path
 
 
 def render_report(run: str | Path) -> str:
     """The model card's HTML."""
     run_dir = open_run_dir(run)
-    results = _json(run_dir, RunDir.RESULTS)
-    manifest = _json(run_dir, RunDir.MANIFEST)
-    config_text = (run_dir / RunDir.CONFIG).read_text(encoding="utf-8")
     notes: list[str] = []
+    results = _json(run_dir, RunDir.RESULTS, notes)
+    manifest = _json(run_dir, RunDir.MANIFEST, notes)
+    config_text = (run_dir / RunDir.CONFIG).read_text(encoding="utf-8", errors="replace")
     loaded = _predict(run_dir, notes)
     info = _info(run_dir, loaded, results, manifest)
-    p = loaded["predictions"] if loaded else None
+    p = loaded["predictions"]
     pr = run_dir / RunDir.PR_CURVE
     found = [
         sections.summary(info),
@@ -63,34 +62,44 @@ def render_report(run: str | Path) -> str:
     return page(title, subtitle, [s for s in found if s is not None])
 
 
-def _json(run_dir: RunDir, name: str) -> dict[str, Any]:
-    try:
-        return run_dir.read_json(name)
-    except RunDirError:
+def _json(run_dir: RunDir, name: str, notes: list[str]) -> dict[str, Any]:
+    """A JSON file of the run, or {} (with a note when it is there but unreadable)."""
+    if not (run_dir / name).is_file():
         return {}
+    try:
+        data = run_dir.read_json(name)
+    except RunDirError as e:
+        notes.append(str(e))
+        return {}
+    if not isinstance(data, dict):
+        notes.append(f"{run_dir / name} holds no JSON object; it is left out")
+        return {}
+    return data
 
 
-def _predict(run_dir: RunDir, notes: list[str]) -> dict[str, Any] | None:
-    """The loaded run, its data and its test predictions; None (with a note saying why) when they cannot be had."""
+def _predict(run_dir: RunDir, notes: list[str]) -> dict[str, Any]:
+    """The loaded run, its data and its test predictions, as far as they can be had (None where not, with a note
+    saying why)."""
     from kiln.report.predictions import TASKS, test_predictions, worst
     from kiln.run import Run
 
+    loaded: dict[str, Any] = {"run": None, "splits": None, "predictions": None, "shown": []}
     try:
-        run = Run.load(run_dir.path)
-        splits = run.kind.load()
+        loaded["run"] = run = Run.load(run_dir.path)
+        loaded["splits"] = splits = run.kind.load()
         if run.kind.task not in TASKS:
             notes.append(f"a {run.kind.task} run: no confusion matrix, calibration or per-sample errors (they apply "
                          "to classification and regression)")
-            return {"run": run, "splits": splits, "predictions": None, "shown": []}
-        p = test_predictions(run, splits)
-        shown = run.kind.shown("test", p.x, [w["index"] for w in worst(p, sections.WORST)])
+            return loaded
+        loaded["predictions"] = p = test_predictions(run, splits)
+        loaded["shown"] = run.kind.shown("test", p.x, [w["index"] for w in worst(p, sections.WORST)])
     except KilnError as e:
         notes.append(f"Test predictions were not computed, so the sections that need them are left out: {e}")
-        return None
-    return {"run": run, "splits": splits, "predictions": p, "shown": shown}
+        loaded["predictions"] = None
+    return loaded
 
 
-def _info(run_dir: RunDir, loaded: dict[str, Any] | None, results: dict[str, Any],
+def _info(run_dir: RunDir, loaded: dict[str, Any], results: dict[str, Any],
           manifest: dict[str, Any]) -> dict[str, Any]:
     from kiln.config import load_config
 
@@ -102,21 +111,22 @@ def _info(run_dir: RunDir, loaded: dict[str, Any] | None, results: dict[str, Any
         facts["dataset"] = cfg.data.dataset
     except KilnError as e:
         facts["config"] = f"could not be read: {e}"
-    if loaded is not None:
-        run, splits = loaded["run"], loaded["splits"]
+    run, splits = loaded["run"], loaded["splits"]
+    facts["task"] = results.get("task")
+    if run is not None:  # the run's own files say what it is; its data is not needed for that
         kind = run.kind
         facts["kind of data"] = kind.description
         facts["task"] = kind.task
         facts["input shape"] = " x ".join(map(str, kind.input_shape))
-        for split in ("train", "val", "test"):
-            facts[f"{split} samples"] = kind.samples(splits.split(split)[0])
         classes = list(kind.class_names)
-        lines = kind.report()
         target = kind.target_name
         layers = [[layer.index, layer.type, " x ".join(map(str, layer.out_shape)), layer.params, layer.macs]
                   for layer in run.model.layers]
+    if splits is not None:
+        for split in ("train", "val", "test"):
+            facts[f"{split} samples"] = run.kind.samples(splits.split(split)[0])
+        lines = run.kind.report()
     else:
-        facts["task"] = results.get("task")
         for split in ("val", "test"):
             if isinstance(results.get(split), dict) and "samples" in results[split]:
                 facts[f"{split} samples"] = results[split]["samples"]
