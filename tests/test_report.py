@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"  # git-ignored; CI keeps the screenshots
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FAST = {"train.threads": 1, "train.log_every": 10}
-EXPLAINED = ("fig-explanation-row_0", "fig-explanation-global_importance")  # the bars of add_trust_files' JSONs
+# The bars of add_trust_files' explanations (a row's attributions, the global column importance).
+EXPLAINED = ("fig-explanation-input1-integrated_gradients", "fig-explanation-global-integrated_gradients")
 # The sections and figures every classification run's card has, by id.
 CLASSIFICATION = ("summary", "metrics", "curves", "fig-loss", "fig-metrics", "confusion", "fig-confusion",
                   "per-class", "per-class-table", "calibration", "fig-calibration", "errors", "errors-table", "config",
@@ -113,34 +114,60 @@ SVG = '<svg xmlns="http://www.w3.org/2000/svg" width="120" height="40"><rect wid
 
 
 def add_trust_files(run: Path) -> None:
-    """The files kiln explain / audit / DP training / compress / export add, in their agreed shapes."""
+    """The files kiln explain / audit / DP training / compress / export add, in the shapes they write."""
     ex = run / "explanations"
     ex.mkdir()
-    (ex / "row_0.json").write_text(json.dumps({
-        "input": "test row 0", "method": "integrated_gradients", "prediction": "bad", "probability": 0.81,
-        "attributions": [{"column": "status_account", "attribution": 0.42},
-                         {"column": "duration_months", "attribution": -0.13}, {"column": "age", "attribution": 0.05}]}))
-    (ex / "row_0.svg").write_text(SVG)
-    (ex / "text_0.json").write_text(json.dumps({"method": "integrated_gradients", "tokens": [
+    stem = "input1.integrated_gradients"
+    (ex / f"{stem}.json").write_text(json.dumps({
+        "input": {"status_account": "A11", "age": "23"}, "method": "integrated_gradients",
+        "explained": "the logit of the class", "class": "bad", "probabilities": {"good": 0.19, "bad": 0.81},
+        "output": 1.2, "baseline_output": 0.1, "sum_of_attributions": 1.1, "completeness_gap": 0.0004,
+        "columns": [{"column": "status_account", "value": "A11", "attribution": 0.42, "rank": 1},
+                    {"column": "duration_months", "value": "48", "attribution": -0.13, "rank": 2},
+                    {"column": "age", "value": "23", "attribution": 0.05, "rank": 3}],
+        "files": [f"{stem}.json", f"{stem}.svg"]}))
+    (ex / f"{stem}.svg").write_text(SVG)
+    (ex / "text1.integrated_gradients.json").write_text(json.dumps({"method": "integrated_gradients", "tokens": [
         {"token": "WINNER", "attribution": 0.9}, {"token": "call", "attribution": 0.2},
         {"token": "now", "attribution": -0.1}]}))
-    (ex / "text_0.html").write_text('<p><span style="background:#fbb">WINNER</span> call now</p>')
-    (ex / "digit_0.json").write_text(json.dumps({"input": "test[0]", "method": "saliency", "target": "7"}))
-    (ex / "digit_0_overlay.png").write_bytes(tiny_png())
-    (ex / "global_importance.json").write_text(json.dumps({"importance": {"status_account": 0.2, "amount": 0.1}}))
+    (ex / "text1.integrated_gradients.html").write_text(
+        '<div class="kiln-explanation"><span title="+0.9" style="background:rgba(220,40,40,1)">WINNER</span> call now'
+        '</div>')
+    (ex / "digit1.saliency.json").write_text(json.dumps({
+        "method": "saliency", "class": "7", "attributions": {"shape": [2, 2], "summed_over": "channels",
+                                                             "map": [[0.1, 0.2], [0.0, 0.7]]}}))
+    (ex / "digit1.saliency.png").write_bytes(tiny_png())
+    (ex / "global.integrated_gradients.json").write_text(json.dumps({
+        "method": "integrated_gradients", "split": "test", "rows": 200,
+        "columns": [{"column": "status_account", "importance": 0.2, "mean_attribution": 0.1, "rank": 1},
+                    {"column": "amount", "importance": 0.1, "mean_attribution": -0.05, "rank": 2}]}))
+
+    def groups(male: float, female: float) -> dict:
+        return {name: {"rows": rows, "selection_rate": rate, "accuracy": 0.7, "tpr": 0.2, "fpr": 0.1, "roc_auc": 0.75,
+                       "interval": {"selection_rate": [rate - 0.05, rate + 0.06], "accuracy": [0.62, 0.77]},
+                       "small": False} for name, rows, rate in (("male", 143, male), ("female", 57, female))}
+
     (run / "audit.json").write_text(json.dumps({
-        "sensitive": ["sex"], "split": "test",
-        "groups": {"female": {"size": 62, "selection_rate": 0.31, "accuracy": 0.71, "tpr": 0.6, "fpr": 0.2},
-                   "male": {"size": 138, "selection_rate": 0.22, "accuracy": 0.74, "tpr": 0.55, "fpr": 0.12}},
-        "demographic_parity_difference": {"value": 0.09, "ci95": [0.01, 0.2]}}))
+        "run": str(run), "split": "test", "rows": 200, "positive": "bad", "threshold": 0.59, "bootstrap": 200,
+        "sensitive": [{"spec": "personal_status_and_sex:A91=male,A92=female", "column": "personal_status_and_sex",
+                       "before": {"groups": groups(0.1329, 0.0526),
+                                  "disparity": {"demographic_parity_difference": 0.0802},
+                                  "disparity_interval": {"demographic_parity_difference": [0.0109, 0.1644]}},
+                       "after": {"groups": groups(0.12, 0.11), "disparity": {"demographic_parity_difference": 0.01}},
+                       "after_rule": "per-group thresholds, demographic_parity"}],
+        "warnings": ["foreign: group 'A202' has 7 rows in the test split (fewer than 10)"]}))
     (run / "audit.svg").write_text(SVG)
-    (run / "compression.json").write_text(json.dumps({
-        "method": "dynamic_int8", "size_mib": {"before": 0.31, "after": 0.09},
-        "test": {"before": {"accuracy": 0.74}, "after": {"accuracy": 0.735}}}))
+    (run / "compression.json").write_text(json.dumps({"source": "runs/credit", "steps": [
+        {"step": "original", "parameters": 7810, "file": "model.safetensors", "file_bytes": 31240,
+         "test_accuracy": 0.74,
+         "latency": {"batch_1": {"kiln": {"median_ms": 0.31}, "onnxruntime": {"median_ms": 0.05}}}},
+        {"step": "quantize", "quantization": {"mode": "int8", "weights": "QUInt8"}, "file": "model.int8.onnx",
+         "file_bytes": 12000, "test_accuracy": 0.735,
+         "latency": {"batch_1": {"onnxruntime": {"median_ms": 0.04}}}}]}))
     (run / "model.onnx").write_bytes(b"\0" * 2048)
     results = json.loads((run / "results.json").read_text())
     results["privacy"] = {"epsilon": 2.97, "delta": 1e-5, "max_grad_norm": 1.0, "noise_multiplier": 1.1,
-                          "accountant": "prv"}
+                          "accountant": "prv", "steps": 44, "layers_swapped": []}
     (run / "results.json").write_text(json.dumps(results))
 
 
@@ -236,9 +263,15 @@ def test_credit_card_shows_rows_and_every_trust_section(credit_run: Path, tmp_pa
     # the worst errors show the rows as the CSV holds them
     assert "<b>status_account</b> A1" in html and "<b>purpose</b>" in html
     assert "(&epsilon; = 2.97, &delta; = 1e-05) spent" in html
-    assert "female" in html and "0.31" in html  # the audit's groups as a table
-    assert "WINNER" in html and 'srcdoc="&lt;p&gt;' in html  # tokens coloured; the HTML snippet in a sandboxed frame
-    assert "digit_0_overlay.png" in html and "dynamic_int8" in html
+    # the audit's groups, before and after, with their intervals; its warnings
+    assert "<td>female</td><td class=\"num\">57</td><td>0.0526 [0.0026, 0.1126]</td>" in html
+    assert "<td>demographic_parity_difference</td><td>0.0802 [0.0109, 0.1644]</td>" in html
+    assert "after (per-group thresholds, demographic_parity)" in html and "has 7 rows" in html
+    # tokens coloured; the HTML snippet in a sandboxed frame; the image map's PNG
+    assert "WINNER" in html and 'srcdoc="&lt;div class=&quot;kiln-explanation' in html
+    assert "digit1.saliency.png" in html
+    # compression: a row per step with its latency
+    assert "<td>quantize</td>" in html and "batch_1 onnxruntime median ms" in html
 
 
 def test_regression_card_plots_predicted_against_true(credit_root: Path, tmp_path: Path) -> None:

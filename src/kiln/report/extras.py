@@ -30,6 +30,7 @@ Section = tuple[str, str, str]
 EXPLANATIONS = "explanations"
 AUDIT_JSON, AUDIT_SVG = "audit.json", "audit.svg"
 COMPRESSION = "compression.json"
+INT8_ONNX = "model.int8.onnx"
 MAX_FILE = 2 * 2**20  # larger files from other commands are named, not inlined
 MAX_EXPLAINED = 12  # inputs shown
 MAX_BARS = 15
@@ -151,8 +152,50 @@ def fairness(run_dir: RunDir) -> Section | None:
                        "the audit's plot (kiln audit)", "fig-audit")
     if data.is_file():
         obj, error = _read_json(data)
-        html += f'<div id="audit-table">{json_html(obj) if error is None else escape(error)}</div>'
+        html += f'<div id="audit-table">{_audit_tables(obj) if error is None else escape(error)}</div>'
     return "fairness", "Fairness audit", html
+
+
+def _interval(value: Any, interval: Any) -> Any:
+    """A figure with its 95% interval, "0.133 [0.079, 0.193]", when there is one."""
+    if isinstance(interval, list) and len(interval) == 2 and all(isinstance(v, int | float) for v in interval) \
+            and isinstance(value, int | float):
+        return f"{fmt(float(value))} [{fmt(float(interval[0]))}, {fmt(float(interval[1]))}]"
+    return value
+
+
+def _audit_tables(obj: Any) -> str:
+    """kiln audit's JSON: per sensitive column, before (and after) mitigation, each group's figures and the
+    disparities, with their bootstrap intervals; then the warnings. Any other shape: its JSON as tables."""
+    entries = obj.get("sensitive") if isinstance(obj, dict) else None
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        return json_html(obj)
+    facts = [[k, v] for k, v in obj.items() if isinstance(v, str | int | float | bool) and k != "run"]
+    html = table(["", ""], facts) if facts else ""
+    for entry in entries:
+        html += f"<h3>{escape(str(entry.get('column', '')))}</h3>"
+        if entry.get("spec"):
+            html += f'<p class="note">groups: {escape(str(entry["spec"]))}</p>'
+        for phase in ("before", "after"):
+            part = entry.get(phase)
+            if not isinstance(part, dict):
+                continue
+            rule = f" ({entry['after_rule']})" if phase == "after" and entry.get("after_rule") else ""
+            html += f"<p><b>{phase}{escape(rule)}</b></p>"
+            groups = part.get("groups")
+            if isinstance(groups, dict) and all(isinstance(g, dict) for g in groups.values()):
+                cols = list(dict.fromkeys(k for g in groups.values() for k, v in g.items()
+                                          if isinstance(v, int | float | bool) or v is None))
+                html += table(["group", *cols], [[name, *(_interval(g.get(c), (g.get("interval") or {}).get(c))
+                                                          for c in cols)] for name, g in groups.items()])
+            disparity = part.get("disparity")
+            if isinstance(disparity, dict):
+                ci = part.get("disparity_interval") or {}
+                html += table(["disparity", "value [95% interval]"],
+                              [[k, _interval(v, ci.get(k))] for k, v in disparity.items()])
+    for warning in obj.get("warnings") or []:
+        html += f'<p class="note">{escape(str(warning))}</p>'
+    return html
 
 
 PRIVACY_KEYS = ("epsilon", "delta", "max_grad_norm", "noise_multiplier", "accountant")
@@ -175,15 +218,37 @@ def compression(run_dir: RunDir) -> Section | None:
     if not path.is_file():
         return None
     obj, error = _read_json(path)
-    html = f'<div id="compression-table">{json_html(obj) if error is None else escape(error)}</div>'
+    html = f'<div id="compression-table">{_compression_tables(obj) if error is None else escape(error)}</div>'
     return "compression", "Compression", html
+
+
+def _compression_tables(obj: Any) -> str:
+    """kiln compress's JSON: one row per step (parameters, file size, test accuracy, median latency of each
+    batch size and engine), then every measure as tables. Any other shape: its JSON as tables."""
+    steps = obj.get("steps") if isinstance(obj, dict) else None
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
+        return json_html(obj)
+    rows: list[dict[str, Any]] = []
+    for s in steps:
+        row = {k: v for k, v in s.items() if isinstance(v, int | float | str) and k not in ("run", "file_bytes")}
+        if isinstance(s.get("file_bytes"), int | float):
+            row["file MiB"] = s["file_bytes"] / 2**20
+        latency = s.get("latency") if isinstance(s.get("latency"), dict) else {}
+        for batch, engines in latency.items():
+            for engine, m in engines.items() if isinstance(engines, dict) else ():
+                if isinstance(m, dict) and isinstance(m.get("median_ms"), int | float):
+                    row[f"{batch} {engine} median ms"] = m["median_ms"]
+        rows.append(row)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    html = table(cols, [[r.get(c, "") for c in cols] for r in rows])
+    return html + f"<details><summary>every measure</summary>{json_html(obj)}</details>"
 
 
 def serving(run_dir: RunDir, manifest: dict[str, Any]) -> Section | None:
     """The model files a server loads, with their sizes."""
     rows = []
     for name, what in ((RunDir.WEIGHTS, "weights (PyTorch, safetensors)"), (RunDir.ONNX, "ONNX (kiln export)"),
-                       (RunDir.TORCH_EXPORT, "torch.export (kiln export)")):
+                       (RunDir.TORCH_EXPORT, "torch.export (kiln export)"), (INT8_ONNX, "int8 ONNX (kiln compress)")):
         path = run_dir / name
         if path.is_file():
             rows.append([name, what, path.stat().st_size / 2**20])
