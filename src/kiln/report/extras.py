@@ -35,6 +35,7 @@ MAX_FILE = 2 * 2**20  # larger files from other commands are named, not inlined
 MAX_EXPLAINED = 12  # inputs shown
 MAX_BARS = 15
 SMALL_SHOWN = 140  # pixels
+MAX_FACT = 100  # characters of a text fact shown on an explanation's card (longer ones stay in its JSON)
 NAME_KEYS = ("column", "feature", "name", "token", "input", "word")
 VALUE_KEYS = ("attribution", "importance", "value", "score", "weight", "contribution")
 MEDIA = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
@@ -114,8 +115,8 @@ def explanations(run_dir: RunDir) -> Section | None:
         if error:
             notes.append(error)
             continue
-        facts = [[k, v] for k, v in obj.items() if isinstance(v, str | int | float | bool)] \
-            if isinstance(obj, dict) else []
+        facts = [[k, v] for k, v in obj.items() if isinstance(v, int | float | bool)
+                 or (isinstance(v, str) and len(v) <= MAX_FACT)] if isinstance(obj, dict) else []
         html = f"<h3>{escape(path.stem)}</h3>" + (table(["", ""], facts[:12]) if facts else "")
         found = _pairs(obj)
         if found and found[1]:

@@ -33,7 +33,7 @@ max-width:500px}img.sample{image-rendering:pixelated;width:84px;border:1px solid
 img.plot{max-width:100%}.note{color:#666;font-size:13px}.row{font-size:12px;max-width:640px}
 .tokens span{padding:1px 2px;border-radius:2px}iframe{border:1px solid #ddd;width:100%;height:140px}
 .cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #e4e4e4;border-radius:4px;padding:8px;
-max-width:560px}
+max-width:500px}
 """
 
 
