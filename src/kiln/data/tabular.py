@@ -22,7 +22,7 @@ from kiln.data.splits import Splits, stratified_rows
 from kiln.data.table import Table, read_table, rows_to_table
 from kiln.data.table_inputs import TableInputs
 from kiln.errors import DataError, RunDirError
-from kiln.registry import KINDS
+from kiln.registry import KINDS, did_you_mean
 from kiln.rundir import RunDir
 
 PREPROCESSING = "preprocessing.json"  # in the run directory
@@ -142,6 +142,18 @@ class Tabular(DataKind):
             parts += [self.prep.transform(subset), self.prep.encode_target(subset)]
         digest = hashlib.sha256(Path(table.source).read_bytes()).hexdigest()
         return Splits(*parts, checksums={Path(table.source).name: digest})
+
+    def column_values(self, split: str, name: str) -> list[str | None]:
+        table = self.table()
+        if name not in table.columns:
+            names = list(table.columns)
+            raise DataError(f"no column {name!r} in {table.source}{did_you_mean(name, names)}; its columns: "
+                            f"{', '.join(names)}")
+        if not hasattr(self, "rows"):
+            target = self.prep.target
+            self.rows = split_indices(table, target.name, target.task, self.cfg, self.seed)
+        values = table.columns[name]
+        return [values[i] for i in self.rows[("train", "val", "test").index(split)]]
 
     def save(self, run_path: Path) -> None:
         self.prep.save(run_path / PREPROCESSING)
