@@ -171,14 +171,17 @@ class Tabular(DataKind):
         """One dict per row: ``prediction`` and, for classification, ``probability_<class>`` per class.
         A binary prediction is the positive class when its probability reaches the run's threshold."""
         self.prep.check_complete(table)
-        out = run.predict(self.prep.transform(table))
+        x = self.prep.transform(table)
+        out = run.predict(x)
         if self.task == "regression":
             return [{"prediction": float(v)} for v in out]
-        names, threshold = self.class_names, run.threshold  # the threshold is read from results.json: once
+        names = self.class_names
+        # The run's threshold (from results.json), or its per-group thresholds when enabled (fairness.json).
+        positive = run.positive(out[:, 1].numpy(), x.numpy(), table.columns) if self.task == "binary" else None
         results = []
-        for row in out:
-            if self.task == "binary":
-                label = names[1] if float(row[1]) >= threshold else names[0]
+        for i, row in enumerate(out):
+            if positive is not None:
+                label = names[1] if positive[i] else names[0]
             else:
                 label = names[int(row.argmax())]
             results.append({"prediction": label,

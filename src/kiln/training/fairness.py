@@ -31,7 +31,6 @@ from pydantic import field_validator
 from kiln.errors import ConfigError, DataError, KilnError
 from kiln.schema import StrictModel
 
-FAIRNESS = "fairness.json"  # in the run directory: per-group thresholds
 MISSING_GROUP = "(missing)"
 
 
@@ -247,7 +246,7 @@ class GroupThresholds:
                 "groups": {g: r.to_json() for g, r in self.rules.items()}}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], where: str = FAIRNESS) -> GroupThresholds:
+    def from_json(cls, d: dict[str, Any], where: str = "fairness.json") -> GroupThresholds:
         try:
             rules = {str(g): GroupRule.from_json(r) for g, r in d["groups"].items()}
             return cls(Grouping.parse(d["sensitive"]), rules, str(d["constraint"]), bool(d["enabled"]),
