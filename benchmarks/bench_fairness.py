@@ -38,7 +38,8 @@ from kiln.hardware import cpu_model
 from kiln.training.fairness import Grouping
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"plain": REPO / "examples" / "german_credit.yaml", "reweighed": REPO / "examples" / "german_credit_fair.yaml"}
+CONFIGS = {"plain": REPO / "examples" / "german_credit.yaml",
+           "reweighed": REPO / "examples" / "german_credit_fair.yaml"}
 SEX = "personal_status_and_sex:A91=male,A92=female,A93=male,A94=male,A95=female"
 
 
@@ -105,7 +106,8 @@ def main() -> None:
     folds_plain = [v for s in report["seeds"] for v in s["plain"]["per_fold_dp_difference"]]
     folds_fair = [v for s in report["seeds"] for v in s["reweighed"]["per_fold_dp_difference"]]
     lower = sum(f < p for f, p in zip(folds_fair, folds_plain, strict=True))
-    summary = {"dp_difference_plain_mean": statistics.fmean(plain), "dp_difference_reweighed_mean": statistics.fmean(fair),
+    summary = {"dp_difference_plain_mean": statistics.fmean(plain),
+               "dp_difference_reweighed_mean": statistics.fmean(fair),
                "ratio_reweighed_to_plain": statistics.fmean(fair) / statistics.fmean(plain) if statistics.fmean(plain)
                else None, "seeds_lower": sum(f < p for f, p in zip(fair, plain, strict=True)),
                "folds_lower": lower, "folds": len(folds_plain),

@@ -28,7 +28,7 @@ from kiln.errors import KilnError
 from kiln.fsutil import atomic_write_text
 from kiln.run import SPLITS, Run
 from kiln.rundir import RunDir
-from kiln.training.fairness import GroupRule, Grouping, GroupThresholds
+from kiln.training.fairness import Grouping, GroupRule, GroupThresholds
 
 SMALL_GROUP = 10  # rows: below this a group's figures and intervals are flagged
 METRICS = ("selection_rate", "accuracy", "tpr", "fpr", "roc_auc")
@@ -172,32 +172,33 @@ def assess(y: np.ndarray, decided: np.ndarray, scores: np.ndarray, groups: list[
 # ---- per-group thresholds ---------------------------------------------------------------------------------
 
 
-class _Scores:
+def _scores_estimator():
     """A fitted 'estimator' whose input is already the model's P(positive): ThresholdOptimizer(prefit=True)
     thresholds the scores kiln computed, and needs nothing of PyTorch."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
 
-    def fit(self, x, y):
-        return self
+    class Scores(ClassifierMixin, BaseEstimator):
+        def fit(self, x, y):
+            return self
 
-    def predict_proba(self, x):
-        p = np.asarray(x, dtype=np.float64)[:, 0]
-        return np.column_stack([1.0 - p, p])
+        def predict_proba(self, x):
+            p = np.asarray(x, dtype=np.float64)[:, 0]
+            return np.column_stack([1.0 - p, p])
 
-    def predict(self, x):
-        return (np.asarray(x, dtype=np.float64)[:, 0] >= 0.5).astype(int)
+        def predict(self, x):
+            return (np.asarray(x, dtype=np.float64)[:, 0] >= 0.5).astype(int)
 
-    def __sklearn_is_fitted__(self) -> bool:
-        return True
+        def __sklearn_is_fitted__(self) -> bool:
+            return True
 
-    def get_params(self, deep: bool = True) -> dict:
-        return {}
+    return Scores()
 
 
 def fit_thresholds(scores: np.ndarray, y: np.ndarray, groups: list[str], grouping: Grouping, constraint: str,
                    seed: int = 0) -> GroupThresholds:
     """Fairlearn's ThresholdOptimizer on validation scores (float64), kept as plain per-group rules."""
     _, fp = _fairlearn()
-    opt = fp.ThresholdOptimizer(estimator=_Scores(), constraints=constraint, objective="accuracy_score",
+    opt = fp.ThresholdOptimizer(estimator=_scores_estimator(), constraints=constraint, objective="accuracy_score",
                                 prefit=True, predict_method="predict_proba")
     opt.fit(np.asarray(scores, np.float64)[:, None], np.asarray(y, int), sensitive_features=np.asarray(groups, object))
     rules = {}
@@ -281,7 +282,7 @@ def audit(run: str | Path | Run, sensitive: list[str], split: str = "test", bins
                                  "before": assess(y, before, scores, groups, grouping.labels(), bootstrap, seed)}
         if after is not None:
             entry["after"] = assess(y, after, scores, groups, grouping.labels(), bootstrap, seed)
-            entry["after_rule"] = f"per-group thresholds on {saved.grouping.spec} ({saved.constraint})"
+            entry["after_rule"] = f"per-group thresholds, {saved.constraint}"
         for g, fig in entry["before"]["groups"].items():
             if fig["small"]:
                 warnings.append(f"{grouping.column}: group {g!r} has {fig['rows']} rows in the {split} split (fewer "

@@ -83,7 +83,8 @@ class Run:
         when they are enabled; predict and serve then decide by them."""
         if not hasattr(self, "_group_thresholds"):
             path = self.dir / RunDir.FAIRNESS
-            rules = GroupThresholds.from_json(self.dir.read_json(RunDir.FAIRNESS), str(path)) if path.is_file() else None
+            rules = GroupThresholds.from_json(self.dir.read_json(RunDir.FAIRNESS), str(path)) if path.is_file() \
+                else None
             self._group_thresholds = rules if rules is not None and rules.enabled else None
         return self._group_thresholds
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, Literal
 
 import numpy as np
@@ -83,7 +84,7 @@ class Grouping:
             raise ConfigError(f"sensitive column {spec!r}: after {column}: give VALUE=GROUP pairs "
                               f"({column}:A91=male,A92=female) or increasing numeric edges ({column}:25 or "
                               f"{column}:25,60)")
-        if any(b <= a for a, b in zip(edges, edges[1:])):
+        if any(b <= a for a, b in pairwise(edges)):
             raise ConfigError(f"sensitive column {spec!r}: the edges must increase")
         return cls(column, edges=tuple(edges))  # type: ignore[arg-type]
 
@@ -99,7 +100,7 @@ class Grouping:
         """The groups in their natural order where the grouping fixes them (edges, a map), else None."""
         if self.edges:
             e = self.edges
-            return [f"<{e[0]:g}"] + [f"{a:g}-<{b:g}" for a, b in zip(e, e[1:])] + [f">={e[-1]:g}"]
+            return [f"<{e[0]:g}"] + [f"{a:g}-<{b:g}" for a, b in pairwise(e)] + [f">={e[-1]:g}"]
         if self.mapping:
             return list(dict.fromkeys(g for _, g in self.mapping))
         return None
@@ -182,7 +183,8 @@ def sample_weights(fairness: FairnessConfig | None, kind, train_y: torch.Tensor,
     names = list(kind.class_names)
     shown = "; ".join(f"{g}: " + ", ".join(f"{names[int(k)]} {w:.3f}" for k, w in c.items())
                       for g, c in cells.items())
-    return torch.from_numpy(weights).float().to(device), f"reweighing by {grouping.spec} (Kamiran-Calders weights): {shown}"
+    note = f"reweighing by {grouping.spec} (Kamiran-Calders weights): {shown}"
+    return torch.from_numpy(weights).float().to(device), note
 
 
 # ---- per-group thresholds ---------------------------------------------------------------------------------
