@@ -298,6 +298,13 @@ def test_serve_applies_the_thresholds_like_predict(thresholded, credit_csv):
         assert "personal_status_and_sex" in json.dumps(client.get("/openapi.json").json())
 
 
+def test_a_deployed_image_keeps_the_thresholds(thresholded, tmp_path):
+    from kiln.deploy import deploy_docker
+
+    deploy_docker(thresholded, tmp_path / "image")
+    assert json.loads((tmp_path / "image" / "run" / "fairness.json").read_text())["enabled"]
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------
 
 
@@ -311,6 +318,8 @@ def test_a_missing_sensitive_column_names_the_nearest(credit_run, capsys):
                    short({"train.fairness": {"sensitive": "foreign_workr"}}), out=Path("/nonexistent/never"))
     with pytest.raises(ConfigError, match="edges"):
         Grouping.parse("age:abc")
+    with pytest.raises(ConfigError, match="train.fairness.sensitive: .*age:abc"):
+        load_config(REPO / "examples" / "german_credit.yaml", {"train.fairness": {"sensitive": "age:abc"}})
 
 
 def test_a_small_group_is_warned_about_with_its_size(credit_run, capsys):

@@ -44,7 +44,10 @@ class FairnessConfig(StrictModel):
     @field_validator("sensitive")
     @classmethod
     def _spec(cls, v: str) -> str:
-        Grouping.parse(v)
+        try:
+            Grouping.parse(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return v
 
 
