@@ -131,6 +131,29 @@ def test_audit_figures_equal_fairlearns_own(credit_run, credit_csv):
     assert "demographic parity: difference" in render(report)
 
 
+@pytest.mark.parametrize("case", ["no positives in a group", "nothing decided positive", "random"])
+def test_bootstrap_figures_equal_fairlearns_at_the_edges(case):
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 40)
+    groups = list(rng.choice(["a", "b", "c"], 40))
+    d = rng.integers(0, 2, 40)
+    if case == "no positives in a group":
+        y[np.array(groups) == "c"] = 0
+    if case == "nothing decided positive":
+        d[:] = 0
+    s = rng.random(40)
+    from kiln.audit import fairlearn_figures
+
+    want = fairlearn_figures(y, d, s, groups)
+    names = list(want["groups"])
+    got = bootstrap_figures(y, d, s, groups, names, np.ones((1, 40)))
+    for k, g in enumerate(names):
+        for m in ("selection_rate", "accuracy", "tpr", "fpr", "roc_auc"):
+            assert np.isclose(got[m][0, k], want["groups"][g][m], equal_nan=True), (g, m)
+    for m, v in want["disparity"].items():
+        assert np.isclose(got[m][0], v, equal_nan=True), (m, got[m][0], v)
+
+
 def test_bootstrap_auc_equals_sklearn_on_a_resample():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 80)

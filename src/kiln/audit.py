@@ -78,7 +78,7 @@ def fairlearn_figures(y: np.ndarray, decided: np.ndarray, scores: np.ndarray, gr
 
 def _ratio(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(hi > 0, lo / hi, np.where(lo == 0, 1.0, np.nan))  # Fairlearn: 0/0 counts as parity
+        return np.where(hi > 0, lo / hi, np.nan)  # as Fairlearn: 0 / 0 is NaN
 
 
 def bootstrap_figures(y: np.ndarray, decided: np.ndarray, scores: np.ndarray, groups: list[str], names: list[str],
@@ -94,9 +94,11 @@ def bootstrap_figures(y: np.ndarray, decided: np.ndarray, scores: np.ndarray, gr
         out = {"rows": n_g,
                "selection_rate": (weights @ (onehot * d[:, None])) / n_g,
                "accuracy": (weights @ (onehot * (d == y)[:, None])) / n_g,
-               "tpr": (weights @ (onehot * (d * y)[:, None])) / pos,
-               "fpr": (weights @ (onehot * (d * (1 - y))[:, None])) / neg}
-    out["selection_rate"][n_g == 0] = np.nan
+               # As Fairlearn: a rate without positives (negatives) in a group is 0; a group a resample misses, NaN.
+               "tpr": np.where(pos > 0, (weights @ (onehot * (d * y)[:, None])) / pos, 0.0),
+               "fpr": np.where(neg > 0, (weights @ (onehot * (d * (1 - y))[:, None])) / neg, 0.0)}
+    for m in ("selection_rate", "accuracy", "tpr", "fpr"):
+        out[m][n_g == 0] = np.nan
     out["roc_auc"] = np.stack([_weighted_auc(y[onehot[:, k] > 0], scores[onehot[:, k] > 0],
                                              weights[:, onehot[:, k] > 0]) for k in range(len(names))], axis=1)
     sel, tpr, fpr = out["selection_rate"], out["tpr"], out["fpr"]
@@ -265,8 +267,12 @@ def audit(run: str | Path | Run, sensitive: list[str], split: str = "test", bins
         val_groups = grouping.groups(run.kind.column_values("val", grouping.column))
         val_scores = run.from_outputs(run.outputs(vx))[:, 1].double().numpy()
         rules = fit_thresholds(val_scores, vy.numpy().astype(int), val_groups, grouping, fit, seed)
+        for g in rules.rules:
+            if val_groups.count(g) < SMALL_GROUP:
+                warnings.append(f"{grouping.column}: the thresholds of group {g!r} were fitted on {val_groups.count(g)} "
+                                f"validation rows (fewer than {SMALL_GROUP}); they are unreliable")
         run.dir.write_json(RunDir.FAIRNESS, rules.to_json())
-        run._group_thresholds = rules
+        vars(run).pop("_group_thresholds", None)  # Run.group_thresholds reads the new file
     path = run.dir / RunDir.FAIRNESS
     saved = GroupThresholds.from_json(run.dir.read_json(RunDir.FAIRNESS), str(path)) if path.is_file() else None
     after = None
@@ -282,7 +288,8 @@ def audit(run: str | Path | Run, sensitive: list[str], split: str = "test", bins
                                  "before": assess(y, before, scores, groups, grouping.labels(), bootstrap, seed)}
         if after is not None:
             entry["after"] = assess(y, after, scores, groups, grouping.labels(), bootstrap, seed)
-            entry["after_rule"] = f"per-group thresholds, {saved.constraint}"
+            entry["after_rule"] = (f"per-group thresholds, {saved.constraint}"
+                                   + ("" if saved.enabled else "; saved but off for predict and serve"))
         for g, fig in entry["before"]["groups"].items():
             if fig["small"]:
                 warnings.append(f"{grouping.column}: group {g!r} has {fig['rows']} rows in the {split} split (fewer "

@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   kiln serve runs/mnist_seed --port 8000
   kiln export runs/mnist_seed
   kiln export runs/german_credit --format torch-export --check random
+  kiln audit runs/german_credit --sensitive foreign --sensitive age:25
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
 $KILN_CACHE or ~/.cache/kiln."""
 
