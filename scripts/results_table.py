@@ -337,6 +337,31 @@ def cifar_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def fairness_options(data: dict) -> dict:
+    return {k: v for k, v in data["settings"].items() if k != "out"}
+
+
+def fairness_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    c, s, seeds = data["conditions"], data["summary"], data["seeds"]
+    what = (f"German credit: demographic-parity difference for sex (personal_status_and_sex mapped; selection = "
+            f"decided bad), `examples/german_credit_fair.yaml` (reweighing on sex) vs `examples/german_credit.yaml`, "
+            f"{options['folds']} stratified folds pooled per seed (every loan decided once), "
+            f"{plural(len(seeds), 'seed')}")
+    per_seed = "; ".join(
+        f"seed {e['seed']}: " + " vs ".join(
+            f"{e[n]['pooled']['disparity']['demographic_parity_difference']:.3f} "
+            f"[{e[n]['pooled']['disparity_interval']['demographic_parity_difference'][0]:.3f}, "
+            f"{e[n]['pooled']['disparity_interval']['demographic_parity_difference'][1]:.3f}]"
+            for n in ("plain", "reweighed")) for e in seeds)
+    result = (f"mean DP difference plain {s['dp_difference_plain_mean']:.3f}, reweighed "
+              f"**{s['dp_difference_reweighed_mean']:.3f}**; lower in {s['seeds_lower']}/{len(seeds)} seeds and "
+              f"{s['folds_lower']}/{s['folds']} folds; ROC-AUC {s['roc_auc_plain']:.4f} vs {s['roc_auc_reweighed']:.4f}. "
+              f"Per seed, plain vs reweighed with bootstrap 95% intervals: {per_seed}")
+    conditions = (f"{c['cpu']}, {c['cores']} cores, Python {c['python']}; torch {c['torch']}, fairlearn "
+                  f"{c['fairlearn']}, kiln {c['kiln']}")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -365,6 +390,8 @@ BENCHMARKS = {
                         {"config": [], "folds": 5, "rows": None, "first_folds": None, "variant": [], "no_default": False,
                          "no_baselines": False},
                         frozenset(), tables_options, tables_cells),
+    "fairness": Benchmark("benchmarks/bench_fairness.py", {"seeds": [0, 1, 2], "folds": 5, "bootstrap": 1000},
+                          frozenset({"seeds", "bootstrap"}), fairness_options, fairness_cells),
     "cifar": Benchmark("benchmarks/bench_cifar.py", {"epochs": None, "reps": 1, "threads": 1, "systems": "kiln,eager"},
                        frozenset({"reps", "systems"}), cifar_options, cifar_cells),
 }

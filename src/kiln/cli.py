@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   kiln export runs/mnist_seed
   kiln export runs/german_credit --format torch-export --check random
   kiln report runs/mnist_seed --out mnist_card.html
+  kiln audit runs/german_credit --sensitive foreign --sensitive age:25
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
 $KILN_CACHE or ~/.cache/kiln."""
 
@@ -104,6 +105,29 @@ def _parser() -> argparse.ArgumentParser:
                                     "audit, privacy budget, compression and export figures the run holds.")
     rp.add_argument("run", help="run directory written by `kiln train`")
     rp.add_argument("--out", help="the HTML file to write (default: <run>/report.html)")
+
+    a = sub.add_parser("audit", help="fairness of a binary table run across the groups of sensitive columns",
+                       description="Per-group selection rate, accuracy, TPR, FPR and ROC-AUC (Fairlearn MetricFrame), "
+                                   "demographic-parity and equalized-odds differences and ratios, with bootstrap 95% "
+                                   "intervals and group sizes; writes <run>/audit.json and audit.svg. A sensitive "
+                                   "column may be any column of the data: COLUMN, COLUMN:VALUE=GROUP,... (a map), "
+                                   "COLUMN:EDGE,... (numeric cuts, e.g. age:25); a numeric column with more than "
+                                   "--bins values is cut at quantiles. Needs the fairness extra.")
+    a.add_argument("run", help="run directory written by `kiln train`")
+    a.add_argument("--sensitive", action="append", default=[], metavar="COLUMN[:SPEC]",
+                   help="a column to group rows by (repeatable), e.g. foreign, age:25, "
+                        "personal_status_and_sex:A91=male,A92=female,A93=male,A94=male,A95=female")
+    a.add_argument("--split", choices=["test", "val", "train"], default="test", help="rows to audit (default: test)")
+    a.add_argument("--bins", type=int, default=4, help="quantile bins of a numeric column without edges (default: 4)")
+    a.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals (default: 1000)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the resamples and of randomised thresholds")
+    a.add_argument("--fit-thresholds", action="store_true",
+                   help="fit per-group thresholds (Fairlearn ThresholdOptimizer) on the validation split for the "
+                        "first --sensitive column, save them (fairness.json) and turn them on for predict and serve")
+    a.add_argument("--constraint", choices=["demographic_parity", "equalized_odds"], default="demographic_parity",
+                   help="what --fit-thresholds equalises (default: demographic_parity)")
+    a.add_argument("--thresholds", choices=["on", "off"], help="turn saved per-group thresholds on or off")
+    a.add_argument("--json", action="store_true", help="print audit.json instead of the table")
     return p
 
 
@@ -283,6 +307,21 @@ def cmd_report(args) -> None:
     print(f"wrote {write_report(args.run, args.out)}")
 
 
+def cmd_audit(args) -> None:
+    from kiln.audit import audit, render, set_thresholds, warn
+
+    if args.thresholds:
+        rules = set_thresholds(args.run, args.thresholds == "on")
+        print(f"per-group thresholds on {rules.grouping.spec} ({rules.constraint}) are {args.thresholds}")
+        if not args.sensitive:
+            return
+    report = audit(args.run, args.sensitive, args.split, args.bins, args.bootstrap, args.seed,
+                   args.constraint if args.fit_thresholds else None)
+    print(json.dumps(report, indent=2) if args.json else render(report), end="" if not args.json else "\n")
+    sys.stdout.flush()
+    warn(report)
+
+
 def cmd_summary(args) -> None:
     from kiln.config import load_config
     from kiln.rundir import RunDir, open_run_dir
@@ -294,6 +333,21 @@ def cmd_summary(args) -> None:
     print_summary(model_of(cfg), f"{cfg.name} ({path})")
 
 
+# Each command's function, by name; one line per command.
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "summary": cmd_summary,
+    "serve": cmd_serve,
+    "export": cmd_export,
+    "deploy": cmd_deploy,
+    "generate": cmd_generate,
+    "report": cmd_report,
+    "audit": cmd_audit,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -303,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predict" and args.user and (args.files or args.text):
         parser.error("predict: --user (a recommendation run) takes no files or --text")
     try:
-        {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "summary": cmd_summary,
-         "serve": cmd_serve, "export": cmd_export, "deploy": cmd_deploy,
-         "generate": cmd_generate, "report": cmd_report}[args.command](args)
+        COMMANDS[args.command](args)
     except KilnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

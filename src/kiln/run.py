@@ -20,6 +20,7 @@ from kiln.nn.fuse import fuse
 from kiln.nn.generate import Sampling
 from kiln.rundir import RunDir, open_run_dir
 from kiln.training.checkpoint import load_weights
+from kiln.training.fairness import GroupThresholds
 from kiln.training.metrics import evaluate, model_outputs, probabilities
 from kiln.training.precision import inference_precision, pick_fuse
 
@@ -75,6 +76,30 @@ class Run:
     def threshold(self) -> float:
         """Binary decision threshold on P(positive class), as chosen on validation in training."""
         return float(self.metrics.get("threshold", 0.5)) if self.kind.task == "binary" else 0.5
+
+    @property
+    def group_thresholds(self) -> GroupThresholds | None:
+        """Per-group decision thresholds saved with the run (``fairness.json``, by ``kiln audit --fit-thresholds``)
+        when they are enabled; predict and serve then decide by them."""
+        if not hasattr(self, "_group_thresholds"):
+            path = self.dir / RunDir.FAIRNESS
+            rules = GroupThresholds.from_json(self.dir.read_json(RunDir.FAIRNESS), str(path)) if path.is_file() \
+                else None
+            self._group_thresholds = rules if rules is not None and rules.enabled else None
+        return self._group_thresholds
+
+    def positive(self, p: np.ndarray, inputs: np.ndarray, columns: dict[str, list]) -> np.ndarray:
+        """A binary run's decisions (bool) for rows with P(positive) ``p``: ``p`` reaches the run's threshold, or
+        with per-group thresholds enabled the rule of each row's group, read from its raw ``columns`` (by name)."""
+        rules = self.group_thresholds
+        if rules is None:
+            return np.asarray(p) >= self.threshold
+        column = rules.grouping.column
+        if column not in columns:
+            raise KilnError(f"{self.path} decides by per-group thresholds on column {column!r} (fairness.json): "
+                            f"every row must give {column!r}; turn them off with kiln audit {self.path} "
+                            "--thresholds off")
+        return rules.decide_raw(np.asarray(p, dtype=np.float64), np.asarray(inputs), columns[column])
 
     # ---- evaluate and predict ------------------------------------------------------------------
 

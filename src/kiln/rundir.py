@@ -12,6 +12,7 @@ Layout of ``runs/<name>/``::
     results.json                  final train / val / test metrics (and a binary task's decision threshold)
     precision_recall.svg          binary classification: the test split's precision-recall curve
     model.onnx, model.pt2         written by `kiln export`
+    audit.json, audit.svg         written by `kiln audit`; fairness.json: its per-group thresholds
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
 kind lists them in ``run_files``). Every file is written atomically. This module imports nothing of kiln
@@ -39,6 +40,9 @@ class RunDir:
     BEST = "checkpoints/best.safetensors"
     ONNX = "model.onnx"
     TORCH_EXPORT = "model.pt2"
+    AUDIT = "audit.json"  # kiln audit: per-group figures with intervals, and audit.svg, its plot
+    AUDIT_PLOT = "audit.svg"
+    FAIRNESS = "fairness.json"  # per-group decision thresholds (kiln audit --fit-thresholds)
     # What serving a run reads, besides its kind's own files.
     SERVING = (CONFIG, MANIFEST, RESULTS, WEIGHTS)
 

@@ -104,6 +104,13 @@ class DataKind:
     def load(self, progress=None) -> Splits:
         raise NotImplementedError
 
+    def column_values(self, split: str, name: str) -> list[str | None]:
+        """The raw values of column ``name`` (any column of the data, trained on or not) for the samples of
+        ``split`` (train, val or test), in the split's order: what a fairness audit or reweighing groups rows by.
+        Only kinds whose samples are table rows have columns."""
+        raise DataError(f"{self.description} data has no columns; fairness groups come from a table's columns "
+                        "(data.dataset: tabular)")
+
     def save(self, run_path: Path) -> None:
         """Write ``run_files``: what the run directory needs to reopen this kind without the training data."""
 

@@ -22,7 +22,7 @@ from kiln.data.splits import Splits, stratified_rows
 from kiln.data.table import Table, read_table, rows_to_table
 from kiln.data.table_inputs import TableInputs
 from kiln.errors import DataError, RunDirError
-from kiln.registry import KINDS
+from kiln.registry import KINDS, did_you_mean
 from kiln.rundir import RunDir
 
 PREPROCESSING = "preprocessing.json"  # in the run directory
@@ -143,6 +143,18 @@ class Tabular(DataKind):
         digest = hashlib.sha256(Path(table.source).read_bytes()).hexdigest()
         return Splits(*parts, checksums={Path(table.source).name: digest})
 
+    def column_values(self, split: str, name: str) -> list[str | None]:
+        table = self.table()
+        if name not in table.columns:
+            names = list(table.columns)
+            raise DataError(f"no column {name!r} in {table.source}{did_you_mean(name, names)}; its columns: "
+                            f"{', '.join(names)}")
+        if not hasattr(self, "rows"):
+            target = self.prep.target
+            self.rows = split_indices(table, target.name, target.task, self.cfg, self.seed)
+        values = table.columns[name]
+        return [values[i] for i in self.rows[("train", "val", "test").index(split)]]
+
     def save(self, run_path: Path) -> None:
         self.prep.save(run_path / PREPROCESSING)
 
@@ -164,14 +176,17 @@ class Tabular(DataKind):
         """One dict per row: ``prediction`` and, for classification, ``probability_<class>`` per class.
         A binary prediction is the positive class when its probability reaches the run's threshold."""
         self.prep.check_complete(table)
-        out = run.predict(self.prep.transform(table))
+        x = self.prep.transform(table)
+        out = run.predict(x)
         if self.task == "regression":
             return [{"prediction": float(v)} for v in out]
-        names, threshold = self.class_names, run.threshold  # the threshold is read from results.json: once
+        names = self.class_names
+        # The run's threshold (from results.json), or its per-group thresholds when enabled (fairness.json).
+        positive = run.positive(out[:, 1].numpy(), x.numpy(), table.columns) if self.task == "binary" else None
         results = []
-        for row in out:
-            if self.task == "binary":
-                label = names[1] if float(row[1]) >= threshold else names[0]
+        for i, row in enumerate(out):
+            if positive is not None:
+                label = names[1] if positive[i] else names[0]
             else:
                 label = names[int(row.argmax())]
             results.append({"prediction": label,

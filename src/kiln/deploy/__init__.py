@@ -111,6 +111,8 @@ def deploy_docker(run_dir: str | Path, out: str | Path, backend: str = "torch", 
     missing = [f for f in needed if f not in files]
     if missing:
         raise KilnError(f"{run.path} lacks {', '.join(missing)}: only a finished run can be deployed")
+    if (run / RunDir.FAIRNESS).is_file():  # per-group thresholds: the server decides by them when enabled
+        files.append(RunDir.FAIRNESS)
     if (run / RunDir.ONNX).is_file():
         files.append(RunDir.ONNX)
     elif backend == "onnx":

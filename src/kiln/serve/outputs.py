@@ -76,11 +76,15 @@ class ClassAnswers:
         self.threshold = run.threshold if self.task == "binary" else None
 
     def answer(self, probs: np.ndarray) -> list[dict[str, Any]]:
-        _check_finite(probs.reshape(len(probs), -1))
         if self.threshold is None:
             chosen = probs.argmax(axis=1)
         else:
             chosen = (probs[:, 1] >= self.threshold).astype(np.int64)
+        return self.records(probs, chosen)
+
+    def records(self, probs: np.ndarray, chosen: np.ndarray) -> list[dict[str, Any]]:
+        """The answers for probabilities and the chosen class of each row."""
+        _check_finite(probs.reshape(len(probs), -1))
         names = self.names
         return [{"label": names[k], "index": int(k), "probability": round(float(row[k]), 6),
                  "probabilities": {n: round(float(v), 6) for n, v in zip(names, row.tolist(), strict=True)}}

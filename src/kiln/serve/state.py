@@ -18,6 +18,7 @@ from kiln.rundir import RunDir
 from kiln.serve.auth import api_key_from_env
 from kiln.serve.backends import make_backend
 from kiln.serve.batcher import MicroBatcher
+from kiln.serve.fairness import with_group_thresholds
 from kiln.serve.metrics import ServeMetrics
 from kiln.serve.outputs import answers_for
 from kiln.serve.settings import ServeSettings
@@ -63,6 +64,7 @@ def build_state(run_dir: str | Path, settings: ServeSettings) -> AppState:
     example = adapter.example()
     threads, threads_reason = settings.backend_threads()
     backend = make_backend(settings.backend, run, threads, example)
+    adapter, answers, backend, example = with_group_thresholds(run, adapter, answers, backend, example)
     metrics = ServeMetrics(lambda: batcher.waiting_rows)
     batcher = MicroBatcher(backend, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue_rows,
                            on_batch=metrics.batch)

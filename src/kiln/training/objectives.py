@@ -44,9 +44,12 @@ class Objective:
             return logits, y, 0
         return logits.flatten(0, 1), y.repeat_interleave(k, 0), k
 
-    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean loss of a batch (float32 logits); members' logits: the mean of the members' losses."""
-        logits, y, _ = self._flat(logits, y)
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean loss of a batch (float32 logits); members' logits: the mean of the members' losses. ``weight``
+        (classification): each sample's weight (train.fairness), the loss then their weighted mean."""
+        logits, y, k = self._flat(logits, y)
+        if weight is not None:
+            return self._weighted(logits, y, weight.repeat_interleave(k, 0) if k else weight)
         if self.task == "regression":
             return F.mse_loss(logits[:, 0], y)
         if self.task == "forecast":
@@ -56,6 +59,13 @@ class Objective:
         if self.task in TOKEN_TASKS:
             return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
+
+    def _weighted(self, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """sum(w_i l_i) / sum(w_i c_i) with c_i the class weight of sample i: the plain loss when every w_i is 1."""
+        losses = F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing,
+                                 reduction="none")
+        scale = w * self.class_weight[y] if self.class_weight is not None else w
+        return (w * losses).sum() / scale.sum()
 
     def counts(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | int]:
         """(right answers, how many were counted): samples, or for tokens the targets that are not padding. Both

@@ -87,7 +87,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
         run_dir.create()
         kind.save(run_dir.path)
     atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())  # on resume: the epochs or steps may have changed
-    for line in kind.report():
+    for line in [*kind.report(), *filter(None, [trainer.weights_note])]:
         display.log(line)
     manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason}
     run_dir.write_json(RunDir.MANIFEST, manifest)

@@ -20,6 +20,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.nn import KilnModel
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_checkpoint, save_checkpoint
+from kiln.training.fairness import sample_weights
 from kiln.training.metrics import evaluate, model_outputs
 from kiln.training.objectives import Objective
 from kiln.training.optim import backward_and_step, make_optimizer, make_scheduler
@@ -75,6 +76,7 @@ class Trainer:
         self.penalised = [p for p in model.parameters() if p.dim() > 1]
         weight = class_weights(self.t.class_weights, data.train_y, kind).to(device) if self.t.class_weights else None
         self.objective = Objective(kind.task, weight, self.t.label_smoothing)
+        self.sample_weight, self.weights_note = sample_weights(self.t.fairness, kind, data.train_y, device)
 
     def device_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in self._on_device:
@@ -124,7 +126,7 @@ class Trainer:
         with self.precision.autocast():
             logits = self.model(x)
         logits = logits.float()
-        loss = self.objective.loss(logits, y)
+        loss = self.objective.loss(logits, y, None if self.sample_weight is None else self.sample_weight[idx])
         if not torch.isfinite(loss):  # one read per step: on a CPU the value is there already
             return self.skip_nonfinite(loss)
         correct, counted = self.objective.counts(logits.detach(), y)
