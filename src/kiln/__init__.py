@@ -31,8 +31,8 @@ def train(config, overrides=None, **options) -> Run:
 
 def tune(config, space, trials: int, **options) -> dict:
     """Search ``config``'s hyperparameters over ``space`` with Optuna for ``trials`` trials; returns the summary.
-    See :func:`kiln.tune.tune` for the options."""
-    from kiln.tune import tune as tune_study
+    See :func:`kiln.tuning.tune` for the options."""
+    from kiln.tuning import tune as tune_study
 
     return tune_study(config, space, trials, **options)
 

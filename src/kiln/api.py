@@ -31,7 +31,7 @@ def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] |
     forces the progress bar on or off (default: on a terminal). Everything is validated (config, model
     shapes, data files) before anything is written, so a failed start leaves existing files as they were.
     ``on_evaluation`` is called with each evaluation's record (an epoch's validation metrics); an exception it
-    raises stops the training (kiln.tune prunes trials so).
+    raises stops the training (kiln tune prunes trials so).
     """
     cfg = load_config(config, overrides)
     run_dir = RunDir(out or Path("runs") / cfg.name)

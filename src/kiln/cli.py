@@ -308,7 +308,7 @@ def cmd_summary(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from kiln.tune import tune, work_only
+    from kiln.tuning import tune, work_only
 
     if args.worker:
         work_only(args.config, args.space, args.trials, storage=args.storage, study=args.study, out=args.out,

@@ -54,7 +54,7 @@ class TrainState:
 
 
 class Trainer:
-    on_evaluation: Callable[[dict[str, Any]], None] | None = None  # called with each evaluation's record (kiln.tune
+    on_evaluation: Callable[[dict[str, Any]], None] | None = None  # called with each evaluation's record (kiln tune
     # reports them to Optuna, whose pruner may stop the run by raising)
 
     def __init__(self, cfg, run_dir: RunDir, kind: DataKind, data: Splits, model: KilnModel, device: torch.device,

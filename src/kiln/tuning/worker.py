@@ -21,8 +21,8 @@ from typing import Any
 from kiln.api import train
 from kiln.errors import KilnError
 from kiln.training.trainer import TrainingDiverged
-from kiln.tune.space import Space
-from kiln.tune.study import heartbeat, optuna, recover_lost, worker_id
+from kiln.tuning.space import Space
+from kiln.tuning.study import heartbeat, optuna, recover_lost, worker_id
 
 TRIALS_DIR = "trials"
 LOGS_DIR = "logs"

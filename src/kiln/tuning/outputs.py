@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape
 
 from kiln.config import load_config
 from kiln.fsutil import atomic_write_text
-from kiln.tune.study import optuna
+from kiln.tuning.study import optuna
 
 BEST = "best.yaml"
 TRIALS_CSV = "trials.csv"

@@ -3,10 +3,10 @@
     kiln tune CONFIG --space SPACE.yaml --trials N [--storage URL] [--workers K] [--folds F]
         [--pruner median|hyperband|none] [--metric NAME] [--study NAME] [--out DIR]
 
-The space (:mod:`kiln.tune.space`) names config keys by their dotted paths; each trial trains the config with
-one draw of them (:mod:`kiln.tune.worker`); the study lives in a storage that several processes and machines
-share, and the same command run again continues it up to N trials (:mod:`kiln.tune.study`); the output folder
-gets the best config, a trials table, importances and a plot (:mod:`kiln.tune.outputs`).
+The space (:mod:`kiln.tuning.space`) names config keys by their dotted paths; each trial trains the config with
+one draw of them (:mod:`kiln.tuning.worker`); the study lives in a storage that several processes and machines
+share, and the same command run again continues it up to N trials (:mod:`kiln.tuning.study`); the output folder
+gets the best config, a trials table, importances and a plot (:mod:`kiln.tuning.outputs`).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from kiln.data.kind import open_kind
 from kiln.errors import ConfigError, KilnError
 from kiln.fsutil import atomic_write_text
 from kiln.training.metrics import HIGHER_IS_BETTER, TASK_METRICS
-from kiln.tune.outputs import write_outputs
-from kiln.tune.space import Space, check_space, read_space
-from kiln.tune.study import JOURNAL, describe_storage, open_storage, open_study, optuna
-from kiln.tune.worker import Job, stderr_say, work
+from kiln.tuning.outputs import write_outputs
+from kiln.tuning.space import Space, check_space, read_space
+from kiln.tuning.study import JOURNAL, describe_storage, open_storage, open_study, optuna
+from kiln.tuning.worker import Job, stderr_say, work
 
 PRUNERS = ("median", "hyperband", "none")
 BASE = "base.yaml"  # the config the study tunes, as resolved (workers started with --workers read it)
