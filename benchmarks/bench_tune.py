@@ -9,7 +9,7 @@
 2. Scores the hand-set config and the best config on the same k folds (the tuning's own folds: optimistic for
    the tuned config, which was chosen on them) and on fresh folds: the config's ``seed`` set to each of
    ``--fresh-seeds``, which draws other folds (and another initialisation and order) that the tuning never saw.
-Prints mean +- sd over folds per seed and over all fresh folds together; writes benchmarks/results/tune_<time>.json.
+Prints mean +- sd over folds per seed and over all fresh folds together; writes benchmarks/results/tune-<time>.json.
 Every training runs on one thread (train.threads=1), so the two configs are trained alike.
 """
 
@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--fresh-seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--out", default=None, help="default: benchmarks/results/tune_<time>.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/tune-<time>.json")
     args = ap.parse_args()
 
     import optuna
@@ -82,7 +82,6 @@ def main() -> None:
         tune_seconds = time.perf_counter() - t0
         best = load_config(tmp / "tune" / "best.yaml")
         trials_md = (tmp / "tune" / "trials.md").read_text()
-        history_svg = (tmp / "tune" / "history.svg").read_text()
         scores: dict[str, dict[int, list[dict[str, float]]]] = {"hand_set": {}, "tuned": {}}
         for seed in [hand.seed, *args.fresh_seeds]:
             for name, cfg in (("hand_set", hand), ("tuned", best)):
@@ -117,10 +116,9 @@ def main() -> None:
               "best_config": best.to_dict(), "results": results,
               "fresh_gain_roc_auc": gain, "fresh_paired_differences": paired, "fresh_folds_won": wins}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"tune_{stamp}.json")
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"tune-{stamp}.json")
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    out.with_suffix(".svg").write_text(history_svg)
-    print(f"wrote {out} and {out.with_suffix('.svg').name}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -242,6 +242,7 @@ def test_cross_validated_tune_scores_trials_by_their_fold_mean(german_credit: Pa
     assert (Path(best["run"]) / "fold_1" / "results.json").is_file()
 
 
+@pytest.mark.slow  # two processes, each importing torch: about a minute here
 def test_two_workers_share_one_sqlite_study_without_duplicates(german_credit: Path, tmp_path: Path) -> None:
     space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
     db = tmp_path / "study.db"
@@ -260,6 +261,7 @@ def test_two_workers_share_one_sqlite_study_without_duplicates(german_credit: Pa
     assert "[worker " in r.stderr
 
 
+@pytest.mark.slow  # two processes, each importing torch: about a minute here
 def test_a_killed_study_resumes_to_its_total(german_credit: Path, tmp_path: Path) -> None:
     space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
     out = tmp_path / "o"
@@ -347,6 +349,7 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow  # two processes, each importing torch: about a minute here
 def test_two_workers_share_a_study_on_a_real_postgresql_server(postgres: str, german_credit: Path,
                                                                tmp_path: Path) -> None:
     space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
@@ -362,3 +365,49 @@ def test_two_workers_share_a_study_on_a_real_postgresql_server(postgres: str, ge
     summary = json.loads((tmp_path / "o" / "tune.json").read_text())
     assert summary["storage"].startswith("postgresql+psycopg://postgres@127.0.0.1")
     assert summary["best"]["value"] == max(t.value for t in complete)
+
+
+# ---- pruning -------------------------------------------------------------------------------------------
+
+
+def test_fold_median_pruner_judges_the_mean_after_this_fold_not_the_best_step() -> None:
+    import optuna
+
+    from kiln.tuning import fold_median_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=fold_median_pruner(optuna)(n_startup_trials=3,
+                                                                                         n_warmup_steps=1))
+    for value in (0.78, 0.79, 0.80):
+        t = study.ask()
+        for step in range(3):
+            t.report(value, step)
+        study.tell(t, value)
+    lucky_first_fold = study.ask()
+    lucky_first_fold.report(0.95, 0)
+    assert not lucky_first_fold.should_prune()  # fold 0 is before the warm-up ends
+    lucky_first_fold.report(0.70, 1)
+    assert lucky_first_fold.should_prune()  # Optuna's MedianPruner would keep it: its best step, 0.95, is high
+    good = study.ask()
+    good.report(0.80, 0)
+    good.report(0.795, 1)
+    assert not good.should_prune()
+
+
+def test_a_pruned_trial_stops_after_the_epoch_its_pruner_judged(german_credit: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    import optuna
+
+    import kiln
+    import kiln.tuning
+
+    # A pruner that stops every trial at its first epoch whose validation ROC-AUC is below 1.
+    monkeypatch.setattr(kiln.tuning, "make_pruner", lambda op, name, folds: optuna.pruners.ThresholdPruner(lower=1.0))
+    space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
+    summary = kiln.tune(CONFIG, space, 2, out=tmp_path / "o", overrides={"train.epochs": 8, "train.threads": 1,
+                                                                          "train.log_every": 1000})
+    assert summary["trials"] == {"pruned": 2} and summary["best"] is None
+    for t in load_study(tmp_path / "o" / "study.journal").trials:
+        assert list(t.intermediate_values) == [1]  # reported epoch 1, then stopped
+        metrics = (Path(t.user_attrs["run"]) / "metrics.jsonl").read_text()
+        assert '"epoch": 1' in metrics and '"epoch": 2,' not in metrics
+    assert "pruned at step 1" in (tmp_path / "o" / "trials.md").read_text()

@@ -12,6 +12,7 @@ gets the best config, a trials table, importances and a plot (:mod:`kiln.tuning.
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +131,33 @@ def make_pruner(op, name: str, folds: int | None):
         return op.pruners.NopPruner()
     if name == "hyperband":
         return op.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
-    # Epochs: the first 3 are too noisy to judge; folds: judge from the second fold on.
-    return op.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1 if folds else 3)
+    if folds:
+        return fold_median_pruner(op)(n_startup_trials=5, n_warmup_steps=1)
+    # Epochs: the first 3 are too noisy to judge.
+    return op.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+
+
+def fold_median_pruner(op):
+    """The median rule for cross-validated trials. Optuna's MedianPruner compares a trial's best value over its
+    steps, which suits a learning curve but not a running mean over folds: a first fold that happens to score
+    high would shield the trial from then on. This compares the mean after fold k alone."""
+
+    class FoldMedianPruner(op.pruners.BasePruner):
+        def __init__(self, n_startup_trials: int, n_warmup_steps: int) -> None:
+            self.n_startup_trials, self.n_warmup_steps = n_startup_trials, n_warmup_steps
+
+        def prune(self, study, trial) -> bool:
+            step = trial.last_step
+            if step is None or step < self.n_warmup_steps:
+                return False
+            others = [t.intermediate_values[step] for t in study.get_trials(
+                deepcopy=False, states=(op.trial.TrialState.COMPLETE,)) if step in t.intermediate_values]
+            if len(others) < self.n_startup_trials:
+                return False
+            value, median = trial.intermediate_values[step], statistics.median(others)
+            return value < median if study.direction == op.study.StudyDirection.MAXIMIZE else value > median
+
+    return FoldMedianPruner
 
 
 def _start_worker(out: Path, trials: int, storage: str, study: str, metric: str, folds: int | None, pruner: str,
