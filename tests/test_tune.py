@@ -262,6 +262,25 @@ def test_two_workers_share_one_sqlite_study_without_duplicates(german_credit: Pa
 
 
 @pytest.mark.slow  # two processes, each importing torch: about a minute here
+def test_two_commands_started_by_hand_share_the_journal_file(german_credit: Path, tmp_path: Path) -> None:
+    space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
+    cmd = kiln_cmd("tune", str(CONFIG), "--space", str(space), "--trials", "6", "--pruner", "none", "--out",
+                   str(tmp_path / "o"), "--set", "train.epochs=20", "--set", "train.threads=1", "--set",
+                   "train.log_every=1000")
+    procs = [subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    trials = load_study(tmp_path / "o" / "study.journal").trials
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 6 and len({json.dumps(t.params, sort_keys=True) for t in complete}) == 6
+    assert len({t.user_attrs["worker"]["pid"] for t in complete}) == 2
+    # Nothing lost; a trial asked for by both at the very end is told "not needed" (surplus), never trained.
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state.name != "COMPLETE")
+
+
+@pytest.mark.slow  # two processes, each importing torch: about a minute here
 def test_a_killed_study_resumes_to_its_total(german_credit: Path, tmp_path: Path) -> None:
     space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
     out = tmp_path / "o"

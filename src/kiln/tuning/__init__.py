@@ -83,6 +83,10 @@ def tune(config: str | os.PathLike | dict | Config, space: str | os.PathLike | d
     job = Job(base, sp, metric, folds, trials, out)
     try:
         work(the_study, job, say)
+    except BaseException:  # a setup error or an interrupt: the other workers stop too (their trials count as lost)
+        for p in helpers:
+            p.terminate()
+        raise
     finally:
         codes = [p.wait() for p in helpers]
     if any(codes):
