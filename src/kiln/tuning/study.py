@@ -70,9 +70,9 @@ def open_storage(url: str | None, out: Path):
                                     {"connect_timeout": CONNECT_TIMEOUT_S})
     try:
         return op.storages.RDBStorage(url, engine_kwargs={"connect_args": connect_args, "pool_pre_ping": True})
-    except ModuleNotFoundError as e:
-        raise KilnError(f"storage {shown} needs the database driver {e.name!r}: pip install 'kiln[tune]' "
-                        "(psycopg for postgresql+psycopg:// URLs)") from None
+    except ImportError as e:
+        raise KilnError(f"storage {shown}: its database driver is not installed ({e}); for PostgreSQL, "
+                        "pip install 'kiln[tune]' and use a postgresql+psycopg:// URL") from None
     except Exception as e:  # noqa: BLE001 (SQLAlchemy's errors for a bad URL, a refused or silent server, a bad password)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KilnError(f"cannot open the study storage {shown}: {first}") from None
