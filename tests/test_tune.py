@@ -439,3 +439,13 @@ def test_a_pruned_trial_stops_after_the_epoch_its_pruner_judged(german_credit: P
         metrics = (Path(t.user_attrs["run"]) / "metrics.jsonl").read_text()
         assert '"epoch": 1' in metrics and '"epoch": 2,' not in metrics
     assert "pruned at step 1" in (tmp_path / "o" / "trials.md").read_text()
+
+
+def test_hyperband_pruner_runs_a_study_to_its_total(german_credit: Path, tmp_path: Path) -> None:
+    import kiln
+
+    space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
+    summary = kiln.tune(CONFIG, space, 3, pruner="hyperband", out=tmp_path / "hb",
+                        overrides={"train.epochs": 4, "train.threads": 1, "train.log_every": 1000})
+    assert sum(summary["trials"].values()) == 3 and set(summary["trials"]) <= {"complete", "pruned"}
+    assert summary["pruner"] == "hyperband" and summary["best"]["value"] > 0.6
