@@ -91,13 +91,13 @@ def main() -> None:
                       f"{statistics.pstdev(roc):.4f}", flush=True)
     results: dict = {}
     print(f"\n{'config':10s} {'folds':34s} {'ROC-AUC mean +- sd':>20s} {'PR-AUC mean +- sd':>20s}")
-    for name in scores:
-        same = scores[name][hand.seed]
-        fresh = [f for s in args.fresh_seeds for f in scores[name][s]]
+    for name, by_seed in scores.items():
+        same = by_seed[hand.seed]
+        fresh = [f for s in args.fresh_seeds for f in by_seed[s]]
         results[name] = {
             "same_folds": {m: spread([f[m] for f in same]) for m in METRICS},
             "fresh_folds": {m: spread([f[m] for f in fresh]) for m in METRICS},
-            "per_seed": {str(s): {m: spread([f[m] for f in scores[name][s]]) for m in METRICS} for s in scores[name]},
+            "per_seed": {str(s): {m: spread([f[m] for f in folds]) for m in METRICS} for s, folds in by_seed.items()},
         }
         for label, key in ((f"tuning's folds (seed {hand.seed})", "same_folds"),
                            (f"fresh folds (seeds {','.join(map(str, args.fresh_seeds))})", "fresh_folds")):

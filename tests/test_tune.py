@@ -250,7 +250,8 @@ def test_two_workers_share_one_sqlite_study_without_duplicates(german_credit: Pa
     r = subprocess.run(kiln_cmd("tune", str(CONFIG), "--space", str(space), "--trials", "8", "--workers", "2",
                                 "--storage", f"sqlite:///{db}", "--pruner", "none", "--out", str(tmp_path / "o"),
                                 "--set", "train.epochs=20", "--set", "train.threads=1", "--set",
-                                "train.log_every=1000"), env=env(), capture_output=True, text=True, timeout=600)
+                                "train.log_every=1000"), env=env(), capture_output=True, text=True, timeout=600,
+                       check=False)
     assert r.returncode == 0, r.stderr
     trials = load_study(f"sqlite:///{db}").trials
     complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -300,7 +301,8 @@ def test_a_killed_study_resumes_to_its_total(german_credit: Path, tmp_path: Path
     before = load_study(journal).trials
     killed = [t.number for t in before if t.state.name == "RUNNING"]
     assert len(killed) == 1 and sum(t.state.name == "COMPLETE" for t in before) < 5
-    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600,
+                       check=False)
     assert r.returncode == 0, r.stderr
     assert f"trial {killed[0]} was lost" in r.stderr
     trials = load_study(journal).trials
@@ -373,7 +375,7 @@ def postgres():
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
         subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+                       capture_output=True, timeout=60, check=False)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -384,7 +386,7 @@ def test_two_workers_share_a_study_on_a_real_postgresql_server(postgres: str, ge
     r = subprocess.run(kiln_cmd("tune", str(CONFIG), "--space", str(space), "--trials", "4", "--workers", "2",
                                 "--storage", postgres, "--study", "pg_shared", "--pruner", "none",
                                 "--out", str(tmp_path / "o"), *QUICK), env=env(), capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, check=False)
     assert r.returncode == 0, r.stderr
     trials = load_study(postgres, "pg_shared").trials
     complete = [t for t in trials if t.state.name == "COMPLETE"]

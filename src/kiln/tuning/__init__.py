@@ -24,7 +24,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.fsutil import atomic_write_text
 from kiln.training.metrics import HIGHER_IS_BETTER, TASK_METRICS
 from kiln.tuning.outputs import write_outputs
-from kiln.tuning.space import Space, check_space, read_space
+from kiln.tuning.space import check_space, read_space
 from kiln.tuning.study import JOURNAL, describe_storage, open_storage, open_study, optuna
 from kiln.tuning.worker import Job, stderr_say, work
 

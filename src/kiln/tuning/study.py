@@ -92,7 +92,7 @@ def open_study(storage, name: str, direction: str, settings: dict[str, Any], sam
             study = op.create_study(study_name=name, storage=storage, direction=direction, sampler=sampler,
                                     pruner=pruner, load_if_exists=True)
             break
-        except Exception:  # noqa: BLE001 (an IntegrityError or duplicate-study error of the race above)
+        except Exception:  # an IntegrityError or duplicate-study error of the race above
             if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
