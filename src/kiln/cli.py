@@ -328,6 +328,8 @@ def cmd_tune(args) -> None:
         for k, v in b["params"].items():
             print(f"  {k}: {v}")
         print(f"config: {b['config']}  (kiln train {b['config']})")
+    imp = r.get("importances", {})
+    print("importances: " + (imp["error"] if "error" in imp else ", ".join(f"{k} {v:.2f}" for k, v in imp.items())))
 
 
 def main(argv: list[str] | None = None) -> int:
