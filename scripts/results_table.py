@@ -286,6 +286,32 @@ def tables_cells(data: dict, options: dict) -> tuple[str, str, str]:
 
 
 
+def tune_options(data: dict) -> dict:
+    return {k: v for k, v in data["settings"].items() if k != "out"}
+
+
+def tune_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    r, c, seeds = data["results"], data["conditions"], options["fresh_seeds"]
+    what = (f"`kiln tune examples/german_credit.yaml --space examples/german_credit_space.yaml --trials "
+            f"{options['trials']} --folds {options['folds']}` (TPE, {options['pruner']} pruner), then the hand-set "
+            f"example and the best config each scored on {options['folds']} stratified folds of fresh seeds "
+            f"({', '.join(map(str, seeds))}) that the tuning never saw")
+
+    def roc(name: str, key: str) -> str:
+        m = r[name][key]["roc_auc"]
+        return f"{m['mean']:.4f} +- {m['sd']:.4f}"
+
+    n = len(data["fresh_paired_differences"])
+    result = (f"ROC-AUC mean +- sd over {n} fresh folds: tuned {roc('tuned', 'fresh_folds')}, hand-set "
+              f"{roc('hand_set', 'fresh_folds')}: **{data['fresh_gain_roc_auc']:+.4f}**, tuned better on "
+              f"{data['fresh_folds_won']} of {n} folds; on the tuning's own folds (optimistic for the tuned config) "
+              f"{roc('tuned', 'same_folds')} vs {roc('hand_set', 'same_folds')}; tuning "
+              f"{data['tune']['seconds']:.0f} s ({', '.join(f'{v} {k}' for k, v in data['tune']['trials'].items())})")
+    conditions = (f"{c['cpu']}, {c['cores']} cores, Python {c['python']}; torch {c['torch']}, optuna {c['optuna']}, "
+                  f"kiln {c['kiln']}; 1 thread")
+    return what, result, conditions
+
+
 def movielens_options(data: dict) -> dict:
     c = data["conditions"]
     parts = data.get("parts") or ["ranking"]  # recorded since --parts exists; the first file holds the ranking only
@@ -392,6 +418,9 @@ BENCHMARKS = {
                         frozenset(), tables_options, tables_cells),
     "fairness": Benchmark("benchmarks/bench_fairness.py", {"seeds": [0, 1, 2], "folds": 5, "bootstrap": 1000},
                           frozenset({"seeds", "bootstrap"}), fairness_options, fairness_cells),
+    "tune": Benchmark("benchmarks/bench_tune.py", {"trials": 30, "folds": 5, "fresh_seeds": [1, 2, 3],
+                                                   "pruner": "median", "workers": 1},
+                      frozenset({"fresh_seeds"}), tune_options, tune_cells),
     "cifar": Benchmark("benchmarks/bench_cifar.py", {"epochs": None, "reps": 1, "threads": 1, "systems": "kiln,eager"},
                        frozenset({"reps", "systems"}), cifar_options, cifar_cells),
 }

@@ -14,7 +14,8 @@ from kiln.errors import DataError
 from kiln.nn import build_model
 from kiln.summary import model_of
 
-EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
+EXAMPLES = sorted(p for p in Path(__file__).parent.parent.joinpath("examples").glob("*.yaml")
+                  if not p.stem.endswith("_space"))  # search spaces of kiln tune (tests/test_tune.py checks them)
 
 
 def found(path, root):

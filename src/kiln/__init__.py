@@ -12,7 +12,7 @@ from kiln.errors import ConfigError, DataError, KilnError, RunDirError
 from kiln.version import __version__
 
 __all__ = ["Config", "ConfigError", "DataError", "KilnError", "Run", "RunDirError", "__version__", "load_config",
-           "train"]
+           "train", "tune"]
 
 _LAZY = {"Config": "kiln.config", "load_config": "kiln.config", "Run": "kiln.run"}
 
@@ -27,6 +27,14 @@ def train(config, overrides=None, **options) -> Run:
     from kiln.api import train as train_run
 
     return train_run(config, overrides, **options)
+
+
+def tune(config, space, trials: int, **options) -> dict:
+    """Search ``config``'s hyperparameters over ``space`` with Optuna for ``trials`` trials; returns the summary.
+    See :func:`kiln.tuning.tune` for the options."""
+    from kiln.tuning import tune as tune_study
+
+    return tune_study(config, space, trials, **options)
 
 
 def __getattr__(name: str) -> Any:

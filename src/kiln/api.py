@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,21 @@ CV_RESULTS = "cv_results.json"
 
 
 def train(config: str | os.PathLike | dict | Config, overrides: dict[str, Any] | list[str] | None = None, *,
-          out: str | os.PathLike | None = None, resume: bool = False, live: bool | None = None) -> Run:
+          out: str | os.PathLike | None = None, resume: bool = False, live: bool | None = None,
+          on_evaluation: Callable[[dict], None] | None = None) -> Run:
     """Train a model from a config and return the finished :class:`Run`.
 
     ``overrides`` set dotted keys (``{"train.epochs": 3}`` or ``["train.epochs=3"]``); ``out`` is the run
     directory (default ``runs/<name>``); ``resume`` continues the run there from its last checkpoint; ``live``
     forces the progress bar on or off (default: on a terminal). Everything is validated (config, model
     shapes, data files) before anything is written, so a failed start leaves existing files as they were.
+    ``on_evaluation`` is called with each evaluation's record (an epoch's validation metrics); an exception it
+    raises stops the training (kiln tune prunes trials so).
     """
     cfg = load_config(config, overrides)
     run_dir = RunDir(out or Path("runs") / cfg.name)
     saved = load_config(run_dir / RunDir.CONFIG).to_dict() if resume and run_dir.is_run() else None
-    t = train_run(cfg, run_dir, resume, saved, live)
+    t = train_run(cfg, run_dir, resume, saved, live, on_evaluation)
     return Run(t.run_dir, t.cfg, t.model, t.device, t.kind)
 
 

@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   kiln export runs/german_credit --format torch-export --check random
   kiln report runs/mnist_seed --out mnist_card.html
   kiln audit runs/german_credit --sensitive foreign --sensitive age:25
+  kiln tune examples/german_credit.yaml --space examples/german_credit_space.yaml --trials 30 --folds 5
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
 $KILN_CACHE or ~/.cache/kiln."""
 
@@ -128,6 +129,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="what --fit-thresholds equalises (default: demographic_parity)")
     a.add_argument("--thresholds", choices=["on", "off"], help="turn saved per-group thresholds on or off")
     a.add_argument("--json", action="store_true", help="print audit.json instead of the table")
+
+    tu = sub.add_parser("tune", help="search hyperparameters with Optuna (needs the tune extra)",
+                        description="Tune a config over a search space (dotted config keys with float/int ranges and "
+                                    "choices) with Optuna's TPE sampler, pruning bad trials on their validation "
+                                    "metric. The study is stored in --out/study.journal (or --storage) and shared "
+                                    "by --workers processes or several commands; the same command run again "
+                                    "continues it up to --trials. Writes best.yaml, trials.csv/.md, "
+                                    "importances.json, history.svg and tune.json to --out.")
+    tu.add_argument("config", help="YAML config file")
+    tu.add_argument("--space", required=True, help="YAML search space: {dotted.key: {float|int: [low, high], log: "
+                                                   "true} | {choice: [a, b]}, with optional when: {key: value}}")
+    tu.add_argument("--trials", type=int, required=True, help="finished trials the study should have in all")
+    tu.add_argument("--storage", help="journal file path, sqlite:///FILE or postgresql+psycopg://USER:PW@HOST/DB "
+                                      "(default: --out/study.journal)")
+    tu.add_argument("--workers", type=int, default=1, help="processes working on the study at once (default: 1)")
+    tu.add_argument("--folds", type=int, metavar="K", help="score each trial by K-fold cross-validation")
+    tu.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                    help="stop trials that do worse than others at the same epoch or fold (default: median)")
+    tu.add_argument("--metric", default="auto", help="metric to optimise (default auto: roc_auc for binary tasks, "
+                                                     "accuracy for classes, rmse for regression, ...)")
+    tu.add_argument("--study", help="study name (default: the config's name)")
+    tu.add_argument("--out", help="output folder (default: runs/<config name>-tune)")
+    tu.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value before tuning (repeatable)")
+    tu.add_argument("--json", action="store_true", help="print the summary as JSON")
+    tu.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process started by --workers
     return p
 
 
@@ -333,6 +360,31 @@ def cmd_summary(args) -> None:
     print_summary(model_of(cfg), f"{cfg.name} ({path})")
 
 
+def cmd_tune(args) -> None:
+    from kiln.tuning import tune, work_only
+
+    if args.worker:
+        work_only(args.config, args.space, args.trials, storage=args.storage, study=args.study, out=args.out,
+                  metric=args.metric, folds=args.folds, pruner=args.pruner)
+        return
+    r = tune(args.config, args.space, args.trials, storage=args.storage, workers=args.workers, folds=args.folds,
+             pruner=args.pruner, metric=args.metric, study=args.study, out=args.out, overrides=args.overrides)
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return
+    counts = ", ".join(f"{n} {state}" for state, n in r["trials"].items())
+    print(f"study {r['study']} ({r['storage']}): {counts}")
+    if r["best"]:
+        b = r["best"]
+        spread = f" (folds: {', '.join(f'{v:.4f}' for v in b['folds'])})" if b.get("folds") else ""
+        print(f"best: trial {b['number']}, {r['metric']} {b['value']:.4f}{spread}")
+        for k, v in b["params"].items():
+            print(f"  {k}: {v}")
+        print(f"config: {b['config']}  (kiln train {b['config']})")
+    imp = r.get("importances", {})
+    print("importances: " + (imp["error"] if "error" in imp else ", ".join(f"{k} {v:.2f}" for k, v in imp.items())))
+
+
 # Each command's function, by name; one line per command.
 COMMANDS = {
     "train": cmd_train,
@@ -345,6 +397,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "report": cmd_report,
     "audit": cmd_audit,
+    "tune": cmd_tune,
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -45,18 +46,20 @@ class Trained:
 
 
 def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = None,
-              live: bool | None = None) -> Trained:
+              live: bool | None = None, on_evaluation: Callable[[dict], None] | None = None) -> Trained:
     """Train ``cfg`` (a validated Config) into ``run_dir``; with ``resume``, continue it from its last checkpoint
     (``saved``: the config it was started with, as a dict). ``train.threads`` holds for this training only: the
-    calling process gets its own thread count back."""
+    calling process gets its own thread count back. ``on_evaluation`` is called with each evaluation's record
+    (:attr:`Trainer.on_evaluation`)."""
     before = torch.get_num_threads()
     try:
-        return _train_run(cfg, run_dir, resume, saved, live)
+        return _train_run(cfg, run_dir, resume, saved, live, on_evaluation)
     finally:
         torch.set_num_threads(before)
 
 
-def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: bool | None) -> Trained:
+def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: bool | None,
+               on_evaluation: Callable[[dict], None] | None) -> Trained:
     started = run_dir.read_json(RunDir.MANIFEST).get("threads") if resume and run_dir.is_run() else None
     threads, threads_reason = pick_threads(cfg.train.threads, started)
     torch.set_num_threads(threads)
@@ -83,6 +86,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     if len(data.train_x) == 0:
         raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
     trainer = Trainer(cfg, run_dir, kind, data, model, device, precision, display)
+    trainer.on_evaluation = on_evaluation
     if not resume:
         run_dir.create()
         kind.save(run_dir.path)

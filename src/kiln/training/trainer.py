@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,9 @@ class TrainState:
 
 
 class Trainer:
+    on_evaluation: Callable[[dict[str, Any]], None] | None = None  # called with each evaluation's record (kiln tune
+    # reports them to Optuna, whose pruner may stop the run by raising)
+
     def __init__(self, cfg, run_dir: RunDir, kind: DataKind, data: Splits, model: KilnModel, device: torch.device,
                  precision: Precision, display: TrainProgress) -> None:
         self.cfg, self.t = cfg, cfg.train
@@ -72,6 +76,7 @@ class Trainer:
         self.scaler = precision.grad_scaler()
         self.aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.state = TrainState()
+        self._reported = 0  # history records handed to on_evaluation
         # Penalties apply to weight matrices and kernels, not to biases or normalisation scales.
         self.penalised = [p for p in model.parameters() if p.dim() > 1]
         weight = class_weights(self.t.class_weights, data.train_y, kind).to(device) if self.t.class_weights else None
@@ -191,6 +196,7 @@ class Trainer:
                         s.loss_sum, s.correct, s.counted = 0.0, 0, 0
                 if not last:
                     plan.after_step(s.global_step)
+                    self.report_evaluations()
                 if s.global_step % t.checkpoint_every == 0 and not last:
                     s.loss_sum, s.correct, s.counted = loss_sum.item(), int(correct.item()), int(counted.item())
                     s.train_seconds += time.perf_counter() - t0
@@ -198,9 +204,16 @@ class Trainer:
                     self.save()
             s.train_seconds += time.perf_counter() - t0
             plan.end_period(s.loss_sum / max(s.counted, 1), s.correct / max(s.counted, 1))
+            self.report_evaluations()
             s.step_in_epoch, s.loss_sum, s.correct, s.counted, s.seen = 0, 0.0, 0, 0, 0
             self.save()
         self.display.close()
+
+    def report_evaluations(self) -> None:
+        """Hand the evaluation records the plan added since the last call to ``on_evaluation``."""
+        while self.on_evaluation is not None and self._reported < len(self.state.history):
+            self._reported += 1
+            self.on_evaluation(self.state.history[self._reported - 1])
 
     # ---- evaluation ----------------------------------------------------------------------------
 
