@@ -12,6 +12,7 @@ Layout of ``runs/<name>/``::
     results.json                  final train / val / test metrics (and a binary task's decision threshold)
     precision_recall.svg          binary classification: the test split's precision-recall curve
     model.onnx, model.pt2         written by `kiln export`
+    explanations/                 written by `kiln explain`: per input <name>.<method>.json and .png/.svg/.html
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
 kind lists them in ``run_files``). Every file is written atomically. This module imports nothing of kiln
@@ -39,6 +40,7 @@ class RunDir:
     BEST = "checkpoints/best.safetensors"
     ONNX = "model.onnx"
     TORCH_EXPORT = "model.pt2"
+    EXPLANATIONS = "explanations"  # kiln explain: a JSON and a picture per input, global.<method>.json/.svg
     # What serving a run reads, besides its kind's own files.
     SERVING = (CONFIG, MANIFEST, RESULTS, WEIGHTS)
 
