@@ -119,6 +119,18 @@ def test_cli_explains_image_files(mnist_run, tmp_path, capsys):
     assert "digit.integrated_gradients.png" in out and "PyTorch's operators" in out
 
 
+def test_images_of_an_idx_file_explain(mnist_run, mnist_root, tmp_path):
+    """MNIST's own IDX file as input: each image an input, the first --limit of them."""
+    idx = next(p for p in mnist_root.iterdir() if p.name.startswith("t10k-images-idx3-ubyte"))
+    assert main(["explain", str(mnist_run.path), str(idx), "--limit", "3", "--method", "saliency",
+                 "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"t10k-images_{k}.saliency.png" for k in range(3)]
+    record = json.loads((tmp_path / "t10k-images_2.saliency.json").read_text())
+    x, _ = mnist_run.kind.load().split("test")
+    assert record["input"]["index"] == 2 and record["class"] == mnist_run.class_names[
+        int(mnist_run.predict(x[2:3]).argmax())]
+
+
 def test_bad_image_input_is_named(mnist_run, tmp_path, capsys):
     with pytest.raises(KilnError, match=r"explain expects input of shape \(N, 1, 28, 28\), got \(2, 5, 5\)"):
         mnist_run.explain(torch.zeros(2, 5, 5))

@@ -156,7 +156,8 @@ def _add_serving_commands(sub) -> None:
     xp.add_argument("--out", help="folder for the explanations (default: <run>/explanations)")
     xp.add_argument("--global", dest="global_", action="store_true",
                     help="table runs: rank the columns by mean |attribution| over the test split")
-    xp.add_argument("--limit", type=int, default=1000, help="with --global: rows of the split read (default: 1000)")
+    xp.add_argument("--limit", type=int, help="explain the first N inputs only (an IDX file's images, CSV rows, "
+                                              "text lines); with --global: rows of the split read (default: 1000)")
     xp.add_argument("--json", action="store_true", help="print the JSON records instead of a summary")
 
     d = sub.add_parser("deploy", help="write a Docker build context and/or Kubernetes manifests",
@@ -221,7 +222,7 @@ def cmd_explain(args) -> None:
 
     run = Run.load(args.run)
     if args.global_:
-        result = run.explain_global(args.method or "occlusion", limit=args.limit, out=args.out)
+        result = run.explain_global(args.method or "occlusion", limit=args.limit or 1000, out=args.out)
         if args.json:
             print(json.dumps(result, indent=2))
             return
@@ -230,7 +231,8 @@ def cmd_explain(args) -> None:
             print(f"  {c['rank']:3d}. {c['column']:30s} {c['importance']:.6g}")
         print(f"wrote {', '.join(result['files'])}")
         return
-    records = run.explain(args.inputs, args.method or "integrated_gradients", out=args.out, target=args.target)
+    records = run.explain(args.inputs, args.method or "integrated_gradients", out=args.out, target=args.target,
+                          limit=args.limit)
     if args.json:
         print(json.dumps(records, indent=2))
         return

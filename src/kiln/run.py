@@ -166,11 +166,11 @@ class Run:
         return self._offered("predict_texts")(self, [texts] if isinstance(texts, str) else list(texts))
 
     def explain(self, inputs, method: str = "integrated_gradients", out: str | Path | None = None,
-                target: str | None = None) -> list[dict[str, Any]]:
-        """Attributions for inputs (files, or an array as :meth:`predict` takes it): one JSON and a picture each in
-        ``explanations/`` (or ``out``); see :mod:`kiln.explain`. ``target``: the class to explain (default: the
-        predicted one)."""
-        return explain(self, inputs, method, out, target)
+                target: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Attributions for inputs (files, or an array as :meth:`predict` takes it; ``limit``: the first so many):
+        one JSON and a picture each in ``explanations/`` (or ``out``); see :mod:`kiln.explain`. ``target``: the
+        class to explain (default: the predicted one)."""
+        return explain(self, inputs, method, out, target, limit)
 
     def explain_global(self, method: str = "occlusion", split: str = "test", limit: int | None = 1000,
                        out: str | Path | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ METHODS = ("integrated_gradients", "saliency", "occlusion", "shap")
 IG_STEPS = 64  # first try; doubled while the completeness gap is above IG_TOLERANCE, up to IG_MAX_STEPS
 IG_MAX_STEPS = 1024
 IG_TOLERANCE = 0.01  # |sum of attributions - (output - baseline output)| / |output - baseline output|
+IG_ABSOLUTE = 1e-4  # ... or this absolute gap, for an output that hardly changes from the baseline
 SHAP_SAMPLES = 64
 INTERNAL_BATCH = 512  # samples of one forward/backward inside Captum
 
@@ -38,7 +39,7 @@ class Attribution:
     values: torch.Tensor  # (B, G) per group when groups were given, else (B, *input positions)
     output: torch.Tensor  # (B,) the explained output (a logit, or a regression value) at the input
     start: torch.Tensor  # (B,) the same output at the baseline (the start of integrated gradients' path)
-    steps: int | None = None  # integrated gradients: the steps used
+    steps: torch.Tensor | None = None  # integrated gradients: the steps each sample took (B,)
 
 
 def attribute(model: torch.nn.Module, x: torch.Tensor, baseline: torch.Tensor, target: torch.Tensor | None,
@@ -104,22 +105,29 @@ def _forward_from(model, forward, layer, x: torch.Tensor, baseline: torch.Tensor
         handle.remove()
 
 
-def _integrated(attr, forward, layer, x, baseline, target, change: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Integrated gradients with as many steps as completeness needs (the gap within IG_TOLERANCE of the
-    output's change, or IG_MAX_STEPS)."""
-    steps = IG_STEPS
-    while True:
+def _integrated(attr, forward, layer, x, baseline, target, change: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integrated gradients with as many steps as completeness needs: the gap within IG_TOLERANCE of the output's
+    change (or IG_ABSOLUTE), else IG_MAX_STEPS. Returns the attributions and each sample's steps."""
+    def run(rows: torch.Tensor, steps: int) -> torch.Tensor:
+        xs, bs, ts = x[rows], baseline[rows], None if target is None else target[rows]
         if layer is None:
-            values = attr.IntegratedGradients(forward).attribute(
-                x, baselines=baseline, target=target, n_steps=steps, internal_batch_size=INTERNAL_BATCH)
-        else:
-            values = _to_inputs(layer, attr.LayerIntegratedGradients(forward, layer).attribute(
-                x, baselines=baseline, target=target, n_steps=steps, internal_batch_size=INTERNAL_BATCH), x)
-        total = values.detach().reshape(len(values), -1).sum(1)
-        gap = ((total - change).abs() / change.abs().clamp_min(1e-6)).max()
-        if gap <= IG_TOLERANCE or steps >= IG_MAX_STEPS:
-            return values, steps
+            return attr.IntegratedGradients(forward).attribute(
+                xs, baselines=bs, target=ts, n_steps=steps, internal_batch_size=INTERNAL_BATCH).detach()
+        return _to_inputs(layer, attr.LayerIntegratedGradients(forward, layer).attribute(
+            xs, baselines=bs, target=ts, n_steps=steps, internal_batch_size=INTERNAL_BATCH), xs).detach()
+
+    steps, rows = IG_STEPS, torch.arange(len(x), device=x.device)
+    values, used = run(rows, steps), torch.full((len(x),), IG_STEPS)
+    while True:  # only the samples whose gap is still too large take more steps
+        total = values.reshape(len(values), -1).sum(1)
+        allowed = (IG_TOLERANCE * change.abs()).clamp_min(IG_ABSOLUTE)
+        rows = ((total - change).abs() > allowed).nonzero()[:, 0]
+        if not len(rows) or steps >= IG_MAX_STEPS:
+            return values, used
         steps *= 2
+        values[rows] = run(rows, steps)
+        used[rows.cpu()] = steps
 
 
 def _to_inputs(layer, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,15 @@ PICTURE = {"image": "png", "columns": "svg", "tokens": "html"}
 
 
 def explain(run, inputs, method: str = "integrated_gradients", out: str | Path | None = None,
-            target: str | None = None) -> list[dict[str, Any]]:
+            target: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Explain each input (files as `kiln predict` reads them, or an array of model inputs as ``Run.predict``
-    takes them) and write a JSON and a picture per input; returns the JSON records (with ``files`` written)."""
+    takes them; ``limit``: the first so many) and write a JSON and a picture per input; returns the JSON records
+    (with the ``files`` written)."""
     kind = _explaining(run, method)
+    if limit is not None and limit < 1:
+        raise KilnError(f"limit must be at least 1, not {limit}")
     stored, items = _read(kind, inputs)
+    stored, items = stored[:limit], items[:limit]
     folder = _folder(run, out)
     model = explain_model(run)
     records: list[dict[str, Any]] = []
@@ -194,7 +198,7 @@ def _record(run, kind: DataKind, folder: Path, method: str, item: dict[str, Any]
     if method == "integrated_gradients":
         change = output - start
         record["completeness_gap"] = round(abs(total - change) / max(abs(change), 1e-6), 6)
-        record["steps"] = result.steps
+        record["steps"] = int(result.steps[i])
         record["completeness_tolerance"] = IG_TOLERANCE
     record["engine"] = ENGINE
     picture = folder / f"{stem}.{PICTURE[kind.explains]}"
