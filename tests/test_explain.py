@@ -374,3 +374,17 @@ def test_recurrent_and_attention_text_models_explain(encoder, texts_csv, tmp_pat
             assert max(first["tokens"], key=lambda t: t["attribution"])["token"] == "z", (method, first["tokens"])
         if method == "integrated_gradients":
             assert all(r["completeness_gap"] <= 0.01 for r in records), [r["completeness_gap"] for r in records]
+
+
+def test_a_language_model_run_says_it_has_no_explanations(tmp_path, capsys):
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    cfg = {"name": "tiny_lm", "seed": 0, "data": {"dataset": "text", "path": str(path), "context": 16},
+           "model": {"blocks": [{"type": "token_embedding", "width": 16}, {"type": "transformer_decoder", "layers": 1,
+                                                                            "heads": 2}, {"type": "lm_head"}]},
+           "train": {"steps": 5, "batch_size": 8, "eval_every": 5, "eval_batches": 1, "threads": 1}}
+    kiln.train(cfg, out=tmp_path / "run", live=False)
+    assert main(["explain", str(tmp_path / "run"), str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a language-model run; explanations apply to image, table and text-classification runs" in err
+

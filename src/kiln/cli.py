@@ -239,6 +239,8 @@ def cmd_explain(args) -> None:
     for r in records:
         what = r.get("class", f"value {r.get('prediction')}")
         gap = f", completeness gap {r['completeness_gap']:.2%}" if "completeness_gap" in r else ""
+        if r.get("completeness_gap", 0) > r.get("completeness_tolerance", 1):
+            gap += f" after {r['steps']} steps: the output changes steeply between baseline and input"
         top = r.get("columns") or sorted(r.get("tokens", []), key=lambda t: -abs(t["attribution"]))
         best = ", ".join(f"{t.get('column', t.get('token'))!s}: {t['attribution']:+.3g}" for t in top[:3])
         print(f"{r['files'][1]}: {what} ({r['method']}{gap}){'  top: ' + best if best else ''}")

@@ -23,7 +23,7 @@ import torch
 from kiln.data.kind import DataKind
 from kiln.errors import DataError, KilnError
 from kiln.explain import render
-from kiln.explain.attribute import IG_TOLERANCE, METHODS, attribute
+from kiln.explain.methods import IG_TOLERANCE, METHODS, attribute
 from kiln.fsutil import atomic_write_text
 from kiln.nn import KilnModel, build_model
 from kiln.rundir import RunDir
@@ -176,8 +176,10 @@ def _targets(run, kind: DataKind, outputs: torch.Tensor, target: str | None) -> 
     return outputs.argmax(1)
 
 
-def _explained(kind: DataKind) -> str:
-    return "the standardised predicted value" if kind.task == "regression" else "the logit of the class"
+def _explained(kind: DataKind, target: int | None = None) -> str:
+    if kind.task == "regression":
+        return "the predicted value, standardised"
+    return "the logit of the predicted class" if target is None else f"the logit of class {kind.class_names[target]!r}"
 
 
 def _record(run, kind: DataKind, folder: Path, method: str, item: dict[str, Any], stored: torch.Tensor, result,
@@ -186,7 +188,7 @@ def _record(run, kind: DataKind, folder: Path, method: str, item: dict[str, Any]
     values = result.values[i].detach().cpu()
     output, start = float(result.output[i]), float(result.start[i])
     record: dict[str, Any] = {"input": {k: v for k, v in item.items() if k != "name"}, "method": method,
-                              "explained": _explained(kind)}
+                              "explained": _explained(kind, None if targets is None else int(targets[i]))}
     if targets is not None:
         record["class"] = kind.class_names[int(targets[i])]
         record["probabilities"] = {n: round(float(p), 6) for n, p in zip(kind.class_names, probs, strict=True)}

@@ -24,6 +24,7 @@ IG_TOLERANCE = 0.01  # |sum of attributions - (output - baseline output)| / |out
 IG_ABSOLUTE = 1e-4  # ... or this absolute gap, for an output that hardly changes from the baseline
 SHAP_SAMPLES = 64
 INTERNAL_BATCH = 512  # samples of one forward/backward inside Captum
+PER_EVAL = 16  # occlusion: perturbed copies of the batch in one forward pass
 
 
 def captum():
@@ -147,7 +148,8 @@ def _occlusion(attr, forward, x, baseline, target, groups) -> torch.Tensor:
         side = max(2, min(h, w) // 7)
         stride = max(1, side // 2)
         return attr.Occlusion(forward).attribute(xf, sliding_window_shapes=(c, side, side),
-                                                 strides=(c, stride, stride), baselines=bf, target=target).detach()
+                                                 strides=(c, stride, stride), baselines=bf, target=target,
+                                                 perturbations_per_eval=PER_EVAL).detach()
     flat_shape = xf.shape[1:]
     if groups is None:
         mask = torch.arange(xf[0].numel(), device=x.device).reshape(1, *flat_shape)
@@ -157,7 +159,7 @@ def _occlusion(attr, forward, x, baseline, target, groups) -> torch.Tensor:
             mask[g] = k
         mask = mask.reshape(1, *flat_shape)
     values = attr.FeatureAblation(forward).attribute(xf, baselines=bf, target=target, feature_mask=mask,
-                                                     perturbations_per_eval=16).detach()
+                                                     perturbations_per_eval=PER_EVAL).detach()
     if groups is None:
         return values
     flat = values.reshape(len(values), -1)
