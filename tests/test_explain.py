@@ -1,5 +1,5 @@
 """Explanations (``kiln explain``, ``Run.explain``): the model-randomisation sanity check on MNIST, a table whose two
-signal columns rank first (one-hot, piecewise-linear, periodic and FT-Transformer encodings), integrated gradients'
+signal columns rank first (one-hot, piecewise-linear, periodic, FT-Transformer and TabM-mini models), integrated gradients'
 completeness, recurrent and attention text models, the PyTorch path of fused runs, and bad input named."""
 
 from __future__ import annotations
@@ -192,6 +192,8 @@ ENCODINGS = {
                       {"type": "dense", "units": 32, "activation": "relu"}]),
     "periodic": ({}, [{"type": "tabular_encoder", "numeric_embedding": "periodic", "frequencies": 8,
                        "numeric_dim": 4}, {"type": "dense", "units": 32, "activation": "relu"}]),
+    "tabm_mini": ({"numeric_encoding": "ple", "bins": 8},
+                  [{"type": "tabular_encoder"}, {"type": "ensemble_mlp", "members": 4, "units": 32, "layers": 2}]),
     "ft_transformer": ({}, [{"type": "feature_tokenizer", "width": 16},
                             {"type": "transformer_encoder", "heads": 2, "ff": 32, "dropout": 0.0},
                             {"type": "seq_pool", "mode": "last"}]),

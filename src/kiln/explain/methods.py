@@ -75,7 +75,7 @@ def attribute(model: torch.nn.Module, x: torch.Tensor, baseline: torch.Tensor, t
                 grads = attr.LayerGradientXActivation(forward, layer, multiply_by_inputs=False).attribute(
                     x, target=target)
                 values = _to_inputs(layer, grads.abs(), x)
-        else:  # shap: expected gradients from the baseline (GradientShap), with no noise on codes
+        else:  # shap: expected gradients from the baseline (GradientShap), without added noise
             if layer is None:
                 values = attr.GradientShap(forward).attribute(x, baselines=baseline[:1], target=target,
                                                                n_samples=SHAP_SAMPLES, stdevs=0.0)
