@@ -21,7 +21,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,7 @@ def main() -> None:
     for name, e in c["methods"].items():
         print(f"{name:22s} {e['seconds']:6.1f} s  rho vs occlusion {e['spearman_with_occlusion']:+.3f}  top 5: "
               f"{', '.join(e['ranking'][:5])}")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = REPO / "benchmarks" / "results" / f"explain-{stamp}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}", file=sys.stderr)

@@ -105,7 +105,7 @@ def test_images_explain_with_completeness_and_pictures(mnist_run, tmp_path):
 def test_cli_explains_image_files(mnist_run, tmp_path, capsys):
     from PIL import Image
 
-    x, y = mnist_run.kind.load().split("test")
+    x, _ = mnist_run.kind.load().split("test")
     png = tmp_path / "digit.png"
     Image.fromarray(x[0, 0].numpy()).save(png)
     for method in METHODS:

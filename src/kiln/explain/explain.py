@@ -12,6 +12,7 @@ kernels compute no gradients, so attributions never go through them.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ from kiln.fsutil import atomic_write_text
 from kiln.nn import KilnModel, build_model
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_weights
+from kiln.training.threads import pick_threads
 
 ENGINE = ("PyTorch operators: kiln's fused native kernels compute no gradients, so explanations use the run's "
           "model rebuilt without them")
@@ -36,6 +38,22 @@ GLOBAL_ROWS = 1000  # rows of the split that global importance reads by default
 PICTURE = {"image": "png", "columns": "svg", "tokens": "html"}
 
 
+def _run_threads(function):
+    """Run ``function(run, ...)`` with the CPU threads the run trained with (``train.threads``; auto: what is free
+    now): on a busy machine, more threads than free CPUs make every operator wait (see kiln.training.threads)."""
+    @functools.wraps(function)
+    def wrapper(run, *args, **kwargs):
+        before = torch.get_num_threads()
+        if run.device.type == "cpu":
+            torch.set_num_threads(pick_threads(run.config.train.threads)[0])
+        try:
+            return function(run, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapper
+
+
+@_run_threads
 def explain(run, inputs, method: str = "integrated_gradients", out: str | Path | None = None,
             target: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Explain each input (files as `kiln predict` reads them, or an array of model inputs as ``Run.predict``
@@ -66,6 +84,7 @@ def explain(run, inputs, method: str = "integrated_gradients", out: str | Path |
     return records
 
 
+@_run_threads
 def explain_global(run, method: str = "occlusion", split: str = "test", limit: int | None = GLOBAL_ROWS,
                    out: str | Path | None = None) -> dict[str, Any]:
     """Global feature importance of a table run: the mean absolute attribution of each column over (the first

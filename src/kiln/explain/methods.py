@@ -29,7 +29,7 @@ PER_EVAL = 16  # occlusion: perturbed copies of the batch in one forward pass
 
 def captum():
     try:
-        import captum.attr as attr
+        import captum.attr as attr  # noqa: PLR0402 (this form finds a blocked or missing module in sys.modules)
     except ImportError:
         raise KilnError("explanations need Captum: pip install 'kiln[explain]'") from None
     return attr

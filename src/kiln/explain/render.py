@@ -48,8 +48,8 @@ def bar_svg(path: Path, title: str, names: list[str], values: list[float]) -> No
     scale = (bar_w / 2 if signed else bar_w) / top
     height = pad * 2 + row * (len(names) + 1)
     width = label_w + bar_w + 90
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="12">',
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+              f'font-family="sans-serif" font-size="12">'),
              f'<text x="{pad}" y="{pad + 12}" font-weight="bold">{html.escape(title)}</text>']
     for i, (name, v) in enumerate(zip(names, values, strict=True)):
         y = pad + row * (i + 1)
