@@ -131,6 +131,14 @@ def test_images_of_an_idx_file_explain(mnist_run, mnist_root, tmp_path):
         int(mnist_run.predict(x[2:3]).argmax())]
 
 
+def test_explanations_are_reproducible(mnist_run, tmp_path):
+    """The same input and method give the same attributions (SHAP's random path points are seeded)."""
+    x, _ = mnist_run.kind.load().split("test")
+    for method in METHODS:
+        first, again = (mnist_run.explain(x[:2], method, out=tmp_path / f"{method}{k}") for k in range(2))
+        assert [r["attributions"] for r in first] == [r["attributions"] for r in again], method
+
+
 def test_bad_image_input_is_named(mnist_run, tmp_path, capsys):
     with pytest.raises(KilnError, match=r"explain expects input of shape \(N, 1, 28, 28\), got \(2, 5, 5\)"):
         mnist_run.explain(torch.zeros(2, 5, 5))

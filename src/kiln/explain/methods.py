@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kiln.errors import KilnError
@@ -23,6 +24,7 @@ IG_MAX_STEPS = 1024
 IG_TOLERANCE = 0.01  # |sum of attributions - (output - baseline output)| / |output - baseline output|
 IG_ABSOLUTE = 1e-4  # ... or this absolute gap, for an output that hardly changes from the baseline
 SHAP_SAMPLES = 64
+SHAP_SEED = 0
 INTERNAL_BATCH = 512  # samples of one forward/backward inside Captum
 PER_EVAL = 16  # occlusion: perturbed copies of the batch in one forward pass
 
@@ -76,12 +78,13 @@ def attribute(model: torch.nn.Module, x: torch.Tensor, baseline: torch.Tensor, t
                     x, target=target)
                 values = _to_inputs(layer, grads.abs(), x)
         else:  # shap: expected gradients from the baseline (GradientShap), without added noise
-            if layer is None:
-                values = attr.GradientShap(forward).attribute(x, baselines=baseline[:1], target=target,
-                                                               n_samples=SHAP_SAMPLES, stdevs=0.0)
-            else:
-                values = _to_inputs(layer, attr.LayerGradientShap(forward, layer).attribute(
-                    x, baselines=baseline[:1], target=target, n_samples=SHAP_SAMPLES, stdevs=0.0), x)
+            with _seeded(SHAP_SEED):  # its random points on the path: the same explanation every time
+                if layer is None:
+                    values = attr.GradientShap(forward).attribute(x, baselines=baseline[:1], target=target,
+                                                                   n_samples=SHAP_SAMPLES, stdevs=0.0)
+                else:
+                    values = _to_inputs(layer, attr.LayerGradientShap(forward, layer).attribute(
+                        x, baselines=baseline[:1], target=target, n_samples=SHAP_SAMPLES, stdevs=0.0), x)
     values = values.detach()
     if groups is not None:
         flat = values.reshape(len(values), -1)
@@ -164,6 +167,18 @@ def _occlusion(attr, forward, x, baseline, target, groups) -> torch.Tensor:
         return values
     flat = values.reshape(len(values), -1)
     return torch.stack([flat[:, g[0]] for g in groups], dim=1)  # each position of a group holds the group's value
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """NumPy's global generator seeded, and restored afterwards (Captum's GradientShap draws its points on the
+    path with ``np.random.uniform``)."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def _cudnn_off(device: torch.device):
