@@ -388,6 +388,19 @@ def fairness_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def explain_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    m, g, h = data["mnist_seed"], data["german_credit"], data["hardware"]
+    what = (f"Model-randomisation sanity check (Adebayo et al. 2018): Spearman correlation of the attributions of the "
+            f"seed model ({m['epochs']} epoch, test accuracy {m['test_accuracy']:.4f}) and of it re-initialised, "
+            f"{m['digits']} MNIST digits (absolute maps over the digit's pixels); German credit global importance")
+    per = "; ".join(f"{name} {r['abs_on_digit_spearman_mean']:.3f} (signed {r['signed_spearman_mean']:.3f})"
+                    for name, r in m["methods"].items())
+    first = ", ".join(f"{name} {r['ranking'][0]}" for name, r in g["methods"].items())
+    result = f"mean correlation, all below 0.5: {per}; German credit's first column by method: {first}"
+    conditions = f"{h['cpu']}, {h['threads']} threads, Python {h['python']}; torch {h['torch']}, captum {h['captum']}"
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -416,6 +429,7 @@ BENCHMARKS = {
                         {"config": [], "folds": 5, "rows": None, "first_folds": None, "variant": [], "no_default": False,
                          "no_baselines": False},
                         frozenset(), tables_options, tables_cells),
+    "explain": Benchmark("benchmarks/bench_explain.py", {}, frozenset(), lambda data: {}, explain_cells),
     "fairness": Benchmark("benchmarks/bench_fairness.py", {"seeds": [0, 1, 2], "folds": 5, "bootstrap": 1000},
                           frozenset({"seeds", "bootstrap"}), fairness_options, fairness_cells),
     "tune": Benchmark("benchmarks/bench_tune.py", {"trials": 30, "folds": 5, "fresh_seeds": [1, 2, 3],

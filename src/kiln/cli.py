@@ -23,6 +23,8 @@ EXAMPLES = """examples:
   kiln generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 1
   kiln serve runs/mnist_seed --port 8000
   kiln export runs/mnist_seed
+  kiln explain runs/mnist_seed digit.png --method integrated_gradients
+  kiln explain runs/german_credit --global
   kiln export runs/german_credit --format torch-export --check random
   kiln report runs/mnist_seed --out mnist_card.html
   kiln audit runs/german_credit --sensitive foreign --sensitive age:25
@@ -197,6 +199,26 @@ def _add_serving_commands(sub) -> None:
                     help="data to compare outputs on (default: test)")
     ex.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute difference (default: 1e-4)")
 
+    xp = sub.add_parser("explain", help="attributions: which pixels, columns or tokens made the model answer so",
+                        description="Explain a run's answer for each input (files as `kiln predict` reads them: "
+                                    "images, CSV/Parquet rows, text lines) with Captum: an image's attribution "
+                                    "overlay (PNG), a table row's columns ranked (SVG), a text's tokens coloured "
+                                    "(HTML), and a JSON each, in <run>/explanations or --out. --global ranks a "
+                                    "table run's columns over its test split. Runs on PyTorch's operators (the "
+                                    "fused native kernels compute no gradients). Needs the explain extra.")
+    xp.add_argument("run", help="run directory written by `kiln train`")
+    xp.add_argument("inputs", nargs="*", metavar="INPUT", help="image or .npy files; CSV or Parquet files of rows; "
+                                                               "text files (one text a line)")
+    xp.add_argument("--method", choices=["integrated_gradients", "saliency", "occlusion", "shap"], default=None,
+                    help="attribution method (default: integrated_gradients; with --global: occlusion)")
+    xp.add_argument("--target", help="the class to explain (default: the predicted class)")
+    xp.add_argument("--out", help="folder for the explanations (default: <run>/explanations)")
+    xp.add_argument("--global", dest="global_", action="store_true",
+                    help="table runs: rank the columns by mean |attribution| over the test split")
+    xp.add_argument("--limit", type=int, help="explain the first N inputs only (an IDX file's images, CSV rows, "
+                                              "text lines); with --global: rows of the split read (default: 1000)")
+    xp.add_argument("--json", action="store_true", help="print the JSON records instead of a summary")
+
     d = sub.add_parser("deploy", help="write a Docker build context and/or Kubernetes manifests",
                        description="Write a Dockerfile (slim, non-root, HEALTHCHECK) with the run, and/or a "
                                    "Kubernetes Deployment, Service and HorizontalPodAutoscaler.")
@@ -252,6 +274,36 @@ def cmd_deploy(args) -> None:
             print(f"the Deployment reads the API key from a Secret; create it first: kubectl create secret generic "
                   f"{api_key_secret(args.run)} --from-literal={SECRET_ENTRY}=KEY")
         print(f"wrote {args.k8s}: kubectl apply -f {args.k8s}")
+
+
+def cmd_explain(args) -> None:
+    from kiln.run import Run
+
+    run = Run.load(args.run)
+    if args.global_:
+        result = run.explain_global(args.method or "occlusion", limit=args.limit or 1000, out=args.out)
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return
+        print(f"column importance ({result['method']}, mean |attribution| over {result['rows']} test rows):")
+        for c in result["columns"]:
+            print(f"  {c['rank']:3d}. {c['column']:30s} {c['importance']:.6g}")
+        print(f"wrote {', '.join(result['files'])}")
+        return
+    records = run.explain(args.inputs, args.method or "integrated_gradients", out=args.out, target=args.target,
+                          limit=args.limit)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return
+    for r in records:
+        what = r.get("class", f"value {r.get('prediction')}")
+        gap = f", completeness gap {r['completeness_gap']:.2%}" if "completeness_gap" in r else ""
+        if r.get("completeness_gap", 0) > r.get("completeness_tolerance", 1):
+            gap += f" after {r['steps']} steps: the output changes steeply between baseline and input"
+        top = r.get("columns") or sorted(r.get("tokens", []), key=lambda t: -abs(t["attribution"]))
+        best = ", ".join(f"{t.get('column', t.get('token'))!s}: {t['attribution']:+.3g}" for t in top[:3])
+        print(f"{r['files'][1]}: {what} ({r['method']}{gap}){'  top: ' + best if best else ''}")
+    print("computed with PyTorch's operators (kiln's fused native kernels compute no gradients)")
 
 
 def _version() -> str:
@@ -398,6 +450,7 @@ COMMANDS = {
     "report": cmd_report,
     "audit": cmd_audit,
     "tune": cmd_tune,
+    "explain": cmd_explain,
 }
 
 
@@ -407,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "predict" and not (args.files or args.text or args.user):
         parser.error("predict: give the files to predict for, --text TEXT (text-classification runs) or --user ID "
                      "(recommendation runs)")
+    if args.command == "explain" and not (args.inputs or args.global_):
+        parser.error("explain: give the inputs to explain, or --global (table runs)")
     if args.command == "predict" and args.user and (args.files or args.text):
         parser.error("predict: --user (a recommendation run) takes no files or --text")
     try:

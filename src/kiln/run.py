@@ -15,6 +15,7 @@ import torch
 from kiln.config import Config, load_config
 from kiln.data.kind import DataKind, open_kind
 from kiln.errors import KilnError, RunDirError
+from kiln.explain import explain, explain_global
 from kiln.nn import KilnModel, build_model
 from kiln.nn.fuse import fuse
 from kiln.nn.generate import Sampling
@@ -188,6 +189,18 @@ class Run:
     def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
         """A text-classification run's answer for each text: its class (or labels) and every probability."""
         return self._offered("predict_texts")(self, [texts] if isinstance(texts, str) else list(texts))
+
+    def explain(self, inputs, method: str = "integrated_gradients", out: str | Path | None = None,
+                target: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Attributions for inputs (files, or an array as :meth:`predict` takes it; ``limit``: the first so many):
+        one JSON and a picture each in ``explanations/`` (or ``out``); see :mod:`kiln.explain`. ``target``: the
+        class to explain (default: the predicted one)."""
+        return explain(self, inputs, method, out, target, limit)
+
+    def explain_global(self, method: str = "occlusion", split: str = "test", limit: int | None = 1000,
+                       out: str | Path | None = None) -> dict[str, Any]:
+        """A table run's columns ranked by mean |attribution| over the first ``limit`` rows of ``split``."""
+        return explain_global(self, method, split, limit, out)
 
     def predict_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Predictions for raw rows as a client sends them (column name -> value)."""

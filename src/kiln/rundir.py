@@ -13,6 +13,7 @@ Layout of ``runs/<name>/``::
     precision_recall.svg          binary classification: the test split's precision-recall curve
     model.onnx, model.pt2         written by `kiln export`
     audit.json, audit.svg         written by `kiln audit`; fairness.json: its per-group thresholds
+    explanations/                 written by `kiln explain`: per input <name>.<method>.json and .png/.svg/.html
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
 kind lists them in ``run_files``). Every file is written atomically. This module imports nothing of kiln
@@ -43,6 +44,7 @@ class RunDir:
     AUDIT = "audit.json"  # kiln audit: per-group figures with intervals, and audit.svg, its plot
     AUDIT_PLOT = "audit.svg"
     FAIRNESS = "fairness.json"  # per-group decision thresholds (kiln audit --fit-thresholds)
+    EXPLANATIONS = "explanations"  # kiln explain: a JSON and a picture per input, global.<method>.json/.svg
     # What serving a run reads, besides its kind's own files.
     SERVING = (CONFIG, MANIFEST, RESULTS, WEIGHTS)
 

@@ -89,6 +89,17 @@ class ImageKind(DataKind):
             for p, row in zip(paths, run.predict(images), strict=True)
         ]
 
+    explains: ClassVar[str | None] = "image"
+
+    def explain_inputs(self, paths: list[str | Path]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Image or .npy files, read as `kiln predict` reads them."""
+        images = torch.stack([read_image_file(Path(p), self.input_shape, self.fit) for p in paths])
+        return images, [{"name": Path(p).stem, "file": str(p)} for p in paths]
+
+    def explain_baseline(self, x: torch.Tensor) -> torch.Tensor:
+        """A black image, as the model reads it."""
+        return self.to_input(torch.zeros(x.shape, dtype=torch.uint8, device=x.device))
+
     def render(self, records: list[dict[str, Any]]) -> str:
         lines = []
         for r in records:

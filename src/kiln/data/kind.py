@@ -181,6 +181,28 @@ class DataKind:
         """For kinds that ``decodes``: the answers to one served batch (texts)."""
         raise NotImplementedError
 
+    # ---- explanations (kiln explain) ---------------------------------------------------------------
+
+    # What an attribution is drawn over: "image" (a map over the pixels), "columns" (one value per named column,
+    # see ``feature_groups``) or "tokens" (one value per token); None: explanations do not apply to this kind.
+    explains: ClassVar[str | None] = None
+
+    def explain_inputs(self, paths: list[str | Path]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Stored samples (N, ...) read from files as `kiln predict` reads them, and for each a record naming it:
+        ``name`` (a file-name stem for its outputs) and what a reader should see (``file``, a row's ``values``, a
+        text's ``tokens``)."""
+        raise KilnError(f"explanations of {self.description} runs are not supported")
+
+    def explain_baseline(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference that attributions are measured from, as model input of ``x``'s shape: what "absent" means
+        for the data (black pixels, padding, a table's training means and unknown categories)."""
+        return torch.zeros_like(x)
+
+    def feature_groups(self) -> list[tuple[str, list[int]]] | None:
+        """Named groups of model-input positions that a reader thinks of as one feature (a table's column: its
+        piecewise-linear bins and is-missing flag together), or None: each position alone."""
+        return None
+
 
 HEADS = {"classifier": ("binary", "multiclass", "multilabel"), "regressor": ("regression",),  # the head of each task
          "forecaster": ("forecast",)}

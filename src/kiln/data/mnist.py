@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -121,6 +121,26 @@ class Mnist(ImageKind):
         tr, va = holdout(len(x), cfg.val_fraction, self.seed)
         return Splits(x[tr].unsqueeze(1), y[tr], x[va].unsqueeze(1), y[va], tx.unsqueeze(1), ty,
                       dict(arrays.checksums))
+
+
+    def explain_inputs(self, paths: list[str | Path]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Image and .npy files as `kiln predict` reads them, and IDX files of images (``*-idx3-ubyte``, gzipped or
+        not, as MNIST ships them): each of their images an input."""
+        images, items = [], []
+        for path in map(Path, paths):
+            if "-idx3-ubyte" not in path.name:
+                x, more = super().explain_inputs([path])
+                images.append(x)
+                items += more
+                continue
+            x = torch.from_numpy(read_idx(path, 3))
+            if tuple(x.shape[1:]) != tuple(self.input_shape[1:]):
+                raise DataError(f"{path} holds {x.shape[1]}x{x.shape[2]} images; this run reads "
+                                f"{self.input_shape[1]}x{self.input_shape[2]}")
+            images.append(x.unsqueeze(1))
+            stem = path.name.split("-idx3-ubyte")[0]
+            items += [{"name": f"{stem}_{k}", "file": str(path), "index": k} for k in range(len(x))]
+        return torch.cat(images), items
 
 
 @KINDS.register("fashion_mnist")

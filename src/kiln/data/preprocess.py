@@ -168,6 +168,33 @@ class Preprocessing:
             return torch.zeros(len(table), 0)
         return torch.from_numpy(np.stack(parts, axis=1).astype(np.float32))
 
+    def input_groups(self) -> list[tuple[str, list[int]]]:
+        """Each input column's positions in a row of model input: its value (one, or its piecewise-linear bins),
+        its is-missing indicator, its category code; in the columns' order."""
+        groups: dict[str, list[int]] = {c.name: [] for c in self.numeric + self.categorical}
+        pos = 0
+        for c in self.numeric:
+            groups[c.name] += range(pos, pos + c.width)
+            pos += c.width
+        for c in self.numeric:
+            if c.indicator:
+                groups[c.name].append(pos)
+                pos += 1
+        for c in self.categorical:
+            groups[c.name].append(pos)
+            pos += 1
+        return list(groups.items())
+
+    def baseline(self) -> torch.Tensor:
+        """The model input (features,) of a row whose numbers sit at their training means, present, and whose
+        categories are all unknown (code 0): the "absent" row that explanations measure from."""
+        values: list[np.ndarray] = []
+        for c in self.numeric:
+            values.append(piecewise_linear(np.array([c.mean]), c.edges)[0] if c.edges else np.zeros(1))
+        rest = sum(c.indicator for c in self.numeric) + len(self.categorical)
+        row = np.concatenate([*values, np.zeros(rest)]) if values or rest else np.zeros(0)
+        return torch.from_numpy(row.astype(np.float32))
+
     def encode_target(self, table: Table) -> torch.Tensor:
         """Class indices (int64) or standardised values (float32)."""
         t = self.target

@@ -206,6 +206,28 @@ class Tabular(DataKind):
                 records.append({**{n: values[i] or "" for n, values in table.columns.items()}, **extra})
         return records
 
+    explains: ClassVar[str | None] = "columns"
+
+    def explain_inputs(self, paths: list[str | Path]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Each row of each CSV or Parquet file, with the values of the model's columns as the file holds them."""
+        xs, items = [], []
+        names = [c.name for c in self.prep.numeric + self.prep.categorical]
+        for path in paths:
+            table = read_table(Path(path))
+            self.prep.check_complete(table)
+            xs.append(self.prep.transform(table))
+            for i, where in enumerate(table.where):
+                items.append({"name": f"{Path(path).stem}_row{i + 1}", "file": str(path), "row": where,
+                              "values": {n: table.columns[n][i] for n in names}})
+        return torch.cat(xs), items
+
+    def explain_baseline(self, x: torch.Tensor) -> torch.Tensor:
+        """Every number at its training mean, every category unknown."""
+        return self.prep.baseline().to(x.device).expand_as(x).clone()
+
+    def feature_groups(self) -> list[tuple[str, list[int]]] | None:
+        return self.prep.input_groups()
+
     def render(self, records: list[dict[str, Any]]) -> str:
         """The records as CSV: the files' columns, then the prediction columns."""
         buffer = io.StringIO()

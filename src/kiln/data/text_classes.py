@@ -401,6 +401,27 @@ class TextClasses(TokenKind):
             raise KilnError(f"{', '.join(map(str, paths))}: no text lines to classify")
         return self.predict_texts(run, texts)
 
+    explains: ClassVar[str | None] = "tokens"
+
+    def explain_inputs(self, paths: list[str | Path]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Each non-empty line of each file is a text; its tokens as the tokenizer cut it (up to max_tokens)."""
+        texts = text_lines(paths)
+        if not texts:
+            raise KilnError(f"{', '.join(map(str, paths))}: no text lines to explain")
+        return self.explain_texts(texts)
+
+    def explain_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        x, cut = self.encode_texts(check_texts(texts))
+        items = []
+        for i, (text, ids, was_cut) in enumerate(zip(texts, x.tolist(), cut, strict=True)):
+            tokens = [self.tokenizer.decode([t]) for t in ids if t != self.pad]
+            items.append({"name": f"text{i + 1}", "text": text, "tokens": tokens, "truncated": was_cut})
+        return x, items
+
+    def explain_baseline(self, x: torch.Tensor) -> torch.Tensor:
+        """Padding ids (attributed at the embedding layer: the padding's vector at each of the text's tokens)."""
+        return torch.full_like(x, self.pad)
+
     def render(self, records: list[dict[str, Any]]) -> str:
         """A line per text: its label(s), the probability, then the text (``[cut]`` when it was truncated)."""
         lines = []

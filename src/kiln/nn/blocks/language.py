@@ -32,6 +32,8 @@ TOKENS_FIX = "give token ids: a text data set (dataset: text or text_pairs) feed
 
 
 class Embedding(nn.Module):
+    reads_codes = True  # token ids: gradients stop at its output (step i of it is token i)
+
     def __init__(self, vocab: int, width: int, padding: int | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(vocab, width) * INIT_STD)

@@ -69,6 +69,8 @@ class PeriodicEmbedding(nn.Module):
 
 
 class TableEncoder(nn.Module):
+    reads_codes = True  # its input holds category codes: gradients stop there (attributions start at its output)
+
     def __init__(self, numeric: int, cards: list[int], onehot_max: int, dim: int,
                  periodic: PeriodicEmbedding | None = None) -> None:
         super().__init__()
@@ -83,6 +85,19 @@ class TableEncoder(nn.Module):
         self.register_buffer("embed_start", _offsets([cards[i] for i in embedded]), persistent=False)
         self.onehot_width = sum(cards[i] for i in onehot)
         self.embedding = nn.Embedding(sum(cards[i] for i in embedded), dim) if embedded else None
+
+    def output_sources(self) -> torch.Tensor:
+        """For each output value, the input position it comes from: (width,) int64 (a number's periodic values,
+        a one-hot column's categories and an embedded column's vector each go back to that number or column)."""
+        per_number = self.periodic.bias.shape[1] if self.periodic is not None else 1
+        parts = [torch.arange(self.numeric).repeat_interleave(per_number)]
+        cards = self.cards.cpu()
+        for i in self.onehot.tolist():
+            parts.append(torch.full((int(cards[i]),), self.numeric + i))
+        if self.embedding is not None:
+            dim = self.embedding.embedding_dim
+            parts.append((self.numeric + self.embedded.cpu()).repeat_interleave(dim))
+        return torch.cat(parts).to(torch.int64)
 
     def forward(self, x):  # (B, numeric + n_cat) -> (B, numeric + onehot_width + n_embedded * dim)
         codes = category_codes(x, self.numeric, self.cards)
@@ -126,6 +141,8 @@ class TabularEncoder(_TableSpec):
 
 class FeatureTokens(nn.Module):
     """One token per column plus a learned [CLS] token at the end (FT-Transformer's feature tokenizer)."""
+
+    reads_codes = True  # its input holds category codes; token i of its output is input position i
 
     def __init__(self, numeric: int, cards: list[int], width: int) -> None:
         super().__init__()
