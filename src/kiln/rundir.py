@@ -12,6 +12,7 @@ Layout of ``runs/<name>/``::
     results.json                  final train / val / test metrics (and a binary task's decision threshold)
     precision_recall.svg          binary classification: the test split's precision-recall curve
     model.onnx, model.pt2         written by `kiln export`
+    model.int8.onnx, compression.json   a run `kiln compress --quantize` wrote: it predicts with the int8 graph
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
 kind lists them in ``run_files``). Every file is written atomically. This module imports nothing of kiln
@@ -39,6 +40,8 @@ class RunDir:
     BEST = "checkpoints/best.safetensors"
     ONNX = "model.onnx"
     TORCH_EXPORT = "model.pt2"
+    INT8_ONNX = "model.int8.onnx"  # a quantized run's model (kiln compress): model input -> raw outputs
+    COMPRESSION = "compression.json"  # what kiln compress did and measured, in the run it wrote
     # What serving a run reads, besides its kind's own files.
     SERVING = (CONFIG, MANIFEST, RESULTS, WEIGHTS)
 
