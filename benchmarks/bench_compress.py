@@ -13,7 +13,8 @@ rounds, each timing every run on both paths, median and quartiles over rounds (`
 kiln's predict path is ``Run.predict`` (a float run: PyTorch with kiln's fused kernels; a quantized run: its int8
 graph in ONNX Runtime); the ONNX Runtime path runs the float model exported to ONNX, or the int8 graph.
 The goal for the seed model: a variant at least 2x faster at batch 64 and 3x smaller with at most 0.5 points of
-test accuracy lost. Writes benchmarks/results/compress_<model>-<time>.json.
+test accuracy lost. Writes benchmarks/results/compress-<time>.json. ``--reuse`` measures again the compressed runs
+already in --runs instead of compressing again.
 """
 
 from __future__ import annotations
@@ -70,15 +71,19 @@ def original(config: Path, overrides: dict, runs: Path) -> Path:
     return path
 
 
-def bench(model: str, runs: Path, rounds: int) -> dict:
+def bench(model: str, runs: Path, rounds: int, reuse: bool) -> dict:
     config, overrides, variants = PLANS[model]
     source = original(config, overrides, runs)
     rows = [{"variant": "original", "run": str(source), **measure.static_measures(Run.load(source))}]
     for name, options in variants:
         out = runs / f"{model}-{name.replace(' ', '').replace('+', '_').replace('(', '').replace(')', '')}"
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"\n== {model}: {name}", flush=True)
-        report = compress(source, out=out, max_drop=100.0, latency=False, live=False, **options)
+        if reuse and (out / RunDir.COMPRESSION).is_file():
+            print(f"reusing {out}", flush=True)
+            report = json.loads((out / RunDir.COMPRESSION).read_text())
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"\n== {model}: {name}", flush=True)
+            report = compress(source, out=out, max_drop=100.0, latency=False, live=False, **options)
         last = report["steps"][-1]
         rows.append({"variant": name, "run": str(out), "options": {k: str(v) for k, v in options.items()},
                      "steps": report["steps"][1:],
@@ -126,6 +131,7 @@ def main() -> None:
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench_compress"), help="where the runs are written")
     ap.add_argument("--model", choices=list(PLANS), action="append", help="default: both")
     ap.add_argument("--rounds", type=int, default=15, help="latency rounds (each times every run once)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the compressed runs already in --runs (measure again)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     conditions = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": 1, "python": platform.python_version(),
@@ -135,19 +141,21 @@ def main() -> None:
           f"{onnxruntime.__version__}")
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    report = {"args": {"model": args.model or list(PLANS), "rounds": args.rounds, "reuse": args.reuse},
+              "conditions": conditions, "goal": GOAL, "models": {}}
     for model in args.model or list(PLANS):
-        result = bench(model, runs, args.rounds)
+        result = bench(model, runs, args.rounds, args.reuse)
+        report["models"][model] = result
         print_table(model, result)
         if model == "mnist_seed":
             met = [r["variant"] for r in result["rows"] if r["meets_goal"]]
             print(f"goal (>= {GOAL['faster_batch_64']}x faster at batch 64 on kiln's predict path, >= "
                   f"{GOAL['smaller']}x smaller, <= {GOAL['max_drop_points']} points lost): "
                   + (f"met by {', '.join(met)}" if met else "not met"))
-        out = REPO / "benchmarks" / "results" / f"compress_{model}-{stamp}.json"
-        out.write_text(json.dumps({"conditions": conditions, "goal": GOAL, model: result}, indent=2, default=str)
-                       + "\n")
-        print(f"wrote {out}", flush=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = REPO / "benchmarks" / "results" / f"compress-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":

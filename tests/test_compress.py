@@ -142,6 +142,11 @@ def test_compressed_run_evaluates_predicts_exports_and_serves(int8_run, tmp_path
     with pytest.raises(kiln.KilnError, match="ONNX Runtime and cannot be traced"):
         export_run(int8_run, "torch-export", out=tmp_path / "m.pt2")
 
+    from kiln.deploy import deploy_docker
+
+    deploy_docker(int8_run, tmp_path / "docker")  # the image serves the int8 graph, not the float weights
+    assert (tmp_path / "docker" / "run" / "model.int8.onnx").read_bytes() == (int8_run / "model.int8.onnx").read_bytes()
+
     pytest.importorskip("fastapi", reason="serving needs the serve extra")
     from fastapi.testclient import TestClient
 
@@ -227,6 +232,15 @@ def test_lstm_is_int8_under_dynamic_and_kept_in_float_and_reported_under_static(
     assert agreement(got, ref) >= 0.9 and float((got - ref).abs().max()) < 0.5
 
 
+def test_help_names_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--prune", "--structured", "--quantize", "{int8,int8-static}", "--distill", "--max-drop", "--out",
+                   "--finetune-epochs", "--temperature", "--alpha"):
+        assert option in out
+
+
 def test_bad_options_are_errors_that_name_the_problem(teacher, tmp_path, capsys):
     def error(*args) -> str:
         assert main(["compress", str(teacher), *args]) == 2
@@ -245,3 +259,8 @@ def test_bad_options_are_errors_that_name_the_problem(teacher, tmp_path, capsys)
     assert "not a kiln run directory" in (main(["compress", str(tmp_path), "--quantize", "int8"]) == 2
                                           and capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_quantized_run_is_not_compressed_again(int8_run, tmp_path, capsys):
+    assert main(["compress", str(int8_run), "--quantize", "int8", "--out", str(tmp_path / "again")]) == 2
+    assert "already quantized" in capsys.readouterr().err and not (tmp_path / "again").exists()

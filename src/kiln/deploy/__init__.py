@@ -111,6 +111,8 @@ def deploy_docker(run_dir: str | Path, out: str | Path, backend: str = "torch", 
     missing = [f for f in needed if f not in files]
     if missing:
         raise KilnError(f"{run.path} lacks {', '.join(missing)}: only a finished run can be deployed")
+    if (run / RunDir.INT8_ONNX).is_file():  # a quantized run (kiln compress) predicts with it
+        files.append(RunDir.INT8_ONNX)
     if (run / RunDir.ONNX).is_file():
         files.append(RunDir.ONNX)
     elif backend == "onnx":
