@@ -48,7 +48,6 @@ PLANS = {
         ("int8 (dynamic)", {"quantize": "int8"}),
         ("int8-static", {"quantize": "int8-static"}),
         ("prune 0.5 + int8", {"prune": 0.5, "finetune_epochs": 2, "quantize": "int8"}),
-        ("distill", {"distill": EX / "mnist_seed_student.yaml"}),
         ("distill + int8", {"distill": EX / "mnist_seed_student.yaml", "quantize": "int8"}),
     ]),
     "german_credit": (EX / "german_credit.yaml", {}, [

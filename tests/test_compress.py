@@ -121,7 +121,7 @@ def test_compressed_run_evaluates_predicts_exports_and_serves(int8_run, tmp_path
     from kiln.export import export_run
 
     run = kiln.Run.load(int8_run)
-    x, y = run.kind.load().split("test")
+    x, _ = run.kind.load().split("test")
     probs = run.predict(x[:16]).numpy()
     assert main(["evaluate", str(int8_run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] > 0.9

@@ -29,7 +29,8 @@ import torch
 from kiln.compress import measure
 from kiln.compress.fit import DistillObjective, train_into
 from kiln.compress.prune import prune as prune_model
-from kiln.compress.quantize import MODES, check_available, quantize as quantize_model
+from kiln.compress.quantize import MODES, check_available
+from kiln.compress.quantize import quantize as quantize_model
 from kiln.config import load_config, read_yaml
 from kiln.data.kind import resolve
 from kiln.errors import ConfigError, KilnError
@@ -39,8 +40,10 @@ from kiln.nn.onnx_model import OnnxModel
 from kiln.run import Run
 from kiln.rundir import RunDir, open_run_dir
 from kiln.training.checkpoint import save_weights
+from kiln.training.metrics import evaluate
 
 __all__ = ["CompressionRefused", "compress"]
+CALIBRATION_POOL = 1024  # training samples drawn once: pruning traces 8 of them, static int8 calibrates on 512
 
 
 class CompressionRefused(KilnError):
@@ -135,7 +138,7 @@ def _run_steps(source: Run, work: Path, out_dir: RunDir, prune, quantize, studen
     current = source
     train_x, _ = source.kind.load().split("train")
     samples = source.kind.to_input(train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
-                                           [:measure_samples(len(train_x))]])
+                                           [:CALIBRATION_POOL]])
     if student is not None:
         current = _distill(current, student, work / "distill", temperature, alpha, live)
         steps.append({"step": "distill", "temperature": temperature, "alpha": alpha,
@@ -174,10 +177,6 @@ def _run_steps(source: Run, work: Path, out_dir: RunDir, prune, quantize, studen
     return report
 
 
-def measure_samples(n: int) -> int:
-    return min(n, 1024)
-
-
 def _distill(teacher: Run, student: dict[str, Any], path: Path, temperature: float, alpha: float, live) -> Run:
     base = teacher.config.to_dict()
     raw = {**base, "name": student.get("name", f"{teacher.config.name}_student"), "model": student["model"],
@@ -197,8 +196,6 @@ def _prune(run: Run, ratio: float, samples: torch.Tensor, path: Path, epochs: in
     cfg = load_config(result.config, {"train.epochs": epochs, "name": f"{run.config.name}_pruned"})
     info = {"pruned": result.pruned, "kept": result.kept}
     x, y = run.kind.load().split("test")
-    from kiln.training.metrics import evaluate
-
     before = evaluate(result.model, run.kind, run.kind.eval_batches(x, y, run.config.train.eval_batch_size),
                       device=torch.device("cpu"), threshold=run.threshold)
     info["test_accuracy_before_finetune"] = before.get("accuracy")
@@ -235,9 +232,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"{'step':10s} {'params':>9s} {'file KB':>9s} {'test acc':>9s} {'b1 kiln ms':>11s} {'b64 kiln ms':>12s} "
              f"{'b64 ORT ms':>11s}"]
     for s in report["steps"]:
-        lat = s.get("latency", {})
-
-        def ms(b: str, path: str) -> str:
+        def ms(b: str, path: str, lat: dict = s.get("latency", {})) -> str:
             v = lat.get(b, {}).get(path)
             return f"{v['median_ms']:.3f}" if v else "-"
 

@@ -114,7 +114,21 @@ def quantize(model: nn.Module, mode: str, example: torch.Tensor, calibration: to
         except Exception as e:
             raise KilnError(f"ONNX Runtime could not quantize this model ({mode}): {type(e).__name__}: "
                             f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
+    _strip(out)
     return report(model, mode, folded, out)
+
+
+def _strip(path: Path) -> None:
+    """Drop what only documents the graph: the exporter's per-node metadata (PyTorch module paths and stack
+    frames, often larger than a small model's int8 weights) and the intermediate shapes ONNX Runtime infers."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.graph.value_info[:]
+    for node in model.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    path.write_bytes(model.SerializeToString())
 
 
 def _weighted_nodes(graph) -> dict[str, str]:
