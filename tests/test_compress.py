@@ -256,6 +256,10 @@ def test_bad_options_are_errors_that_name_the_problem(teacher, tmp_path, capsys)
     bad = tmp_path / "student.yaml"
     bad.write_text("data: {dataset: mnist}\nmodel: {blocks: [{type: flatten}, {type: classifier}]}\n")
     assert "name, model and train only" in error("--distill", str(bad), "--out", str(tmp_path / "x"))
+    bad.write_text("model: {blocks: [{type: dense, units: 8}, {type: classifier}]}\ntrain: {epoch: 3}\n")
+    assert "train.epoch: unknown key" in error("--distill", str(bad), "--out", str(tmp_path / "x"))
+    bad.write_text("model: {blocks: [{type: lstm, units: 8}, {type: classifier}]}\n")
+    assert "model.blocks.0 (lstm)" in error("--distill", str(bad), "--out", str(tmp_path / "x"))
     assert "not a kiln run directory" in (main(["compress", str(tmp_path), "--quantize", "int8"]) == 2
                                           and capsys.readouterr().err)
     assert not (tmp_path / "x").exists()

@@ -72,6 +72,8 @@ def compress(run: str | os.PathLike, *, prune: float | None = None, structured: 
     if source.kind.task not in ("binary", "multiclass"):
         raise KilnError(f"kiln compress measures test accuracy, so it takes classification runs; {source.path} is a "
                         f"{source.kind.task} run")
+    if student is not None:
+        student = _student_config(source, student)  # a bad student config is refused before any work
     out_dir.path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.path.name}.compress-", dir=out_dir.path.parent))
     try:
@@ -177,11 +179,17 @@ def _run_steps(source: Run, work: Path, out_dir: RunDir, prune, quantize, studen
     return report
 
 
-def _distill(teacher: Run, student: dict[str, Any], path: Path, temperature: float, alpha: float, live) -> Run:
+def _student_config(teacher: Run, student: dict[str, Any]):
+    """The teacher's config with the student's model, name and train settings (the data stays the teacher's)."""
     base = teacher.config.to_dict()
     raw = {**base, "name": student.get("name", f"{teacher.config.name}_student"), "model": student["model"],
            "train": {**base["train"], **student.get("train", {})}}
     cfg = resolve(load_config(raw), teacher.kind)
+    build_model(cfg.blocks, teacher.kind.input_shape)  # shapes checked now, naming the block
+    return cfg
+
+
+def _distill(teacher: Run, cfg, path: Path, temperature: float, alpha: float, live) -> Run:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.blocks, teacher.kind.input_shape)
     teacher.model.eval()
