@@ -39,6 +39,16 @@ MODULE_OPS: list[tuple[type, tuple[str, ...]]] = [
     (nn.RNN, ("RNN",)), (nn.Embedding, ("Gather",)),
 ]
 CALIBRATION_SAMPLES = 512
+# Why an operator stays float in a mode that does not quantize it.
+FLOAT_REASONS = {
+    ("int8", "Conv"): "dynamic int8 leaves convolutions in float (ONNX Runtime's ConvInteger is slower than float "
+                      "on CPUs); --quantize int8-static makes them int8",
+    ("int8-static", "LSTM"): "ONNX Runtime has no statically quantized LSTM kernel; --quantize int8 makes it int8",
+    ("int8", "GRU"): "ONNX Runtime has no int8 kernel for GRU",
+    ("int8-static", "GRU"): "ONNX Runtime has no int8 kernel for GRU",
+    ("int8", "RNN"): "ONNX Runtime has no int8 kernel for RNN",
+    ("int8-static", "RNN"): "ONNX Runtime has no int8 kernel for RNN",
+}
 
 
 def check_available() -> None:
@@ -172,8 +182,8 @@ def report(model: nn.Module, mode: str, float_path: Path, int8_path: Path) -> di
         entry: dict[str, Any] = {"block": i, "type": _block_type(block), "operators": present,
                                  "int8": bool(present) and not floats and not no_kernel}
         if no_kernel:
-            entry["reason"] = (f"kept in float: ONNX Runtime's {mode} quantization has no int8 kernel for "
-                               f"{', '.join(no_kernel)}")
+            entry["reason"] = "kept in float: " + "; ".join(
+                FLOAT_REASONS.get((mode, op), f"{mode} quantization has no int8 kernel for {op}") for op in no_kernel)
         elif floats:
             entry["reason"] = f"kept in float (partly): ONNX Runtime left some {', '.join(floats)} nodes in float"
         blocks.append(entry)
