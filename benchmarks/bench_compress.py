@@ -48,13 +48,13 @@ PLANS = {
         ("int8 (dynamic)", {"quantize": "int8"}),
         ("int8-static", {"quantize": "int8-static"}),
         ("prune 0.5 + int8", {"prune": 0.5, "finetune_epochs": 2, "quantize": "int8"}),
-        ("distill + int8", {"distill": EX / "mnist_seed_student.yaml", "quantize": "int8"}),
+        ("distill + int8", {"distill": EX / "students" / "mnist_seed.yaml", "quantize": "int8"}),
     ]),
     "german_credit": (EX / "german_credit.yaml", {}, [
         ("prune 0.5", {"prune": 0.5, "finetune_epochs": 10}),
         ("int8 (dynamic)", {"quantize": "int8"}),
         ("prune 0.5 + int8", {"prune": 0.5, "finetune_epochs": 10, "quantize": "int8"}),
-        ("distill + int8", {"distill": EX / "german_credit_student.yaml", "quantize": "int8"}),
+        ("distill + int8", {"distill": EX / "students" / "german_credit.yaml", "quantize": "int8"}),
     ]),
 }
 GOAL = {"faster_batch_64": 2.0, "smaller": 3.0, "max_drop_points": 0.5}

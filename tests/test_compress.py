@@ -176,6 +176,21 @@ def test_distillation_trains_a_smaller_student_on_the_teachers_soft_targets(teac
     assert run.manifest["execution"]["distilled_from"] == str(teacher)
 
 
+@pytest.mark.parametrize("name", ["mnist_seed", "german_credit"])
+def test_example_students_fit_their_teachers(name, mnist_root):
+    from kiln.compress import student_config
+    from kiln.config import read_yaml
+    from kiln.data.kind import open_kind, resolve
+
+    examples = Path(__file__).parent.parent / "examples"
+    teacher = load_config(examples / f"{name}.yaml")
+    kind = open_kind(teacher.data, teacher.seed)
+    teacher = resolve(teacher, kind)
+    student = student_config(teacher, kind, read_yaml(examples / "students" / f"{name}.yaml"))
+    params = [sum(p.numel() for p in build_model(c.blocks, kind.input_shape).parameters()) for c in (teacher, student)]
+    assert params[1] < params[0] / 2 and student.data == teacher.data
+
+
 def test_distillation_loss_is_the_hard_loss_at_alpha_0_and_zero_soft_loss_for_a_copy():
     torch.manual_seed(0)
     logits, y = torch.randn(8, 5), torch.randint(0, 5, (8,))

@@ -73,7 +73,7 @@ def compress(run: str | os.PathLike, *, prune: float | None = None, structured: 
         raise KilnError(f"kiln compress measures test accuracy, so it takes classification runs; {source.path} is a "
                         f"{source.kind.task} run")
     if student is not None:
-        student = _student_config(source, student)  # a bad student config is refused before any work
+        student = student_config(source.config, source.kind, student)  # refused before any work when bad
     out_dir.path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.path.name}.compress-", dir=out_dir.path.parent))
     try:
@@ -179,13 +179,14 @@ def _run_steps(source: Run, work: Path, out_dir: RunDir, prune, quantize, studen
     return report
 
 
-def _student_config(teacher: Run, student: dict[str, Any]):
-    """The teacher's config with the student's model, name and train settings (the data stays the teacher's)."""
-    base = teacher.config.to_dict()
-    raw = {**base, "name": student.get("name", f"{teacher.config.name}_student"), "model": student["model"],
-           "train": {**base["train"], **student.get("train", {})}}
-    cfg = resolve(load_config(raw), teacher.kind)
-    build_model(cfg.blocks, teacher.kind.input_shape)  # shapes checked now, naming the block
+def student_config(teacher, kind, student: dict[str, Any]):
+    """The teacher's config (a Config) with the student's model, name and train settings (a student config's
+    sections, as read from its YAML): the data stays the teacher's (its ``kind``); shapes are checked now."""
+    base = teacher.to_dict()
+    raw = {**base, "name": student.get("name", f"{teacher.name}_student"), "model": student["model"],
+           "train": {**base["train"], **(student.get("train") or {})}}
+    cfg = resolve(load_config(raw), kind)
+    build_model(cfg.blocks, kind.input_shape)
     return cfg
 
 
