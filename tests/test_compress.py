@@ -163,6 +163,24 @@ def test_compressed_run_evaluates_predicts_exports_and_serves(int8_run, tmp_path
             np.testing.assert_allclose(got, probs8, atol=1e-5)
 
 
+def test_a_table_run_prunes_quantizes_and_predicts_rows_like_the_float_run(tmp_path):
+    from test_tabular import synthetic_rows, tabular_config, write_csv
+
+    from kiln.data.table import read_table
+
+    csv = write_csv(tmp_path / "loans.csv", synthetic_rows(400))
+    source = kiln.train(tabular_config(csv, epochs=8, threads=1), out=tmp_path / "float", live=False)
+    report = compress(source.path, prune=0.5, finetune_epochs=2, quantize="int8", out=tmp_path / "small",
+                      max_drop=100, latency=False, live=False)
+    assert [(p["type"], p["before"], p["after"]) for p in report["steps"][1]["pruned"]] == [("dense", 16, 8)]
+    small = kiln.Run.load(tmp_path / "small")
+    assert isinstance(small.model, OnnxModel) and small.config.blocks[1].units == 8
+    table = read_table(csv)
+    got, ref = small.predict_table(table), source.predict_table(table)
+    same = sum(a["prediction"] == b["prediction"] for a, b in zip(got, ref, strict=True)) / len(ref)
+    assert same >= 0.9 and abs(small.evaluate("test")["accuracy"] - source.evaluate("test")["accuracy"]) <= 0.1
+
+
 def test_distillation_trains_a_smaller_student_on_the_teachers_soft_targets(teacher, tmp_path):
     student = tmp_path / "student.yaml"
     student.write_text("model:\n  blocks:\n    - {type: flatten}\n    - {type: dense, units: 24, activation: relu}\n"
