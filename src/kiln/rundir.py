@@ -12,7 +12,8 @@ Layout of ``runs/<name>/``::
     results.json                  final train / val / test metrics (and a binary task's decision threshold)
     precision_recall.svg          binary classification: the test split's precision-recall curve
     model.onnx, model.pt2         written by `kiln export`
-    model.int8.onnx, compression.json   a run `kiln compress --quantize` wrote: it predicts with the int8 graph
+    compression.json              a run `kiln compress` wrote: each step and what it measured
+    model.int8.onnx               a quantized run's model (`kiln compress --quantize`): it predicts with this graph
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
 kind lists them in ``run_files``). Every file is written atomically. This module imports nothing of kiln
