@@ -401,6 +401,29 @@ def explain_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def compress_options(data: dict) -> dict:
+    return dict(data["args"])
+
+
+def compress_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    models = data["models"]
+    what = ("`kiln compress` (pruning, int8, distillation) of " + " and ".join(
+        f"`{m['config']}`" + (f" (original: {', '.join(f'{k}={v}' for k, v in m['original_overrides'].items())})"
+                              if m.get("original_overrides") else "") for m in models.values())
+            + ": file size, test accuracy, batch-64 latency against the original on kiln's predict path / ONNX Runtime")
+    parts = []
+    for name, m in models.items():
+        rows = m["rows"]
+        cells = [f"original {pct(rows[0]['test_accuracy'])}, {rows[0]['file_bytes'] / 1024:.0f} KB"]
+        for r in rows[1:]:
+            f = r.get("faster", {}).get("batch_64", {})
+            cells.append(f"{r['variant']}: {r['smaller']:.1f}x smaller, {f.get('kiln', 0):.2f}x / "
+                         f"{f.get('onnxruntime', 0):.2f}x faster, {pct(r['test_accuracy'])}"
+                         + (" **goal met**" if r.get("meets_goal") else ""))
+        parts.append(f"{name}: " + "; ".join(cells))
+    return what, " / ".join(parts), f"{machine(data['conditions'])}; 1 thread, {options['rounds']} interleaved rounds"
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -437,6 +460,9 @@ BENCHMARKS = {
                       frozenset({"fresh_seeds"}), tune_options, tune_cells),
     "cifar": Benchmark("benchmarks/bench_cifar.py", {"epochs": None, "reps": 1, "threads": 1, "systems": "kiln,eager"},
                        frozenset({"reps", "systems"}), cifar_options, cifar_cells),
+    "compress": Benchmark("benchmarks/bench_compress.py",
+                          {"model": ["mnist_seed", "german_credit"], "rounds": 15, "reuse": False},
+                          frozenset({"rounds", "reuse"}), compress_options, compress_cells),
 }
 
 

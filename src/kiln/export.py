@@ -39,6 +39,7 @@ import torch
 from kiln.errors import DataError, KilnError
 from kiln.fsutil import atomic_write
 from kiln.nn.inference import StoredInput
+from kiln.nn.onnx_model import OnnxModel, with_stored_input
 from kiln.run import Run
 from kiln.rundir import RunDir
 
@@ -102,6 +103,10 @@ def _onnx_missing() -> list[str]:
 
 
 def _export_onnx(wrapped: torch.nn.Module, example: torch.Tensor, tmp: Path, input_name: str) -> None:
+    if isinstance(wrapped.model, OnnxModel):  # a quantized run: its int8 graph behind the data's input conversion
+        with_stored_input(wrapped.model.path, StoredInput(torch.nn.Identity(), wrapped.to_input), example, tmp,
+                          input_name)
+        return
     batch = torch.export.Dim("batch", min=1, max=65536)
     torch.onnx.export(wrapped, (example,), str(tmp), input_names=[input_name], output_names=["logits"],
                       dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True, external_data=False)

@@ -19,6 +19,7 @@ from kiln.explain import explain, explain_global
 from kiln.nn import KilnModel, build_model
 from kiln.nn.fuse import fuse
 from kiln.nn.generate import Sampling
+from kiln.nn.onnx_model import OnnxModel
 from kiln.rundir import RunDir, open_run_dir
 from kiln.training.checkpoint import load_weights
 from kiln.training.fairness import GroupThresholds
@@ -53,7 +54,9 @@ class Run:
             raise RunDirError(f"{run_dir.path} has no {RunDir.WEIGHTS}: its training did not finish. Continue it "
                               f"with `{run_dir.resume_hint()}`")
         load_weights(weights, model)
-        if pick_fuse(config.train.fuse, device)[0]:
+        if (run_dir / RunDir.INT8_ONNX).is_file():  # a quantized run (kiln compress) predicts with its int8 graph
+            model = OnnxModel(run_dir / RunDir.INT8_ONNX)
+        elif pick_fuse(config.train.fuse, device)[0]:
             fuse(model)
         model.eval()
         return cls(run_dir, config, model, device, kind)

@@ -14,6 +14,8 @@ Layout of ``runs/<name>/``::
     model.onnx, model.pt2         written by `kiln export`
     audit.json, audit.svg         written by `kiln audit`; fairness.json: its per-group thresholds
     explanations/                 written by `kiln explain`: per input <name>.<method>.json and .png/.svg/.html
+    compression.json              a run `kiln compress` wrote: each step and what it measured
+    model.int8.onnx               a quantized run's model (`kiln compress --quantize`): it predicts with this graph
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
 kind lists them in ``run_files``). Every file is written atomically. This module imports nothing of kiln
@@ -45,6 +47,8 @@ class RunDir:
     AUDIT_PLOT = "audit.svg"
     FAIRNESS = "fairness.json"  # per-group decision thresholds (kiln audit --fit-thresholds)
     EXPLANATIONS = "explanations"  # kiln explain: a JSON and a picture per input, global.<method>.json/.svg
+    INT8_ONNX = "model.int8.onnx"  # a quantized run's model (kiln compress): model input -> raw outputs
+    COMPRESSION = "compression.json"  # what kiln compress did and measured, in the run it wrote
     # What serving a run reads, besides its kind's own files.
     SERVING = (CONFIG, MANIFEST, RESULTS, WEIGHTS)
 

@@ -113,6 +113,8 @@ def deploy_docker(run_dir: str | Path, out: str | Path, backend: str = "torch", 
         raise KilnError(f"{run.path} lacks {', '.join(missing)}: only a finished run can be deployed")
     if (run / RunDir.FAIRNESS).is_file():  # per-group thresholds: the server decides by them when enabled
         files.append(RunDir.FAIRNESS)
+    if (run / RunDir.INT8_ONNX).is_file():  # a quantized run (kiln compress) predicts with it
+        files.append(RunDir.INT8_ONNX)
     if (run / RunDir.ONNX).is_file():
         files.append(RunDir.ONNX)
     elif backend == "onnx":
