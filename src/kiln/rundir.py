@@ -12,6 +12,7 @@ Layout of ``runs/<name>/``::
     results.json                  final train / val / test metrics (and a binary task's decision threshold)
     precision_recall.svg          binary classification: the test split's precision-recall curve
     model.onnx, model.pt2         written by `kiln export`
+    hf/                           `kiln export --format hf`: config.json, model.safetensors, tokenizer files
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
 kind lists them in ``run_files``). Every file is written atomically. This module imports nothing of kiln
@@ -39,6 +40,7 @@ class RunDir:
     BEST = "checkpoints/best.safetensors"
     ONNX = "model.onnx"
     TORCH_EXPORT = "model.pt2"
+    HF_EXPORT = "hf"  # `kiln export --format hf`: a Hugging Face GPT-2 folder
     # What serving a run reads, besides its kind's own files.
     SERVING = (CONFIG, MANIFEST, RESULTS, WEIGHTS)
 
