@@ -189,12 +189,16 @@ class Text(TokenKind):
         return window[:, :-1], window[:, 1:]
 
     def eval_batches(self, x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The stream cut into consecutive windows: every token is predicted once."""
+        """The stream cut into consecutive non-overlapping windows of the context, the last one shorter: every
+        token after the first is predicted once (the exact loss of the split, not an estimate from random
+        windows; each window starts without context, as a random one does)."""
         t = self.cfg.context
         n = (len(x) - 1) // t
         xs, ys = x[: n * t].view(n, t), x[1: n * t + 1].view(n, t)
         for start in range(0, n, size):
             yield xs[start:start + size], ys[start:start + size]
+        if n * t + 1 < len(x):  # the tail shorter than a window
+            yield x[n * t: -1].view(1, -1), x[n * t + 1:].view(1, -1)
 
     # ---- inference -----------------------------------------------------------------------------------
 
