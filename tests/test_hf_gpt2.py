@@ -273,3 +273,30 @@ def test_exporting_what_gpt2_cannot_hold_is_refused(tmp_path):
     run = kiln.train(cfg, out=tmp_path / "run", live=False)
     with pytest.raises(KilnError, match="this run's blocks are token_embedding, transformer_decoder, lm_head"):
         export_gpt2(run.path)
+
+
+def test_a_kiln_bpe_run_exports_with_its_tokenizer(tmp_path):
+    """kiln's other settings GPT-2 can hold (fixed sinusoidal positions, an untied head, SiLU, another ff width)
+    and a BPE tokenizer fitted on the corpus, which has no <|endoftext|>: transformers loads both unchanged."""
+    import kiln
+
+    (tmp_path / "text.txt").write_text(CORPUS)
+    cfg = {"data": {"dataset": "text", "path": str(tmp_path / "text.txt"), "context": 16, "tokenizer": "bpe",
+                    "vocab_size": 300},
+           "model": {"blocks": [{"type": "token_embedding", "width": 16}, {"type": "positional_encoding"},
+                                {"type": "transformer_decoder", "layers": 1, "heads": 2, "activation": "silu",
+                                 "ff": 24},
+                                {"type": "lm_head", "tie": False}]},
+           "train": {"steps": 2, "batch_size": 4, "eval_every": 2, "eval_batches": 1, "threads": 1}}
+    run = kiln.train(cfg, out=tmp_path / "run", live=False)
+    result = export_gpt2(run.path)
+    assert result["tokenizer"] and any("sinusoidal" in n for n in result["notes"])
+    back = transformers.GPT2LMHeadModel.from_pretrained(result["path"]).eval()
+    x = torch.randint(0, run.kind.tokenizer.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert max_diff(back(x).logits, run.model(x)) <= 1e-5
+    theirs = transformers.AutoTokenizer.from_pretrained(result["path"])
+    for text in STRINGS:
+        ids = run.kind.tokenizer.encode(text)
+        assert theirs(text)["input_ids"] == ids, text
+        assert theirs.decode(ids) == run.kind.tokenizer.decode(ids)

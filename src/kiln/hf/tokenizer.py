@@ -81,10 +81,11 @@ def write_tokenizer(tokenizer: BPETokenizer, folder: Path, max_length: int) -> l
     atomic_write_text(folder / VOCAB, json.dumps(model["vocab"], ensure_ascii=False) + "\n")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]  # tokenizers < 0.20 wrote "a b"
     atomic_write_text(folder / MERGES, "#version: 0.2\n" + "".join(m + "\n" for m in merges))
-    config: dict = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length,
-                    "add_prefix_space": _writes_prefix_space(state)}
+    config: dict = {"model_max_length": max_length, "add_prefix_space": _writes_prefix_space(state)}
     if special_id(tokenizer) is not None:
-        config.update(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
+        config.update(tokenizer_class="GPT2Tokenizer", bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
+    else:  # GPT2Tokenizer would add <|endoftext|> as a new token; the generic class keeps the vocabulary as it is
+        config.update(tokenizer_class="PreTrainedTokenizerFast")
     atomic_write_text(folder / TOKENIZER_CONFIG, json.dumps(config, indent=2) + "\n")
     return [TOKENIZER, VOCAB, MERGES, TOKENIZER_CONFIG]
 
