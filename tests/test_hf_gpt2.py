@@ -181,8 +181,14 @@ def test_a_new_run_reuses_the_imported_tokenizer(tmp_path):
 
 def test_the_cli_imports_and_exports(tmp_path, capsys):
     save_gpt2(tmp_path / "hf")
-    assert main(["import", "hf-gpt2", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    (tmp_path / "text.txt").write_text(CORPUS * 4)
+    assert main(["import", "hf-gpt2", str(tmp_path / "hf"), "--out", str(tmp_path / "run"),
+                 "--data", str(tmp_path / "text.txt")]) == 0
     assert "GPT-2 with" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "run"), "--split", "val", "--json"]) == 0  # on the text's last 10%
+    measured = json.loads(capsys.readouterr().out)
+    held_out = Run.load(tmp_path / "run").kind.load().val_x
+    assert measured["tokens"] == len(held_out) - 1 and measured["loss"] > 0
     assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "back")]) == 0
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "gpt2"
     assert main(["import", "hf-gpt2", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 2

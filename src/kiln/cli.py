@@ -149,6 +149,8 @@ def _add_serving_commands(sub) -> None:
     im.add_argument("format", choices=["hf-gpt2"], help="what the folder holds")
     im.add_argument("dir", help="the checkpoint folder")
     im.add_argument("--out", help="run directory to create (default: runs/<folder name>)")
+    im.add_argument("--data", metavar="PATH", help="a text file or folder for the run's data.path: `kiln evaluate` "
+                                                   "measures the model on its last 10%% (default: none)")
 
     d = sub.add_parser("deploy", help="write a Docker build context and/or Kubernetes manifests",
                        description="Write a Dockerfile (slim, non-root, HEALTHCHECK) with the run, and/or a "
@@ -184,7 +186,7 @@ def cmd_serve(args) -> None:
 def cmd_import(args) -> None:
     from kiln.hf import import_gpt2
 
-    r = import_gpt2(args.dir, out=args.out)
+    r = import_gpt2(args.dir, out=args.out, data=args.data)
     print(f"wrote {r['run']}: GPT-2 with {r['parameters']:,} parameters, tokenizer from {r['tokenizer']}")
     for note in r["notes"]:
         print(f"note: {note}")

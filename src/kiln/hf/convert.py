@@ -95,8 +95,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def import_gpt2(folder: str | Path, out: str | Path | None = None, name: str | None = None) -> dict[str, Any]:
-    """Make a kiln run in ``out`` (default ``runs/<folder name>``) from a Hugging Face GPT-2 folder.
+def import_gpt2(folder: str | Path, out: str | Path | None = None, name: str | None = None,
+                data: str | None = None) -> dict[str, Any]:
+    """Make a kiln run in ``out`` (default ``runs/<folder name>``) from a Hugging Face GPT-2 folder. ``data`` (a
+    text file or folder) becomes the run's ``data.path``: what `kiln evaluate` measures and a further training
+    reads; without it the run generates but has no text to evaluate on.
 
     Everything is read and checked (config, every tensor's name and shape, the tokenizer) before anything is
     written. Returns {run, parameters, tokenizer (the file(s) it came from), notes}."""
@@ -120,7 +123,7 @@ def import_gpt2(folder: str | Path, out: str | Path | None = None, name: str | N
     run_dir.check_new()
     cfg = load_config({
         "name": name or _run_name(folder),
-        "data": {"dataset": "text", "tokenizer": "bpe", "vocab_size": tokenizer.vocab_size, "context": gpt2.positions,
+        "data": {"dataset": "text", "path": data, "tokenizer": "bpe", "vocab_size": tokenizer.vocab_size, "context": gpt2.positions,
                  "tokenizer_from": str(run_dir.path.resolve())},
         "model": {"blocks": gpt2.blocks()},
     })
