@@ -30,7 +30,7 @@ from kiln.data.kind import open_kind
 from kiln.data.tokenizers import FILE as KILN_TOKENIZER, BPETokenizer
 from kiln.errors import KilnError, RunDirError
 from kiln.fsutil import atomic_write_bytes, atomic_write_text
-from kiln.hf.gpt2 import GPT2, HF_ACTIVATIONS, normalise_names, read_config, to_hf, to_kiln
+from kiln.hf.gpt2 import GPT2, normalise_names, read_config, to_hf, to_kiln
 from kiln.hf.tokenizer import read_tokenizer, special_id, write_tokenizer
 from kiln.nn import build_model
 from kiln.rundir import RunDir, open_run_dir
@@ -177,7 +177,6 @@ def _gpt2_of(cfg: Config, vocab: int) -> tuple[GPT2, list[str]]:
     gpt2 = GPT2(vocab=vocab, positions=pos.max_steps or cfg.data.context, width=c, layers=dec.layers,
                 heads=dec.heads, ff=dec.ff or 4 * c, eps=dec.norm_eps, activation=dec.activation, tied=head.tie,
                 dropout=dec.dropout, embd_dropout=specs[2].rate if len(specs) == 5 else 0.0)
-    assert gpt2.activation in HF_ACTIVATIONS
     return gpt2, notes
 
 
@@ -200,10 +199,6 @@ def export_gpt2(run_path: str | Path, out: str | Path | None = None) -> dict[str
     decoder, head = len(cfg.blocks) - 2, len(cfg.blocks) - 1
     state = dict(model.state_dict())
     state["blocks.1.table"] = model.blocks[1].table  # a sinusoidal table is a buffer the state dict leaves out
-    for name, module in model.blocks[decoder].named_modules():  # bias: false -> GPT-2's biases are zeros
-        out_features = getattr(module, "out_features", getattr(module, "normalized_shape", [None])[0])
-        if hasattr(module, "weight") and getattr(module, "bias", None) is None and out_features is not None:
-            state[f"blocks.{decoder}.{name}.bias"] = torch.zeros(out_features)
     tensors = to_hf(state, gpt2, decoder, head)
     folder = Path(out) if out is not None else run_dir / RunDir.HF_EXPORT
     if folder.exists() and not folder.is_dir():

@@ -192,10 +192,15 @@ def to_kiln(tensors: dict[str, torch.Tensor], model: GPT2, expected: dict[str, t
 
 
 def to_hf(state: dict[str, torch.Tensor], model: GPT2, decoder: int, head: int) -> dict[str, torch.Tensor]:
-    """GPT-2's tensors from a kiln state dict that holds every weight ``weight_names`` lists."""
+    """GPT-2's tensors from a kiln state dict. A stack built with ``bias: false`` has no biases: GPT-2's are then
+    zeros (one per output of the layer or feature of the norm), which compute the same."""
     out = {}
     for kiln, hf, conv in weight_names(model, decoder, head):
-        if hf not in out:
+        if hf in out:
+            continue
+        if kiln.endswith(".bias") and kiln not in state:
+            t = torch.zeros(state[kiln.removesuffix("bias") + "weight"].shape[0])
+        else:
             t = state[kiln].detach().to("cpu", torch.float32)
-            out[hf] = (t.t() if conv else t).contiguous().clone()
+        out[hf] = (t.t() if conv else t).contiguous().clone()
     return out
