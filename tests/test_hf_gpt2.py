@@ -306,3 +306,12 @@ def test_a_kiln_bpe_run_exports_with_its_tokenizer(tmp_path):
         ids = run.kind.tokenizer.encode(text)
         assert theirs(text)["input_ids"] == ids, text
         assert theirs.decode(ids) == run.kind.tokenizer.decode(ids)
+
+
+def test_corrupt_files_are_named(folder, tmp_path):
+    (folder / "model.safetensors").write_bytes(b"\x00" * 16)  # read last: the others are still good
+    refused(folder, tmp_path, r"model.safetensors is not a readable safetensors file")
+    (folder / "tokenizer.json").write_text("{not json")
+    refused(folder, tmp_path, r"tokenizer.json is not a tokenizer file")
+    (folder / "config.json").write_text("[1, 2")
+    refused(folder, tmp_path, r"config.json is not valid JSON")
