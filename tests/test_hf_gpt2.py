@@ -5,7 +5,6 @@ on a few lines here, saves them as ``save_pretrained`` does, and compares kiln's
 token ids) and export (what transformers loads back) with the original."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -108,7 +107,7 @@ def test_greedy_generation_is_identical_with_the_kv_cache(imported):
 
 
 def test_export_round_trip_gives_the_same_model_and_tokenizer(imported, tmp_path):
-    model, folder, run = imported
+    model, _, run = imported
     result = export_gpt2(run.path, tmp_path / "out")
     assert result["tokenizer"] and result["notes"] == []
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save
 
 from kiln.config import Config, load_config
 from kiln.data.kind import open_kind
-from kiln.data.tokenizers import FILE as KILN_TOKENIZER, BPETokenizer
+from kiln.data.tokenizers import FILE as KILN_TOKENIZER
+from kiln.data.tokenizers import BPETokenizer
 from kiln.errors import KilnError, RunDirError
 from kiln.fsutil import atomic_write_bytes, atomic_write_text
 from kiln.hf.gpt2 import GPT2, normalise_names, read_config, to_hf, to_kiln
@@ -123,8 +124,8 @@ def import_gpt2(folder: str | Path, out: str | Path | None = None, name: str | N
     run_dir.check_new()
     cfg = load_config({
         "name": name or _run_name(folder),
-        "data": {"dataset": "text", "path": data, "tokenizer": "bpe", "vocab_size": tokenizer.vocab_size, "context": gpt2.positions,
-                 "tokenizer_from": str(run_dir.path.resolve())},
+        "data": {"dataset": "text", "path": data, "tokenizer": "bpe", "vocab_size": tokenizer.vocab_size,
+                 "context": gpt2.positions, "tokenizer_from": str(run_dir.path.resolve())},
         "model": {"blocks": gpt2.blocks()},
     })
     types = [b.type for b in cfg.blocks]
