@@ -223,6 +223,9 @@ def test_missing_files_are_named(folder, tmp_path):
     refused(folder, tmp_path, r"has no model.safetensors")
     (folder / "pytorch_model.bin").write_bytes(b"not read")
     refused(folder, tmp_path, r"pytorch_model.bin, a pickle .*safetensors only")
+    save_gpt2(folder)
+    with pytest.raises(KilnError, match=r"data.path 'missing.txt': not found"):
+        import_gpt2(folder, tmp_path / "run", data="missing.txt")
     (folder / "config.json").unlink()
     refused(folder, tmp_path, r"has no config.json")
     refused(tmp_path / "nowhere", tmp_path, r"is not a directory")

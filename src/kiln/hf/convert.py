@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from kiln.config import Config, load_config
-from kiln.data.kind import open_kind
+from kiln.data.kind import find_data, open_kind
 from kiln.data.tokenizers import FILE as KILN_TOKENIZER
 from kiln.data.tokenizers import BPETokenizer
 from kiln.errors import KilnError, RunDirError
@@ -120,6 +120,8 @@ def import_gpt2(folder: str | Path, out: str | Path | None = None, name: str | N
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     if dtypes != ["float32"]:
         notes.append(f"weights stored as {', '.join(dtypes)} were converted to float32")
+    if data is not None:
+        find_data(data, None, "a text file or folder")  # a wrong --data is said now, not at the first evaluation
     run_dir = RunDir(out or Path("runs") / _run_name(folder))
     run_dir.check_new()
     cfg = load_config({
