@@ -317,3 +317,25 @@ def test_corrupt_files_are_named(folder, tmp_path):
     refused(folder, tmp_path, r"tokenizer.json is not a tokenizer file")
     (folder / "config.json").write_text("[1, 2")
     refused(folder, tmp_path, r"config.json is not valid JSON")
+
+
+@pytest.mark.slow
+def test_gpt2_small_at_full_size(tmp_path):
+    """GPT-2 small's sizes (124M parameters: 12 layers, width 768, 1024 positions, 50,257 tokens), random weights:
+    the import matches transformers and generates the same greedy tokens from a 1024-token context. The tokenizer
+    here is the small one of these tests, so the vocabulary is wider than it (said in the notes)."""
+    hf = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # GPT-2 small's defaults
+    model.save_pretrained(tmp_path / "hf")
+    hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    result = import_gpt2(tmp_path / "hf", tmp_path / "run")
+    assert result["parameters"] == sum(p.numel() for p in model.parameters()) == 124_439_808
+    assert any("padded" in n for n in result["notes"])
+    run = Run.load(tmp_path / "run")
+    assert run.kind.input_shape == (1024,)
+    x = torch.randint(0, 50257, (1, 1024), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert max_diff(run.model(x), model(x).logits) <= 1e-4
+        theirs = model.generate(x[:, :1016], do_sample=False, max_new_tokens=8, pad_token_id=0)[0, 1016:].tolist()
+    assert list(generate_ids(run.model, x[0, :1016], Sampling(8, temperature=0.0))) == theirs
