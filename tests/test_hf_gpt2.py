@@ -5,6 +5,7 @@ on a few lines here, saves them as ``save_pretrained`` does, and compares kiln's
 token ids) and export (what transformers loads back) with the original."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -339,3 +340,14 @@ def test_gpt2_small_at_full_size(tmp_path):
         assert max_diff(run.model(x), model(x).logits) <= 1e-4
         theirs = model.generate(x[:, :1016], do_sample=False, max_new_tokens=8, pad_token_id=0)[0, 1016:].tolist()
     assert list(generate_ids(run.model, x[0, :1016], Sampling(8, temperature=0.0))) == theirs
+
+
+def test_half_precision_weights_are_read_as_float32(tmp_path):
+    model = save_gpt2(tmp_path / "fp32")
+    model.half().save_pretrained(tmp_path / "hf")
+    shutil.copy(tmp_path / "fp32" / "tokenizer.json", tmp_path / "hf")
+    result = import_gpt2(tmp_path / "hf", tmp_path / "run")
+    assert "weights stored as float16 were converted to float32" in result["notes"]
+    x = tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert max_diff(Run.load(tmp_path / "run").model(x), model.float()(x).logits) <= 1e-4
