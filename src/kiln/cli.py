@@ -30,6 +30,8 @@ EXAMPLES = """examples:
   kiln audit runs/german_credit --sensitive foreign --sensitive age:25
   kiln tune examples/german_credit.yaml --space examples/german_credit_space.yaml --trials 30 --folds 5
   kiln compress runs/mnist_seed --prune 0.5 --structured --quantize int8 --out runs/mnist_seed_small
+  kiln import hf-gpt2 path/to/gpt2 --out runs/gpt2
+  kiln export runs/gpt2 --format hf --out gpt2-finetuned
 data: MNIST is read from data.root, else $KILN_DATA, else downloaded (checksums verified) into
 $KILN_CACHE or ~/.cache/kiln."""
 
@@ -212,9 +214,10 @@ def _add_serving_commands(sub) -> None:
                                     "check data (max abs difference <= tolerance). The default, auto, writes ONNX "
                                     "and falls back to torch.export when ONNX fails for this model, saying why.")
     ex.add_argument("run", help="run directory written by `kiln train`")
-    ex.add_argument("--format", choices=["auto", "onnx", "torch-export"], default="auto",
+    ex.add_argument("--format", choices=["auto", "onnx", "torch-export", "hf"], default="auto",
                     help="auto: onnx, else torch-export when ONNX fails for this model; onnx: model.onnx for ONNX "
-                         "Runtime; torch-export: model.pt2 for torch.export.load (default: auto)")
+                         "Runtime; torch-export: model.pt2 for torch.export.load; hf: a language-model run as a "
+                         "Hugging Face GPT-2 folder (<run>/hf, or --out), not checked (default: auto)")
     ex.add_argument("--out", help="output file (default: <run>/model.onnx or <run>/model.pt2); with auto, a name "
                                   "ending in .onnx or .pt2 picks that format")
     ex.add_argument("--check", choices=["test", "val", "train", "random"], default="test",
@@ -240,6 +243,16 @@ def _add_serving_commands(sub) -> None:
     xp.add_argument("--limit", type=int, help="explain the first N inputs only (an IDX file's images, CSV rows, "
                                               "text lines); with --global: rows of the split read (default: 1000)")
     xp.add_argument("--json", action="store_true", help="print the JSON records instead of a summary")
+    im = sub.add_parser("import", help="make a kiln run from a Hugging Face GPT-2 folder",
+                        description="Make a finished kiln run from another library's checkpoint. hf-gpt2: a folder "
+                                    "saved by transformers' GPT2LMHeadModel (config.json, model.safetensors, and "
+                                    "tokenizer.json or vocab.json + merges.txt); the run generates, serves and "
+                                    "exports like a trained one.")
+    im.add_argument("format", choices=["hf-gpt2"], help="what the folder holds")
+    im.add_argument("dir", help="the checkpoint folder")
+    im.add_argument("--out", help="run directory to create (default: runs/<folder name>)")
+    im.add_argument("--data", metavar="PATH", help="a text file or folder for the run's data.path: `kiln evaluate` "
+                                                   "measures the model on its last 10%% (default: none)")
 
     d = sub.add_parser("deploy", help="write a Docker build context and/or Kubernetes manifests",
                        description="Write a Dockerfile (slim, non-root, HEALTHCHECK) with the run, and/or a "
@@ -272,9 +285,26 @@ def cmd_serve(args) -> None:
     serve(args.run, settings, host=args.host, port=args.port, workers=args.workers)
 
 
+def cmd_import(args) -> None:
+    from kiln.hf import import_gpt2
+
+    r = import_gpt2(args.dir, out=args.out, data=args.data)
+    print(f"wrote {r['run']}: GPT-2 with {r['parameters']:,} parameters, tokenizer from {r['tokenizer']}")
+    for note in r["notes"]:
+        print(f"note: {note}")
+
+
 def cmd_export(args) -> None:
     from kiln.export import export_run
 
+    if args.format == "hf":
+        from kiln.hf import export_gpt2
+
+        r = export_gpt2(args.run, out=args.out)
+        print(f"wrote {r['path']}: {', '.join(r['files'])} (GPT2LMHeadModel.from_pretrained reads it)")
+        for note in r["notes"]:
+            print(f"note: {note}")
+        return
     r = export_run(args.run, args.format, out=args.out, check=args.check, tolerance=args.tolerance)
     print(f"wrote {r['path']} ({r['format']}): max abs difference from PyTorch {r['max_abs_diff']:.2e} on "
           f"{r['samples']} {r['check']} samples (tolerance {r['tolerance']:g})")
@@ -483,6 +513,7 @@ COMMANDS = {
     "tune": cmd_tune,
     "explain": cmd_explain,
     "compress": cmd_compress,
+    "import": cmd_import,
 }
 
 

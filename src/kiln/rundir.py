@@ -16,6 +16,7 @@ Layout of ``runs/<name>/``::
     explanations/                 written by `kiln explain`: per input <name>.<method>.json and .png/.svg/.html
     compression.json              a run `kiln compress` wrote: each step and what it measured
     model.int8.onnx               a quantized run's model (`kiln compress --quantize`): it predicts with this graph
+    hf/                           `kiln export --format hf`: config.json, model.safetensors, tokenizer files
 
 and the files its kind of data adds (a table's ``preprocessing.json``, a text's ``tokenizer.json``: each
 kind lists them in ``run_files``). Every file is written atomically. This module imports nothing of kiln
@@ -49,6 +50,7 @@ class RunDir:
     EXPLANATIONS = "explanations"  # kiln explain: a JSON and a picture per input, global.<method>.json/.svg
     INT8_ONNX = "model.int8.onnx"  # a quantized run's model (kiln compress): model input -> raw outputs
     COMPRESSION = "compression.json"  # what kiln compress did and measured, in the run it wrote
+    HF_EXPORT = "hf"  # `kiln export --format hf`: a Hugging Face GPT-2 folder
     # What serving a run reads, besides its kind's own files.
     SERVING = (CONFIG, MANIFEST, RESULTS, WEIGHTS)
 

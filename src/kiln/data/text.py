@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 
 from kiln.data.kind import DataKind, DataSpec, find_data
 from kiln.data.requests import objects
@@ -37,9 +37,14 @@ TEXT_SUFFIXES = (".txt", ".md", ".text", "")
 
 
 class TokenSpec(DataSpec):
-    path: str  # a text file or folder (text), or a TSV of source<TAB>target lines (text_pairs)
+    # A text file or folder (text), or a TSV of source<TAB>target lines (text_pairs). Needed to train and
+    # evaluate; a run imported without its text (`kiln import hf-gpt2`) has none and still generates.
+    path: str | None = Field(default=None, max_length=4096)
     tokenizer: Literal["char", "byte", "bpe"] = "char"  # bpe: byte-level BPE trained on the data (kiln[text])
     vocab_size: PositiveInt = 1024  # bpe only: tokens including the 256 bytes
+    # A run directory (or its tokenizer.json) whose tokenizer encodes the text instead of one fitted on it:
+    # fine-tuning a run's weights (an imported GPT-2's) needs that run's token ids.
+    tokenizer_from: str | None = Field(default=None, max_length=4096)
 
 
 def read_text(path: Path) -> str:
@@ -80,9 +85,28 @@ class TokenKind(DataKind):
         super().__init__(cfg, seed)
         if run_path is not None:
             self.tokenizer, self.extra = load_tokenizer(RunDir(run_path) / FILE)
+        elif cfg.tokenizer_from is not None:
+            self.tokenizer = self.reused_tokenizer(Path(cfg.tokenizer_from).expanduser())
+            self.extra = self.facts()
         else:
             self.tokenizer = fit_tokenizer(cfg.tokenizer, self.fit_text(), cfg.vocab_size, self.specials)
             self.extra = self.facts()
+
+    def reused_tokenizer(self, path: Path):
+        """``data.tokenizer_from``'s tokenizer, which must be of the kind ``data.tokenizer`` names and have this data
+        set's special tokens."""
+        file = path / FILE if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(f"data.tokenizer_from {str(path)!r}: no {file} (give a run directory that holds a "
+                            f"{FILE}, or that file)")
+        tokenizer, _ = load_tokenizer(file)
+        if tokenizer.kind != self.cfg.tokenizer:
+            raise DataError(f"data.tokenizer_from {str(path)!r} holds a {tokenizer.kind} tokenizer but data.tokenizer "
+                            f"is {self.cfg.tokenizer}; set data.tokenizer: {tokenizer.kind}")
+        if tokenizer.specials != list(self.specials):
+            raise DataError(f"data.tokenizer_from {str(path)!r}: its special tokens {tokenizer.specials} are not the "
+                            f"{list(self.specials)} a {self.name} data set needs")
+        return tokenizer
 
     @cached_property
     def source(self) -> Path:
@@ -165,12 +189,16 @@ class Text(TokenKind):
         return window[:, :-1], window[:, 1:]
 
     def eval_batches(self, x: torch.Tensor, y: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The stream cut into consecutive windows: every token is predicted once."""
+        """The stream cut into consecutive non-overlapping windows of the context, the last one shorter: every
+        token after the first is predicted once (the exact loss of the split, not an estimate from random
+        windows; each window starts without context, as a random one does)."""
         t = self.cfg.context
         n = (len(x) - 1) // t
         xs, ys = x[: n * t].view(n, t), x[1: n * t + 1].view(n, t)
         for start in range(0, n, size):
             yield xs[start:start + size], ys[start:start + size]
+        if n * t + 1 < len(x):  # the tail shorter than a window
+            yield x[n * t: -1].view(1, -1), x[n * t + 1:].view(1, -1)
 
     # ---- inference -----------------------------------------------------------------------------------
 

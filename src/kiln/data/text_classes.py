@@ -171,6 +171,9 @@ class TextClasses(TokenKind):
         DataKind.__init__(self, cfg, seed)
         if run_path is not None:
             self.tokenizer, self.extra = load_tokenizer(RunDir(run_path) / FILE)
+        elif cfg.tokenizer_from is not None:
+            self.extra = self.facts()
+            self.tokenizer = self.reused_tokenizer(Path(cfg.tokenizer_from).expanduser())
         else:
             self.extra = self.facts()  # the task and classes first: the split is stratified by them
             self.tokenizer = fit_tokenizer(cfg.tokenizer, self.fit_text(), cfg.vocab_size, self.specials)

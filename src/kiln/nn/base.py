@@ -20,7 +20,7 @@ from kiln.errors import ConfigError
 from kiln.schema import StrictModel
 
 Shape = tuple[int, ...]
-Activation = Literal["none", "relu", "gelu", "tanh", "sigmoid", "silu"]
+Activation = Literal["none", "relu", "gelu", "gelu_tanh", "tanh", "sigmoid", "silu"]
 
 KIND_BY_NDIM = {3: "image", 2: "sequence", 1: "vector"}
 DIMS_BY_KIND = {
@@ -78,6 +78,7 @@ def activation(name: Activation) -> nn.Module:
         "none": nn.Identity,
         "relu": nn.ReLU,
         "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # GPT-2's gelu_new
         "tanh": nn.Tanh,
         "sigmoid": nn.Sigmoid,
         "silu": nn.SiLU,

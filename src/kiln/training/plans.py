@@ -200,7 +200,10 @@ class Steps:
 
     def finish(self) -> dict[str, Any]:
         last = self.tr.state.history[-1] if self.tr.state.history else {}
-        return {"train": {"loss": last.get("train_loss")}, "steps": self.tr.state.global_step}
+        # results.json's val and test are exact (every held-out token); the last estimate stands beside them
+        estimate = {k: last[k] for k in ("train_loss", "val_loss") if k in last}
+        return {"train": {"loss": last.get("train_loss")}, "steps": self.tr.state.global_step,
+                "estimate": {**estimate, "batches": self.t.eval_batches, "batch_size": self.t.batch_size}}
 
 
 def plan_for(trainer) -> Epochs | Steps:

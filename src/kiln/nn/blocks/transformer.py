@@ -20,7 +20,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
 from kiln.errors import ConfigError
@@ -46,6 +46,7 @@ class LayerConfig:
     init_std: float | None = INIT_STD  # GPT-2: weights N(0, init_std), biases 0; None: PyTorch's default init
     depth: int = 1  # layers in the whole model, which scales the init of residual projections (GPT-2)
     rotary_steps: int = 0  # rotary positions in self-attention for up to this many steps; 0: none
+    norm_eps: float = 1e-5  # added to the variance in every LayerNorm (PyTorch's and GPT-2's default)
 
     @property
     def residual_std(self) -> float | None:
@@ -166,11 +167,11 @@ class Layer(nn.Module):
     def __init__(self, cfg: LayerConfig, causal: bool = False, cross: bool = False) -> None:
         super().__init__()
         self.post_norm = cfg.norm == "post"
-        self.norm1 = nn.LayerNorm(cfg.width, bias=cfg.bias)
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=cfg.bias)
         self.attn = Attention(cfg, causal=causal)
         self.cross = Attention(cfg, cross=True) if cross else None
-        self.norm_cross = nn.LayerNorm(cfg.width, bias=cfg.bias) if cross else None
-        self.norm2 = nn.LayerNorm(cfg.width, bias=cfg.bias)
+        self.norm_cross = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=cfg.bias) if cross else None
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -218,10 +219,10 @@ def run_layers(layers: nn.ModuleList, norm: nn.LayerNorm, x, source=None, cache=
 class CausalStack(nn.Module):
     """Causal layers and a final norm: a decoder-only (GPT) Transformer."""
 
-    def __init__(self, layers: list[Layer], width: int, bias: bool) -> None:
+    def __init__(self, layers: list[Layer], width: int, bias: bool, eps: float = 1e-5) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.norm = nn.LayerNorm(width, bias=bias)
+        self.norm = nn.LayerNorm(width, eps=eps, bias=bias)
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
         return run_layers(self.layers, self.norm, x)
@@ -296,7 +297,8 @@ class TransformerEncoder(BlockSpec):
 class TransformerDecoder(BlockSpec):
     """A decoder-only (GPT) stack of pre-norm layers with causal self-attention, then a final layer norm.
     Each step sees only itself and earlier steps. ``position: rotary`` rotates queries and keys by position
-    (use it instead of a positional_encoding block)."""
+    (use it instead of a positional_encoding block). ``activation: gelu_tanh`` and ``norm_eps`` exist for
+    GPT-2's own settings (its gelu_new and layer_norm_epsilon; see ``kiln import hf-gpt2``)."""
 
     type: Literal["transformer_decoder"] = "transformer_decoder"
     layers: PositiveInt = 1
@@ -305,6 +307,8 @@ class TransformerDecoder(BlockSpec):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     bias: bool = True  # biases in linear layers and layer norms
     position: Literal["none", "rotary"] = "none"
+    activation: Literal["gelu", "gelu_tanh", "relu", "silu"] = "gelu"  # of the feed-forward's hidden units
+    norm_eps: PositiveFloat = 1e-5  # of every LayerNorm
 
     example: ClassVar[dict] = {"layers": 2, "heads": 2, "position": "rotary"}
 
@@ -315,11 +319,12 @@ class TransformerDecoder(BlockSpec):
         if self.position == "rotary" and (c // self.heads) % 2:
             raise ConfigError(f"transformer_decoder.position: rotary needs an even head width, not {c // self.heads}")
         ff = self.ff or 4 * c
-        cfg = LayerConfig(c, self.heads, ff, self.dropout, bias=self.bias, depth=self.layers,
-                          rotary_steps=t if self.position == "rotary" else 0)
+        cfg = LayerConfig(c, self.heads, ff, self.dropout, bias=self.bias, activation=self.activation,
+                          depth=self.layers, rotary_steps=t if self.position == "rotary" else 0,
+                          norm_eps=self.norm_eps)
         layers = [Layer(cfg, causal=True) for _ in range(self.layers)]
         macs = self.layers * (t * (4 * c * c + 2 * c * ff) + t * t * c)  # causal: half of the 2*T*T*C scores+mix
-        return Built(CausalStack(layers, c, self.bias), (t, c), macs)
+        return Built(CausalStack(layers, c, self.bias, self.norm_eps), (t, c), macs)
 
 
 @BLOCKS.register("encoder_decoder")
