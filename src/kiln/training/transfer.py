@@ -207,12 +207,9 @@ def _per_block(model: nn.Module, report: TransferReport) -> list[dict[str, Any]]
             status, note = "-", "no weights"
         else:
             status = "loaded" if not new else "new" if not loaded else "partly"
-            reasons: dict[str, list[str]] = {}
-            for t in new:
-                reasons.setdefault(t["reason"].split(":")[0], []).append(t["name"].split(".", 2)[2])
-            note = "; ".join(f"{', '.join(names)}: {why}" for why, names in reasons.items())
-            if len(new) == 1:
-                note = f"{new[0]['name'].split('.', 2)[2]}: {new[0]['reason']}"
+            absent = [t["name"].split(".", 2)[2] for t in new if t["reason"] == "not in the source"]
+            notes = [f"{t['name'].split('.', 2)[2]} {t['reason']}" for t in new if t["reason"] != "not in the source"]
+            note = "; ".join(notes + ([f"not in the source: {', '.join(absent)}"] if absent else []))
         rows.append({"index": layer.index, "type": layer.type, "status": status,
                      "parameters": sum(numel(t["shape"]) for t in loaded + new), "loaded": len(loaded),
                      "new": len(new), "note": note})
