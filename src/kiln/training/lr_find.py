@@ -90,7 +90,7 @@ class Sweep:
         low = int(np.argmin(s))
         top, bottom = max(s[:low + 1]), min(min(s), float(np.percentile(self.losses[:low + 1], 5)))
         ylim = (bottom, top + 0.25 * (top - bottom) + 1e-9)
-        other = "min10" if self.method == "steepest" else "steepest"
+        other = METHODS[1 - METHODS.index(self.method)]
         return line_chart([Series("loss per step", self.lrs, self.losses, color="#c7c7c7", width=1),
                            Series("smoothed loss", self.lrs, s)],
                           title=title, xlabel="learning rate (log scale)", ylabel="training loss", xlog=True,
@@ -202,7 +202,8 @@ def choose_lr(cfg, make_trainer: Callable[[Any], Trainer], saved: dict | None, l
         return with_lr(cfg, saved["train"]["optimizer"]["lr"]), None
     log(f"train.optimizer.lr: auto: sweeping the learning rate from {START:g} to {END:g} over {STEPS} steps")
     found = sweep(make_trainer(with_lr(cfg, START)), START, END, STEPS)
-    log(f"learning rate {found.suggestion:.3g} ({found.method}; {found.stopped}; min10 {found.min10:.3g})")
+    other = METHODS[1 - METHODS.index(found.method)]
+    log(f"learning rate {found.suggestion:.3g} ({found.method}; {other} {getattr(found, other):.3g}; {found.stopped})")
     return with_lr(cfg, float(found.suggestion)), found
 
 
