@@ -337,6 +337,33 @@ def cifar_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def transfer_options(data: dict) -> dict:
+    return dict(data["args"])
+
+
+def transfer_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    summary, n = data["summary"], len(options["seeds"])
+    ft, sc = summary["finetune"], summary["scratch"]
+    what = (f"Fashion-MNIST fine-tuned from an MNIST run of the seed model (`examples/fashion_from_mnist.yaml`, blocks "
+            f"{options['freeze']} frozen) vs from scratch (`examples/fashion_mnist.yaml`), same recipe, "
+            f"{plural(options['epochs'], 'epoch')}, 10% validation split, {plural(n, 'seed')}")
+    reach = "; ".join(f"{float(t) * 100:g}%: fine-tuned {_epochs(ft['epochs_to_target'][t])} vs scratch "
+                      f"{_epochs(sc['epochs_to_target'][t])}" for t in ft["epochs_to_target"])
+    first = ft["val_accuracy_median_by_epoch"][0], sc["val_accuracy_median_by_epoch"][0]
+    result = (f"epochs to a validation accuracy, per seed (- never): {reach}; median validation accuracy after epoch "
+              f"1: fine-tuned **{pct(first[0])}** vs {pct(first[1])}"
+              f"; final test accuracy {pct(ft['test_accuracy_median'])} vs {pct(sc['test_accuracy_median'])}; "
+              f"seconds per epoch, scratch / fine-tuned: {data['scratch_over_finetune_seconds_per_epoch']:.2f}x")
+    hw = data["hardware"]
+    conditions = (f"{hw['cpu']}, {hw['cores']} cores, Python {hw['python']}, load average "
+                  f"{hw['load_average_1m_at_end']:.1f} at the end; torch {data['torch']}")
+    return what, result, conditions
+
+
+def _epochs(per_seed: list) -> str:
+    return ", ".join("-" if e is None else str(e) for e in per_seed)
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -367,6 +394,10 @@ BENCHMARKS = {
                         frozenset(), tables_options, tables_cells),
     "cifar": Benchmark("benchmarks/bench_cifar.py", {"epochs": None, "reps": 1, "threads": 1, "systems": "kiln,eager"},
                        frozenset({"reps", "systems"}), cifar_options, cifar_cells),
+    "transfer": Benchmark("benchmarks/bench_transfer.py",
+                          {"source_epochs": 3, "seeds": [0, 1], "epochs": 6, "freeze": "0-3",
+                           "targets": [0.85, 0.88, 0.9], "overrides": []},
+                          frozenset({"seeds", "targets"}), transfer_options, transfer_cells),
 }
 
 

@@ -125,6 +125,7 @@ class TrainConfig(StrictModel):
     max_nonfinite_steps: NonNegativeInt = 0  # steps with a NaN or infinite loss skipped before training stops
     early_stopping: EarlyStoppingConfig | None = None
     init_from: str | None = None  # a run directory or .safetensors file: start from its weights (by name and shape)
+    init_exclude: list[int | str] = []  # with init_from: blocks that start new anyway (a head whose classes differ)
     freeze: list[int | str] = []  # blocks (index, range "0-3" or type) whose weights stay as they start
     hard_examples: HardExamplesConfig | None = None  # later epochs on the samples that are still hard
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

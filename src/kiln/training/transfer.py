@@ -4,7 +4,8 @@
 Blocks are named as everywhere in kiln, by their place in ``model.blocks`` (``0``, ``-1`` for the last), by
 an inclusive range (``"0-3"``) or by their type (``lstm``: every lstm block). Weights are matched by their
 state-dict name (``blocks.<index>.<tensor>``) and shape, so a run whose model has a different head (another
-number of classes) gives everything but the head, and the head starts new.
+number of classes) gives everything but the head, and the head starts new; ``train.init_exclude`` names blocks
+that start new anyway (a head with as many classes as the source's, that mean something else).
 
 Weights are read with safetensors (no code in a weights file runs) from a run directory's
 ``model.safetensors``, a kiln checkpoint, or any safetensors file whose names follow kiln's.
@@ -168,14 +169,19 @@ def _listing(tensors: dict[str, torch.Tensor]) -> str:
     return ", ".join(shown) + more if shown else "(no tensors)"
 
 
-def init_from(model: nn.Module, source: str | Path) -> TransferReport:
-    """Copy into ``model`` every tensor of ``source`` whose name and shape match; the rest stays as built."""
+def init_from(model: nn.Module, source: str | Path, exclude: list[int | str] = ()) -> TransferReport:
+    """Copy into ``model`` every tensor of ``source`` whose name and shape match, but those of the blocks
+    ``exclude`` names; the rest stays as built."""
     path = weights_file(source)
     found = read_weights(path)
     own = model.state_dict()
     report = TransferReport(str(path))
+    excluded = selected(model, exclude, "train.init_exclude")
     for name, target in own.items():
         theirs = found.get(name)
+        if _block_of(name) in excluded:
+            report.new.append({"name": name, "shape": list(target.shape), "reason": "train.init_exclude"})
+            continue
         if theirs is not None and tuple(theirs.shape) == tuple(target.shape):
             report.loaded.append({"name": name, "shape": list(target.shape)})
             continue
@@ -183,7 +189,9 @@ def init_from(model: nn.Module, source: str | Path) -> TransferReport:
                   f"shape differs: {tuple(theirs.shape)} in the source, {tuple(target.shape)} here")
         report.new.append({"name": name, "shape": list(target.shape), "reason": reason})
     for name, theirs in found.items():
-        if name not in own:
+        if _block_of(name) in excluded and name in own:
+            report.skipped.append({"name": name, "shape": list(theirs.shape), "reason": "train.init_exclude"})
+        elif name not in own:
             report.skipped.append({"name": name, "shape": list(theirs.shape), "reason": "not in this model"})
         elif tuple(theirs.shape) != tuple(own[name].shape):
             report.skipped.append({"name": name, "shape": list(theirs.shape),
@@ -207,9 +215,12 @@ def _per_block(model: nn.Module, report: TransferReport) -> list[dict[str, Any]]
             status, note = "-", "no weights"
         else:
             status = "loaded" if not new else "new" if not loaded else "partly"
-            absent = [t["name"].split(".", 2)[2] for t in new if t["reason"] == "not in the source"]
-            notes = [f"{t['name'].split('.', 2)[2]} {t['reason']}" for t in new if t["reason"] != "not in the source"]
-            note = "; ".join(notes + ([f"not in the source: {', '.join(absent)}"] if absent else []))
+            grouped = ("not in the source", "train.init_exclude")
+            notes = [f"{t['name'].split('.', 2)[2]} {t['reason']}" for t in new if t["reason"] not in grouped]
+            for reason in grouped:
+                names = [t["name"].split(".", 2)[2] for t in new if t["reason"] == reason]
+                notes += [f"{reason}: {', '.join(names)}"] if names else []
+            note = "; ".join(notes)
         rows.append({"index": layer.index, "type": layer.type, "status": status,
                      "parameters": sum(numel(t["shape"]) for t in loaded + new), "loaded": len(loaded),
                      "new": len(new), "note": note})
@@ -267,7 +278,9 @@ def prepare(t, model: nn.Module) -> TransferReport | None:
     """Apply ``train.init_from`` and ``train.freeze`` (``t``: the train section) to a built model; None when the
     config has neither. Every bad name or file is an error here, before a run writes anything."""
     if not t.init_from and not t.freeze:
+        if t.init_exclude:
+            raise ConfigError("train.init_exclude names blocks not to take from train.init_from; set init_from too")
         return None
-    report = init_from(model, t.init_from) if t.init_from else TransferReport("")
+    report = init_from(model, t.init_from, t.init_exclude) if t.init_from else TransferReport("")
     report.frozen = freeze(model, t.freeze) if t.freeze else []
     return report
