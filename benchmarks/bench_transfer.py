@@ -3,12 +3,13 @@
 The source is the seed model trained on MNIST once (`examples/mnist_seed.yaml`, `--source-epochs` epochs), or a
 run given with `--source`. Then, for each seed, side by side in alternation, two `kiln train` processes with the
 same recipe, data split and seed: `examples/fashion_mnist.yaml` with a 10% validation split (from scratch) and
-`examples/fashion_from_mnist.yaml` (init_from the source, blocks 0-3 frozen). Each epoch's validation accuracy is
+`examples/fashion_from_mnist.yaml` (init_from the source, its convolution frozen, a new head). Each epoch's validation accuracy is
 read from the runs' metrics.jsonl; the result is how many epochs each needs to reach each `--targets` accuracy,
 its final test accuracy, and the training loop's seconds per epoch (the ratio, not absolute times, is the
 comparison: the machine may be shared).
 
     KILN_DATA=../shared/data .venv/bin/python benchmarks/bench_transfer.py --seeds 0 1
+    KILN_DATA=../shared/data .venv/bin/python benchmarks/bench_transfer.py --seeds 0 1 2 --set data.limit_train=10000
 
 Writes benchmarks/results/transfer-<time>.json and the curves as transfer-<time>.png beside it.
 """
@@ -62,7 +63,7 @@ def plot(path: Path, runs: dict[str, list[dict]], title: str) -> None:
     from kiln.training.charts import Series, line_chart, write_png
 
     colors = {"scratch": "#1f77b4", "finetune": "#d62728"}
-    labels = {"scratch": "from scratch", "finetune": "fine-tuned from MNIST (front end frozen)"}
+    labels = {"scratch": "from scratch", "finetune": "fine-tuned from MNIST (convolution frozen)"}
     series = []
     for arm, arm_runs in runs.items():
         for i, r in enumerate(arm_runs):
@@ -78,7 +79,7 @@ def main() -> None:
     p.add_argument("--source-epochs", type=int, default=3, help="epochs of the MNIST source run (default 3)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=6, help="epochs of both Fashion-MNIST trainings (default 6)")
-    p.add_argument("--freeze", default="0-3", help="blocks frozen in the fine-tuned run (default 0-3)")
+    p.add_argument("--freeze", help="blocks frozen in the fine-tuned run, e.g. 0-3 (default: the example's, conv2d)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.85, 0.88, 0.9],
                    help="validation accuracies to reach (default 0.85 0.88 0.9)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override for both targets")
@@ -90,8 +91,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         source = args.source
-        source_info = None
-        if source is None:
+        if source is not None:
+            done = json.loads((Path(source) / "results.json").read_text())
+            source_info = {"run": source, "test_accuracy": done["test"]["accuracy"], "epochs": done.get("epochs")}
+        else:
             source = str(Path(tmp) / "mnist_source")
             r = train(SOURCE, Path(source), [f"train.epochs={args.source_epochs}"])
             source_info = {"config": "examples/mnist_seed.yaml", "epochs": args.source_epochs,
@@ -101,9 +104,8 @@ def main() -> None:
         common = [f"train.epochs={args.epochs}", *args.overrides]
         runs: dict[str, list[dict]] = {"scratch": [], "finetune": []}
         for seed in args.seeds:
-            for arm, config, extra in (("scratch", SCRATCH, ["data.val_fraction=0.1"]),
-                                       ("finetune", FINETUNE, [f"train.init_from={source}",
-                                                               f"train.freeze=[\"{args.freeze}\"]"])):
+            tune = [f"train.init_from={source}"] + ([f"train.freeze=[\"{args.freeze}\"]"] if args.freeze else [])
+            for arm, config, extra in (("scratch", SCRATCH, ["data.val_fraction=0.1"]), ("finetune", FINETUNE, tune)):
                 r = train(config, Path(tmp) / f"{arm}{seed}", [f"seed={seed}", *common, *extra])
                 r["seed"] = seed
                 runs[arm].append(r)
@@ -143,7 +145,7 @@ def main() -> None:
                                   f"({len(args.seeds)} seeds each)")
     out.write_text(json.dumps({"hardware": hw, "torch": torch.__version__,
                                "args": {k: v for k, v in vars(args).items() if k != "source"},
-                               "source": source_info or {"run": args.source}, "runs": runs, "summary": summary,
+                               "source": source_info, "runs": runs, "summary": summary,
                                "scratch_over_finetune_seconds_per_epoch": ratio, "plot": png.name}, indent=2))
     print(f"wrote {out} and {png.name}")
 

@@ -15,7 +15,7 @@ from kiln.errors import ConfigError
 from kiln.nn import build_model
 from kiln.training.checkpoint import save_weights
 from kiln.training.optim import make_optimizer, make_scheduler
-from kiln.training.transfer import freeze, init_from
+from kiln.training.transfer import freeze, init_from, prepare, selected
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,9 +159,23 @@ def test_bad_init_from_and_block_names_are_errors_that_name_them(mnist_root, tmp
 
 
 def test_select_blocks_reads_indices_ranges_and_types():
-    from kiln.training.transfer import selected
-
     model, _ = seed_model()
     assert selected(model, [0, "2-3", "lstm", -1, "blocks.5"], "x") == [0, 2, 3, 4, 5, 7]
     with pytest.raises(ConfigError, match="the range '3-1' is empty"):
         selected(model, ["3-1"], "x")
+
+
+def test_init_exclude_leaves_the_blocks_it_names_new(tmp_path):
+    source, _ = seed_model()
+    save_weights(tmp_path / "source.safetensors", source)
+    torch.manual_seed(1)
+    target, _ = seed_model()
+    head = target.blocks[7].weight.detach().clone()
+    report = init_from(target, tmp_path / "source.safetensors", exclude=["classifier"])
+    assert torch.equal(target.blocks[7].weight, head)  # as built, not the source's
+    assert torch.equal(target.blocks[4].rnn.weight_hh_l0, source.blocks[4].rnn.weight_hh_l0)
+    assert {t["name"]: t["reason"] for t in report.new} == {"blocks.7.weight": "train.init_exclude",
+                                                            "blocks.7.bias": "train.init_exclude"}
+    assert [b["status"] for b in report.blocks if b["index"] == 7] == ["new"]
+    with pytest.raises(ConfigError, match="train.init_exclude.*set init_from too"):
+        prepare(load_config(SEED, {"train.init_exclude": [7]}).train, target)
