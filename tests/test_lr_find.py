@@ -79,3 +79,12 @@ def test_bad_sweep_arguments_are_errors(capsys, tmp_path):
         assert err.startswith("error:") and message in err, (args, err)
     assert main(["lr-find", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_names_the_sweep_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["lr-find", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: kiln lr-find") and all(a in out for a in ("--steps", "--start", "--end", "--out",
+                                                                             "min10", "steepest"))

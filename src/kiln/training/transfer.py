@@ -102,7 +102,8 @@ class TransferReport:
             out.append(f"init_from {self.source}:")
             out.append(f"  {'block':>5}  {'type':<20} {'status':<8} {'parameters':>10}  note")
             for b in self.blocks:
-                out.append(f"  {b['index']:>5}  {b['type']:<20} {b['status']:<8} {b['parameters']:>10,}  {b['note']}")
+                out.append(f"  {b['index']:>5}  {b['type']:<20} {b['status']:<8} {b['parameters']:>10,}  "
+                           f"{b['note']}".rstrip())
             loaded = sum(numel(t["shape"]) for t in self.loaded)
             total = loaded + sum(numel(t["shape"]) for t in self.new)
             out.append(f"  loaded {len(self.loaded)} tensors ({loaded:,} of {total:,} values), {len(self.new)} new, "
