@@ -179,3 +179,20 @@ def test_init_exclude_leaves_the_blocks_it_names_new(tmp_path):
     assert [b["status"] for b in report.blocks if b["index"] == 7] == ["new"]
     with pytest.raises(ConfigError, match="train.init_exclude.*set init_from too"):
         prepare(load_config(SEED, {"train.init_exclude": [7]}).train, target)
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_mnist_learns_fashion_faster_than_scratch(mnist_root, tmp_path):
+    """The README's example, small: one epoch on 6,000 Fashion-MNIST images from an MNIST run (convolution frozen,
+    a new head) against the same epoch from scratch, same seed and data order."""
+    if not (mnist_root.parent / "fashion_mnist").is_dir():
+        pytest.skip("Fashion-MNIST unavailable: no fashion_mnist/ beside mnist/ in KILN_DATA")
+    source = kiln.train(SEED, {**TINY, "data.limit_train": 20000, "train.threads": 2}, out=tmp_path / "mnist",
+                        live=False)
+    small = {"data.limit_train": 6000, "data.limit_test": 2000, "train.epochs": 1, "train.threads": 2,
+             "train.log_every": 1000}
+    scratch = kiln.train(ROOT / "examples" / "fashion_mnist.yaml", {**small, "data.val_fraction": 0.1},
+                         out=tmp_path / "scratch", live=False)
+    tuned = kiln.train(ROOT / "examples" / "fashion_from_mnist.yaml", {**small, "train.init_from": str(source.path)},
+                       out=tmp_path / "tuned", live=False)
+    assert tuned.metrics["test"]["accuracy"] > scratch.metrics["test"]["accuracy"] + 0.02
