@@ -187,9 +187,9 @@ def test_fine_tuning_from_mnist_learns_fashion_faster_than_scratch(mnist_root, t
     a new head) against the same epoch from scratch, same seed and data order."""
     if not (mnist_root.parent / "fashion_mnist").is_dir():
         pytest.skip("Fashion-MNIST unavailable: no fashion_mnist/ beside mnist/ in KILN_DATA")
-    source = kiln.train(SEED, {**TINY, "data.limit_train": 20000, "train.threads": 2}, out=tmp_path / "mnist",
+    source = kiln.train(SEED, {**TINY, "data.limit_train": 20000}, out=tmp_path / "mnist",
                         live=False)
-    small = {"data.limit_train": 6000, "data.limit_test": 2000, "train.epochs": 1, "train.threads": 2,
+    small = {"data.limit_train": 6000, "data.limit_test": 2000, "train.epochs": 1, "train.threads": 1,
              "train.log_every": 1000}
     scratch = kiln.train(ROOT / "examples" / "fashion_mnist.yaml", {**small, "data.val_fraction": 0.1},
                          out=tmp_path / "scratch", live=False)
