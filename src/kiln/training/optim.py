@@ -75,7 +75,7 @@ def sgd(params, cfg, device):
 
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    if cfg.lr_scale:  # per-block learning rates (kiln.training.transfer)
+    if getattr(cfg, "lr_scale", None):  # per-block learning rates (kiln.training.transfer)
         groups = scale_groups(groups, model, cfg.lr, cfg.lr_scale)
     return OPTIMIZERS.get(cfg.name)([g for g in groups if g["params"]], cfg, device)
 
