@@ -351,14 +351,19 @@ def transfer_cells(data: dict, options: dict) -> tuple[str, str, str]:
     reach = "; ".join(f"{float(t) * 100:g}%: fine-tuned {_epochs(ft['epochs_to_target'][t])} vs scratch "
                       f"{_epochs(sc['epochs_to_target'][t])}" for t in ft["epochs_to_target"])
     first = ft["val_accuracy_median_by_epoch"][0], sc["val_accuracy_median_by_epoch"][0]
+    shown = [_bold(pct(a), a > b) for a, b in (first, first[::-1])]  # the better one in bold
     result = (f"epochs to a validation accuracy, per seed (- never): {reach}; median validation accuracy after epoch "
-              f"1: fine-tuned **{pct(first[0])}** vs {pct(first[1])}"
+              f"1: fine-tuned {shown[0]} vs {shown[1]}"
               f"; final test accuracy {pct(ft['test_accuracy_median'])} vs {pct(sc['test_accuracy_median'])}; "
               f"seconds per epoch, scratch / fine-tuned: {data['scratch_over_finetune_seconds_per_epoch']:.2f}x")
     hw = data["hardware"]
     conditions = (f"{hw['cpu']}, {hw['cores']} cores, Python {hw['python']}, load average "
                   f"{hw['load_average_1m_at_end']:.1f} at the end; torch {data['torch']}")
     return what, result, conditions
+
+
+def _bold(text: str, bold: bool) -> str:
+    return f"**{text}**" if bold else text
 
 
 def _epochs(per_seed: list) -> str:
