@@ -68,6 +68,11 @@ def test_lr_auto_trains_with_the_suggestion_exactly_as_if_given(mnist_root, tmp_
     manual = kiln.train(SEED, {**TINY, "train.optimizer.lr": chosen}, out=tmp_path / "manual", live=False)
     a, m = load_file(auto.path / "model.safetensors"), load_file(manual.path / "model.safetensors")
     assert all(np.array_equal(a[k].numpy(), m[k].numpy()) for k in a)
+    # Resumed with `lr: auto` (one more epoch), a run keeps the rate it chose: no second sweep.
+    resumed = kiln.train(SEED, {**TINY, "train.optimizer.lr": "auto", "train.epochs": 2}, out=tmp_path / "auto",
+                         resume=True, live=False)
+    assert resumed.config.train.optimizer.lr == chosen
+    assert json.loads((auto.path / "lr_find.json").read_text()) == sweep
 
 
 def test_bad_sweep_arguments_are_errors(capsys, tmp_path):

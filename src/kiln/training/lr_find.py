@@ -193,14 +193,19 @@ def with_lr(cfg, lr: float | str):
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer": opt})})
 
 
-def choose_lr(cfg, make_trainer: Callable[[Any], Trainer], saved: dict | None, log: Callable[[str], None]
-              ) -> tuple[Any, Sweep | None]:
-    """``train.optimizer.lr: auto``: the config with the finder's suggestion (a resumed run keeps the rate it was
-    started with, from ``saved``), and the sweep; any other config as it is."""
+def started_lr(cfg, saved: dict | None):
+    """A resumed run with ``lr: auto`` keeps the rate its start chose (``saved``: the config it was started with)."""
+    if cfg.train.optimizer.lr == "auto" and saved is not None and isinstance(saved["train"]["optimizer"]["lr"],
+                                                                              int | float):
+        return with_lr(cfg, saved["train"]["optimizer"]["lr"])
+    return cfg
+
+
+def choose_lr(cfg, make_trainer: Callable[[Any], Trainer], log: Callable[[str], None]) -> tuple[Any, Sweep | None]:
+    """``train.optimizer.lr: auto``: the config with the finder's suggestion, and the sweep; any other config as
+    it is."""
     if cfg.train.optimizer.lr != "auto":
         return cfg, None
-    if saved is not None and isinstance(saved["train"]["optimizer"]["lr"], int | float):
-        return with_lr(cfg, saved["train"]["optimizer"]["lr"]), None
     log(f"train.optimizer.lr: auto: sweeping the learning rate from {START:g} to {END:g} over {STEPS} steps")
     found = sweep(make_trainer(with_lr(cfg, START)), START, END, STEPS)
     other = METHODS[1 - METHODS.index(found.method)]

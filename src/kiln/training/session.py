@@ -24,7 +24,7 @@ from kiln.nn import KilnModel, build_model
 from kiln.nn.fuse import fuse
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_weights, save_weights
-from kiln.training.lr_find import choose_lr, write_sweep
+from kiln.training.lr_find import choose_lr, started_lr, write_sweep
 from kiln.training.metrics import TASK_METRICS, choose_threshold, expected_cost, metrics_line, probabilities
 from kiln.training.plots import write_precision_recall
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
@@ -77,6 +77,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     # A run stopped before its first checkpoint holds no training yet: resuming it starts from the beginning.
     restart = resume and not (run_dir / RunDir.LAST).is_file()
     if resume:
+        cfg = started_lr(cfg, saved)  # lr: auto keeps the rate it chose
         check_resumable(run_dir, cfg, saved)
         run_dir.remove_leftovers()
     else:
@@ -85,7 +86,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     data = kind.load(progress=display.log)
     if len(data.train_x) == 0:
         raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
-    cfg, found = choose_lr(cfg, lambda c: Trainer(c, run_dir, kind, data, model, device, precision, display), saved,
+    cfg, found = choose_lr(cfg, lambda c: Trainer(c, run_dir, kind, data, model, device, precision, display),
                            display.log)  # train.optimizer.lr: auto
     trainer = Trainer(cfg, run_dir, kind, data, model, device, precision, display)
     if not resume:
