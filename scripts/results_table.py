@@ -426,6 +426,37 @@ def compress_cells(data: dict, options: dict) -> tuple[str, str, str]:
                          + (" **goal met**" if r.get("meets_goal") else ""))
         parts.append(f"{name}: " + "; ".join(cells))
     return what, " / ".join(parts), f"{machine(data['conditions'])}; 1 thread, {options['rounds']} interleaved rounds"
+def transfer_options(data: dict) -> dict:
+    return dict(data["args"])
+
+
+def transfer_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    summary, n = data["summary"], len(options["seeds"])
+    ft, sc = summary["finetune"], summary["scratch"]
+    frozen = f"blocks {options['freeze']}" if options.get("freeze") else "its convolution"
+    what = (f"Fashion-MNIST fine-tuned from an MNIST run of the seed model (`examples/fashion_from_mnist.yaml`, "
+            f"{frozen} frozen, a new head) vs from scratch (`examples/fashion_mnist.yaml`), same recipe, "
+            f"{plural(options['epochs'], 'epoch')}, 10% validation split, {plural(n, 'seed')}")
+    reach = "; ".join(f"{float(t) * 100:g}%: fine-tuned {_epochs(ft['epochs_to_target'][t])} vs scratch "
+                      f"{_epochs(sc['epochs_to_target'][t])}" for t in ft["epochs_to_target"])
+    first = ft["val_accuracy_median_by_epoch"][0], sc["val_accuracy_median_by_epoch"][0]
+    shown = [_bold(pct(a), a > b) for a, b in (first, first[::-1])]  # the better one in bold
+    result = (f"epochs to a validation accuracy, per seed (- never): {reach}; median validation accuracy after epoch "
+              f"1: fine-tuned {shown[0]} vs {shown[1]}"
+              f"; final test accuracy {pct(ft['test_accuracy_median'])} vs {pct(sc['test_accuracy_median'])}; "
+              f"seconds per epoch, scratch / fine-tuned: {data['scratch_over_finetune_seconds_per_epoch']:.2f}x")
+    hw = data["hardware"]
+    conditions = (f"{hw['cpu']}, {hw['cores']} cores, Python {hw['python']}, load average "
+                  f"{hw['load_average_1m_at_end']:.1f} at the end; torch {data['torch']}")
+    return what, result, conditions
+
+
+def _bold(text: str, bold: bool) -> str:
+    return f"**{text}**" if bold else text
+
+
+def _epochs(per_seed: list) -> str:
+    return ", ".join("-" if e is None else str(e) for e in per_seed)
 
 
 BENCHMARKS = {
@@ -467,6 +498,10 @@ BENCHMARKS = {
     "compress": Benchmark("benchmarks/bench_compress.py",
                           {"model": ["mnist_seed", "german_credit"], "rounds": 15, "reuse": False},
                           frozenset({"rounds", "reuse"}), compress_options, compress_cells),
+    "transfer": Benchmark("benchmarks/bench_transfer.py",
+                          {"source_epochs": 3, "seeds": [0, 1], "epochs": 6, "freeze": None,
+                           "targets": [0.85, 0.88, 0.9], "overrides": []},
+                          frozenset({"seeds", "targets"}), transfer_options, transfer_cells),
 }
 
 

@@ -12,12 +12,13 @@ from kiln.errors import ConfigError, DataError, KilnError, RunDirError
 from kiln.version import __version__
 
 __all__ = ["Config", "ConfigError", "DataError", "KilnError", "Run", "RunDirError", "__version__", "load_config",
-           "train", "tune"]
+           "lr_find", "train", "tune"]
 
-_LAZY = {"Config": "kiln.config", "load_config": "kiln.config", "Run": "kiln.run"}
+_LAZY = {"Config": "kiln.config", "load_config": "kiln.config", "Run": "kiln.run", "lr_find": "kiln.lrfind"}
 
 if TYPE_CHECKING:
     from kiln.config import Config, load_config
+    from kiln.lrfind import lr_find
     from kiln.run import Run
 
 

@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   kiln predict runs/sms_spam --text "WINNER! Call now to claim your prize"
   kiln predict runs/movielens --user 42 --top 10
   kiln summary examples/mnist_seed.yaml
+  kiln lr-find examples/mnist_seed.yaml --steps 200
   kiln generate runs/shakespeare_char --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --seed 1
   kiln serve runs/mnist_seed --port 8000
   kiln export runs/mnist_seed
@@ -103,6 +104,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("target", help="YAML config file or run directory")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value before building")
+
+    lf = sub.add_parser("lr-find", help="sweep the learning rate, plot loss against it (PNG) and suggest one",
+                        description="Train the config's model for --steps steps on its training data while the "
+                                    "learning rate grows exponentially from --start to --end; plot the smoothed loss "
+                                    "against the rate and suggest one (steepest: where the loss falls fastest; "
+                                    "min10: a tenth of the rate at the lowest loss). Writes no run: only the plot and "
+                                    "its JSON. train.optimizer.lr: auto runs the same sweep before training.")
+    lf.add_argument("config", help="YAML config file")
+    lf.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value by its dotted path (repeatable)")
+    lf.add_argument("--steps", type=int, default=200, help="steps of the sweep (default: 200)")
+    lf.add_argument("--start", type=float, default=1e-7, help="first learning rate (default: 1e-7)")
+    lf.add_argument("--end", type=float, default=10.0, help="last learning rate (default: 10)")
+    lf.add_argument("--method", choices=["min10", "steepest"], default="min10",
+                    help="which rate to suggest (default: min10)")
+    lf.add_argument("--out", help="the plot, a .png file; its JSON goes beside it (default: beside the config, "
+                                  "<config>.lr_find.png)")
+    lf.add_argument("--json", action="store_true", help="print the sweep as JSON")
     _add_serving_commands(sub)
     rp = sub.add_parser("report", help="write a run's model card: one self-contained HTML file",
                         description="Write the run's model card, one HTML file that needs no network: data summary, "
@@ -462,6 +481,19 @@ def cmd_audit(args) -> None:
     warn(report)
 
 
+def cmd_lr_find(args) -> None:
+    from kiln.lrfind import lr_find
+
+    r = lr_find(args.config, args.overrides, out=args.out, steps=args.steps, start=args.start, end=args.end,
+                method=args.method)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return
+    print(f"suggested learning rate {r['suggestion']:.3g} ({r['method']}; steepest {r['steepest']:.3g}, min10 "
+          f"{r['min10']:.3g}); {len(r['lrs'])} steps from {r['start']:g}, {r['stopped']}")
+    print(f"wrote {r['plot']} and {r['json']}")
+
+
 def cmd_summary(args) -> None:
     from kiln.config import load_config
     from kiln.rundir import RunDir, open_run_dir
@@ -514,6 +546,7 @@ COMMANDS = {
     "explain": cmd_explain,
     "compress": cmd_compress,
     "import": cmd_import,
+    "lr-find": cmd_lr_find,
 }
 
 

@@ -49,11 +49,12 @@ class ModelConfig(StrictModel):
 
 class OptimizerConfig(StrictModel):
     name: str = "adam"
-    lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] | Literal["auto"] = 1e-3  # auto: kiln lr-find's suggestion
     weight_decay: NonNegativeFloat = 0.0  # decoupled for adamw, L2-in-gradient for adam and sgd
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # sgd only
     nesterov: bool = False  # sgd only
     betas: Pair[float] = (0.9, 0.999)  # adam, adamw
+    lr_scale: dict[int | str, PositiveFloat] = {}  # block (index, range "0-3" or type) -> factor of lr
 
     @field_validator("name")
     @classmethod
@@ -124,6 +125,9 @@ class TrainConfig(StrictModel):
     grad_clip: PositiveFloat | None = None  # largest global gradient norm
     max_nonfinite_steps: NonNegativeInt = 0  # steps with a NaN or infinite loss skipped before training stops
     early_stopping: EarlyStoppingConfig | None = None
+    init_from: str | None = None  # a run directory or .safetensors file: start from its weights (by name and shape)
+    init_exclude: list[int | str] = []  # with init_from: blocks that start new anyway (a head whose classes differ)
+    freeze: list[int | str] = []  # blocks (index, range "0-3" or type) whose weights stay as they start
     hard_examples: HardExamplesConfig | None = None  # later epochs on the samples that are still hard
     fairness: FairnessConfig | None = None  # e.g. {sensitive: foreign, method: reweigh} (kiln.training.fairness)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

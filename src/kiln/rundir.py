@@ -11,6 +11,8 @@ Layout of ``runs/<name>/``::
     model.safetensors             final weights (best epoch when early stopping restores it)
     results.json                  final train / val / test metrics (and a binary task's decision threshold)
     precision_recall.svg          binary classification: the test split's precision-recall curve
+    transfer.json                 train.init_from / train.freeze: what was loaded, new, skipped and frozen
+    lr_find.json, lr_find.png     train.optimizer.lr: auto: the learning-rate sweep and the rate chosen
     model.onnx, model.pt2         written by `kiln export`
     audit.json, audit.svg         written by `kiln audit`; fairness.json: its per-group thresholds
     explanations/                 written by `kiln explain`: per input <name>.<method>.json and .png/.svg/.html
@@ -39,6 +41,9 @@ class RunDir:
     METRICS = "metrics.jsonl"
     RESULTS = "results.json"
     PR_CURVE = "precision_recall.svg"
+    TRANSFER = "transfer.json"
+    LR_FIND = "lr_find.json"
+    LR_FIND_PLOT = "lr_find.png"
     WEIGHTS = "model.safetensors"
     LAST = "checkpoints/last.safetensors"
     BEST = "checkpoints/best.safetensors"

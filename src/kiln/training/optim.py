@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from kiln.registry import OPTIMIZERS, SCHEDULES
+from kiln.training.transfer import scale_groups
 
 
 def _fused_or_foreach(device: torch.device) -> dict:
@@ -73,7 +74,10 @@ def sgd(params, cfg, device):
 
 
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.name)(param_groups(model, cfg.weight_decay), cfg, device)
+    groups = param_groups(model, cfg.weight_decay)
+    if getattr(cfg, "lr_scale", None):  # per-block learning rates (kiln.training.transfer)
+        groups = scale_groups(groups, model, cfg.lr, cfg.lr_scale)
+    return OPTIMIZERS.get(cfg.name)([g for g in groups if g["params"]], cfg, device)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

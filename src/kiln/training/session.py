@@ -25,12 +25,14 @@ from kiln.nn import KilnModel, build_model
 from kiln.nn.fuse import fuse
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_weights, save_weights
+from kiln.training.lr_find import choose_lr, started_lr, write_sweep
 from kiln.training.metrics import TASK_METRICS, choose_threshold, expected_cost, metrics_line, probabilities
 from kiln.training.plots import write_precision_recall
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
 from kiln.training.progress import TrainProgress
 from kiln.training.threads import pick_threads
 from kiln.training.trainer import Trainer, TrainingDiverged
+from kiln.training.transfer import prepare
 from kiln.version import __version__
 
 
@@ -74,9 +76,11 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     kind.fill_model(model)
     use_fuse, fuse_reason = pick_fuse(cfg.train.fuse, device)
     execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
+    transfer = prepare(cfg.train, model)  # train.init_from and train.freeze
     # A run stopped before its first checkpoint holds no training yet: resuming it starts from the beginning.
     restart = resume and not (run_dir / RunDir.LAST).is_file()
     if resume:
+        cfg = started_lr(cfg, saved)  # lr: auto keeps the rate it chose
         check_resumable(run_dir, cfg, saved)
         run_dir.remove_leftovers()
     else:
@@ -85,15 +89,23 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     data = kind.load(progress=display.log)
     if len(data.train_x) == 0:
         raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
+    cfg, found = choose_lr(cfg, lambda c: Trainer(c, run_dir, kind, data, model, device, precision, display),
+                           display.log)  # train.optimizer.lr: auto
     trainer = Trainer(cfg, run_dir, kind, data, model, device, precision, display)
     trainer.on_evaluation = on_evaluation
     if not resume:
         run_dir.create()
         kind.save(run_dir.path)
+        if transfer:
+            run_dir.write_json(RunDir.TRANSFER, transfer.to_json())
+        if found:
+            write_sweep(found, run_dir / RunDir.LR_FIND_PLOT, run_dir / RunDir.LR_FIND,
+                        f"{cfg.name}: learning-rate sweep")
     atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())  # on resume: the epochs or steps may have changed
-    for line in [*kind.report(), *filter(None, [trainer.weights_note])]:
+    for line in [*kind.report(), *filter(None, [trainer.weights_note]), *(transfer.lines() if transfer else [])]:
         display.log(line)
     manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason}
+    manifest |= (transfer.manifest() if transfer else {}) | ({"lr_find": found.summary()} if found else {})
     run_dir.write_json(RunDir.MANIFEST, manifest)
     if restart:
         run_dir.clear_metrics()
