@@ -290,7 +290,8 @@ def tables_cells(data: dict, options: dict) -> tuple[str, str, str]:
 
 
 
-def tune_options(data: dict) -> dict:
+def settings_options(data: dict) -> dict:
+    """The options a script recorded under "settings", but where it wrote its output."""
     return {k: v for k, v in data["settings"].items() if k != "out"}
 
 
@@ -365,10 +366,6 @@ def cifar_cells(data: dict, options: dict) -> tuple[str, str, str]:
     conditions = (f"{machine(hw)}; {threads(options['threads'])}; load average {hw['load_average_1m_at_end']:.1f} "
                   "at the end")
     return what, result, conditions
-
-
-def fairness_options(data: dict) -> dict:
-    return {k: v for k, v in data["settings"].items() if k != "out"}
 
 
 def fairness_cells(data: dict, options: dict) -> tuple[str, str, str]:
@@ -489,10 +486,10 @@ BENCHMARKS = {
                         frozenset(), tables_options, tables_cells),
     "explain": Benchmark("benchmarks/bench_explain.py", {}, frozenset(), lambda data: {}, explain_cells),
     "fairness": Benchmark("benchmarks/bench_fairness.py", {"seeds": [0, 1, 2], "folds": 5, "bootstrap": 1000},
-                          frozenset({"seeds", "bootstrap"}), fairness_options, fairness_cells),
+                          frozenset({"seeds", "bootstrap"}), settings_options, fairness_cells),
     "tune": Benchmark("benchmarks/bench_tune.py", {"trials": 30, "folds": 5, "fresh_seeds": [1, 2, 3],
                                                    "pruner": "median", "workers": 1},
-                      frozenset({"fresh_seeds"}), tune_options, tune_cells),
+                      frozenset({"fresh_seeds"}), settings_options, tune_cells),
     "cifar": Benchmark("benchmarks/bench_cifar.py", {"epochs": None, "reps": 1, "threads": 1, "systems": "kiln,eager"},
                        frozenset({"reps", "systems"}), cifar_options, cifar_cells),
     "compress": Benchmark("benchmarks/bench_compress.py",

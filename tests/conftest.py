@@ -45,3 +45,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def german_credit() -> Path:
+    root = os.environ.get("KILN_DATA")
+    path = Path(root or ".") / "german_credit" / "german_credit.csv"
+    if not root or not path.is_file():
+        pytest.skip("German credit data unavailable: set KILN_DATA to a folder holding german_credit/german_credit.csv")
+    return path

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -291,15 +290,6 @@ def test_tables_too_small_or_empty_are_refused_before_anything_is_written(tmp_pa
         err = capsys.readouterr().err
         assert fragment in err and "Traceback" not in err, err
         assert not (tmp_path / path.stem).exists()
-
-
-@pytest.fixture
-def german_credit() -> Path:
-    root = os.environ.get("KILN_DATA")
-    path = Path(root or ".") / "german_credit" / "german_credit.csv"
-    if not root or not path.is_file():
-        pytest.skip("German credit data unavailable: set KILN_DATA to a folder holding german_credit/german_credit.csv")
-    return path
 
 
 @pytest.mark.parametrize(("example", "epochs", "lr"), [("german_credit.yaml", 6, 0.005)])

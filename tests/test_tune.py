@@ -34,15 +34,6 @@ SMALL_SPACE = {"train.optimizer.lr": {"float": [1.0e-3, 1.0e-2], "log": True},
                "model.blocks.2.units": {"int": [8, 64]}}
 
 
-@pytest.fixture
-def german_credit() -> Path:
-    root = os.environ.get("KILN_DATA")
-    path = Path(root or ".") / "german_credit" / "german_credit.csv"
-    if not root or not path.is_file():
-        pytest.skip("German credit data unavailable: set KILN_DATA to a folder holding german_credit/german_credit.csv")
-    return path
-
-
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
 
