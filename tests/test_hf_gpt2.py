@@ -179,6 +179,25 @@ def test_a_new_run_reuses_the_imported_tokenizer(tmp_path):
                    live=False)
 
 
+def test_imported_weights_fine_tune_through_init_from(tmp_path):
+    """GPT-2 weights on disk, fine-tuned by kiln: train.init_from loads every tensor of the imported run (none new),
+    so with a learning rate too small to move them the trained model still answers as transformers' does."""
+    import kiln
+
+    model = save_gpt2(tmp_path / "hf")
+    imported = import_gpt2(tmp_path / "hf", tmp_path / "gpt2")["run"]
+    (tmp_path / "text.txt").write_text(CORPUS * 4)
+    overrides = {"data.path": str(tmp_path / "text.txt"), "train.steps": 2, "train.batch_size": 2,
+                 "train.eval_batches": 1, "train.threads": 1, "train.init_from": str(imported),
+                 "train.optimizer.lr": 1e-12}
+    run = kiln.train(tmp_path / "gpt2" / "config.yaml", overrides, out=tmp_path / "tuned", live=False)
+    report = json.loads((run.path / "transfer.json").read_text())
+    assert report["loaded"] and not report["new"], report["new"]
+    ids = tokens(model.config.vocab_size)
+    with torch.no_grad():
+        assert max_diff(run.model(ids), model(ids).logits) <= 1e-4
+
+
 def test_the_cli_imports_and_exports(tmp_path, capsys):
     save_gpt2(tmp_path / "hf")
     (tmp_path / "text.txt").write_text(CORPUS * 4)
