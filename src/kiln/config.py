@@ -26,6 +26,7 @@ from kiln.nn.base import BlockSpec
 from kiln.registry import BLOCKS, KINDS, OPTIMIZERS, SCHEDULES, did_you_mean
 from kiln.schema import Pair, StrictModel
 from kiln.training.metrics import MONITORS
+from kiln.training.privacy import PrivacyConfig
 
 BlockConfig = Annotated[Union[tuple(cls for _, cls in BLOCKS.items())], Field(discriminator="type")]  # noqa: UP007
 # Each kind of data declares its own fields (its ``Config``); ``dataset`` says which.
@@ -124,6 +125,7 @@ class TrainConfig(StrictModel):
     max_nonfinite_steps: NonNegativeInt = 0  # steps with a NaN or infinite loss skipped before training stops
     early_stopping: EarlyStoppingConfig | None = None
     hard_examples: HardExamplesConfig | None = None  # later epochs on the samples that are still hard
+    privacy: PrivacyConfig | None = None  # train with differential privacy (DP-SGD; kiln.training.privacy)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     fuse: Literal["auto", "on", "off"] = "auto"  # faster kernels for block patterns (kiln.nn.fuse); auto: on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
