@@ -113,7 +113,7 @@ def main() -> None:
         "python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__,
         "kiln": kiln.__version__, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "anchor": "Opacus MNIST example (SampleConvNet, RDP): 96.78% at epsilon 3.01, 98.94% without privacy",
-        "runs": {},
+        "args": vars(args), "runs": {},
     }
     report["step_time"] = step_times(cfg.train.batch_size, args.step_repeats)
     print(f"one step of {cfg.train.batch_size}: private {report['step_time']['median_ms']['private']} ms, "

@@ -337,6 +337,35 @@ def cifar_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def privacy_options(data: dict) -> dict:
+    runs = [k for k in data["runs"] if k.startswith("epsilon_")]
+    args = data.get("args", {})
+    return {"epsilons": [float(k.removeprefix("epsilon_")) for k in runs] or args.get("epsilons", []),
+            "epochs": args.get("epochs"), "threads": data["threads"], "step_repeats": data["step_time"]["repeats"],
+            "skip_runs": not data["runs"]}
+
+
+def privacy_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    runs, step = data["runs"], data["step_time"]
+    what = (f"MNIST with differential privacy (DP-SGD through Opacus), `{data['config']}` "
+            f"({plural(data['epochs'], 'epoch')}, batch {data['batch_size']}, delta 1e-5, PRV accountant) at each "
+            "epsilon, against the same network without privacy")
+    parts = []
+    for key, r in runs.items():
+        p = r.get("privacy")
+        label = f"epsilon {key.removeprefix('epsilon_')} (spent {p['epsilon']:.2f}, noise {p['noise_multiplier']:.2f})" \
+            if p else "no privacy"
+        ratio = f", {r['time_ratio_to_no_privacy']:.2f}x the time" if p and "time_ratio_to_no_privacy" in r else ""
+        parts.append(f"{label} **{pct(r['test_accuracy'])}**{ratio}")
+    result = ("test accuracy: " + "; ".join(parts) + "; " if parts else "") + (
+        f"one training step of {step['batch']} private / plain **{step['ratio_private_over_plain']:.2f}x** "
+        f"(median of {step['repeats']}, alternated: {step['median_ms']['private']:.0f} / "
+        f"{step['median_ms']['plain']:.0f} ms)")
+    conditions = (f"{data['cpu']}, Python {data['python']}; torch {data['torch']}, opacus {data['opacus']}, "
+                  f"kiln {data['kiln']}; {threads(options['threads'])}")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -367,6 +396,10 @@ BENCHMARKS = {
                         frozenset(), tables_options, tables_cells),
     "cifar": Benchmark("benchmarks/bench_cifar.py", {"epochs": None, "reps": 1, "threads": 1, "systems": "kiln,eager"},
                        frozenset({"reps", "systems"}), cifar_options, cifar_cells),
+    "privacy": Benchmark("benchmarks/bench_privacy.py",
+                         {"epsilons": [3.0, 1.0, 8.0], "epochs": None, "threads": 1, "step_repeats": 30,
+                          "skip_runs": False},
+                         frozenset({"step_repeats"}), privacy_options, privacy_cells),
 }
 
 

@@ -224,7 +224,10 @@ class Privacy:
                                           f"{epochs} epoch{'s' if epochs != 1 else ''}")
         check_model(trainer.model, [b.type for b in trainer.cfg.blocks])
         self.swapped = _replace(trainer.model, _dp_layer)
+        # Opacus's hooks and functorch path warn on every run about what they handle: inputs that need no
+        # gradient, and an autocast to float32 that does nothing.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
         errors = opacus.grad_sample.GradSampleModule.validate(trainer.model, strict=False)
         if errors:
             raise ConfigError("train.privacy: per-sample gradients cannot be computed for this model: "
