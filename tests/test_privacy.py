@@ -149,6 +149,23 @@ def test_lstm_gru_attention_train_privately(mnist_root, tmp_path):
     torch.testing.assert_close(kiln.Run.load(run.path).predict(x), run.predict(x))
 
 
+def test_empty_poisson_batches_take_a_counted_noise_only_step(mnist_root, tmp_path, monkeypatch):
+    """36 samples at an expected batch of 1: about a third of the steps draw no sample (opacus#514). Each still
+    steps (noise alone) and counts in the budget; the logged loss stays finite."""
+    from kiln.training.privacy import Privacy
+
+    empty, noise_only = [], Privacy.empty_step
+    monkeypatch.setattr(Privacy, "empty_step", lambda self: empty.append(1) or noise_only(self))
+    run = kiln.train(config(CNN, train_rows=40, epochs=2, batch_size=1), out=tmp_path / "tiny", live=False)
+    assert 5 < len(empty) < 50, "(35/36)^36: about 36% of the steps are empty"
+    p = run.metrics["privacy"]
+    assert p["steps"] == 72 and p["expected_batch_size"] == 1.0
+    assert p["epsilon"] == pytest.approx(spent_by_opacus("prv", p["noise_multiplier"], p["sample_rate"], 72, 1e-5),
+                                         abs=2e-4)
+    epochs = [r for r in run.dir.read_metrics() if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(math.isfinite(r["train_loss"]) for r in epochs)
+
+
 def test_batchnorm_is_refused_with_the_fix(mnist_root, tmp_path):
     blocks = [{"type": "conv2d", "filters": 4}, {"type": "batchnorm"}, {"type": "flatten"},
               {"type": "classifier", "classes": 10}]

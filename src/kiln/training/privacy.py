@@ -257,10 +257,10 @@ class Privacy:
     def empty_step(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """An empty Poisson batch: the step adds noise alone and is counted; the logs see no sample."""
         tr = self.tr
+        self.optimizer.zero_grad(set_to_none=True)
         for p in self.optimizer.params:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         tr.scheduler.step()
         zero = torch.zeros((), device=tr.device)
         return zero, zero.long(), 0
