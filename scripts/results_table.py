@@ -353,8 +353,8 @@ def privacy_cells(data: dict, options: dict) -> tuple[str, str, str]:
     parts = []
     for key, r in runs.items():
         p = r.get("privacy")
-        label = f"epsilon {key.removeprefix('epsilon_')} (spent {p['epsilon']:.2f}, noise {p['noise_multiplier']:.2f})" \
-            if p else "no privacy"
+        label = (f"epsilon {key.removeprefix('epsilon_')} (spent {p['epsilon']:.2f}, noise "
+                 f"{p['noise_multiplier']:.2f})" if p else "no privacy")
         ratio = f", {r['time_ratio_to_no_privacy']:.2f}x the time" if p and "time_ratio_to_no_privacy" in r else ""
         parts.append(f"{label} **{pct(r['test_accuracy'])}**{ratio}")
     result = ("test accuracy: " + "; ".join(parts) + "; " if parts else "") + (

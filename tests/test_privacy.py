@@ -237,6 +237,8 @@ def test_resume_keeps_the_spent_budget(mnist_root, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "step", step)
     with pytest.raises(ConfigError, match=r"4 epochs .* would spend epsilon .* more than train\.privacy\.epsilon 8"):
         kiln.train(cfg, {"train.epochs": 4}, out=tmp_path / "run", resume=True, live=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2, "refused before anything is written"
     resumed = kiln.train(cfg, out=tmp_path / "run", resume=True, live=False)
     p = resumed.metrics["privacy"]
     assert p["steps"] == 2 * math.ceil(900 / 64)

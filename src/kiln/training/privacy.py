@@ -37,7 +37,9 @@ from pydantic import Field, PositiveFloat
 from torch import nn
 
 from kiln.errors import ConfigError, RunDirError
+from kiln.rundir import RunDir
 from kiln.schema import StrictModel
+from kiln.training.checkpoint import read_metadata
 
 EXTRA_HINT = "differential privacy needs Opacus: pip install 'kiln[privacy]'"
 NORM_FIX = "use groupnorm (images) or layernorm (vectors, sequences) blocks instead"
@@ -219,6 +221,9 @@ class Privacy:
                               "samples): a mechanism that publishes one whole sample would meet it; use e.g. "
                               f"{10 ** math.floor(math.log10(0.1 / n)):g}")
         self.planned_steps = trainer.plan.total_steps
+        last = trainer.run_dir / RunDir.LAST
+        if last.is_file():  # resuming (a new run's directory has none): refuse an overdrawn budget before writing
+            self.check_budget(read_metadata(last)["state"]["progress"].get("privacy"))
         epochs = trainer.t.epochs
         self.noise_multiplier = noise_for(self.cfg, self.sample_rate, self.planned_steps,
                                           f"{epochs} epoch{'s' if epochs != 1 else ''}")
@@ -275,9 +280,17 @@ class Privacy:
     def restore(self, saved: dict[str, Any] | None) -> None:
         """Continue the saved run's budget: its accountant history and noise. More epochs than it was started with
         would spend more than its epsilon: refused, naming what they would spend."""
+        self.check_budget(saved)
+        self.accountant.history = [tuple(h) for h in saved["history"]]
+        sigma = saved["noise_multiplier"]
+        self.noise_multiplier = sigma
+        if self.optimizer is not None:
+            self.optimizer.noise_multiplier = sigma
+        self.tr.state.privacy = self.state()
+
+    def check_budget(self, saved: dict[str, Any] | None) -> None:
         if saved is None:
             raise RunDirError("--resume: the checkpoint has no privacy state (it was trained without train.privacy)")
-        self.accountant.history = [tuple(h) for h in saved["history"]]
         sigma = saved["noise_multiplier"]
         if self.planned_steps > saved["planned_steps"]:
             total = epsilon_spent(self.cfg.accountant, sigma, self.sample_rate, self.planned_steps, self.cfg.delta)
@@ -287,10 +300,6 @@ class Privacy:
                                   f"would spend epsilon {total:.3g}, more than train.privacy.epsilon "
                                   f"{self.cfg.epsilon:g}; it was planned for {epochs} epochs. Keep train.epochs at "
                                   f"{epochs}, or raise epsilon")
-        self.noise_multiplier = sigma
-        if self.optimizer is not None:
-            self.optimizer.noise_multiplier = sigma
-        self.tr.state.privacy = self.state()
 
     def summary(self) -> dict[str, Any]:
         """What results.json and manifest.json record: the epsilon actually spent by the steps taken."""

@@ -113,7 +113,8 @@ class GroupNorm(BlockSpec):
                "vectors and sequences")
         channels = in_shape[0]
         if channels % self.groups:
-            raise ConfigError(f"groupnorm.groups: the {channels} channels of its input must divide into groups={self.groups}")
+            raise ConfigError(f"groupnorm.groups: the {channels} channels of its input must divide into "
+                              f"groups={self.groups}")
         numel = 1
         for d in in_shape:
             numel *= d
