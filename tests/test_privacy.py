@@ -4,6 +4,7 @@ the fix, and a resumed run keeps what it had spent."""
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -256,3 +257,11 @@ def test_example_config_is_private():
     cfg = load_config(path)
     assert cfg.train.privacy.epsilon == 3.0 and cfg.train.privacy.delta == 1e-5
     assert not any(b["type"] == "batchnorm" for b in yaml.safe_load(path.read_text())["model"]["blocks"])
+
+
+def test_missing_extra_names_it(monkeypatch):
+    from kiln.training.privacy import PrivacyConfig, noise_for
+
+    monkeypatch.setitem(sys.modules, "opacus", None)  # `import opacus` now fails as it does without the extra
+    with pytest.raises(ConfigError, match=r"train\.privacy: .*needs Opacus: pip install 'kiln\[privacy\]'"):
+        noise_for(PrivacyConfig(epsilon=1.0), 0.01, 100, "1 epoch")
