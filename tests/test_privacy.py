@@ -17,7 +17,9 @@ opacus = pytest.importorskip("opacus", reason="train.privacy needs the privacy e
 from opacus.accountants import PRVAccountant, RDPAccountant  # noqa: E402
 from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              # what Opacus says of every use here (kiln's training filters them itself)
+              pytest.mark.filterwarnings("ignore:Full backward hook is firing", "ignore:Optimal order is the largest")]
 
 CNN = [  # Opacus's MNIST example network (tanh, no batchnorm)
     {"type": "conv2d", "filters": 16, "kernel": 8, "stride": 2, "padding": 3, "activation": "tanh"},
