@@ -200,6 +200,7 @@ def test_unreachable_epsilon_names_the_smallest_reachable(mnist_root, tmp_path):
 @pytest.mark.parametrize("train, match", [
     ({"privacy": {"epsilon": 1, "delta": 0.01}}, "delta: 0.01 is not below 1 / 900"),
     ({"grad_clip": 1.0}, "train.grad_clip"),
+    ({"class_weights": "auto"}, "train.class_weights"),
     ({"l2": 1e-4}, "weight_decay"),
     ({"hard_examples": {"fraction": 0.5}}, "hard_examples"),
     ({"fuse": "on"}, "train.fuse: on cannot be used with train.privacy"),

@@ -197,8 +197,8 @@ class PoissonBatches(Sequence):
         return self.last[1]
 
 
-def _secret_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def _secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 # ---- training -----------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ class Privacy:
         opacus = _opacus()
         self.optimizer = opacus.optimizers.DPOptimizer(
             optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.max_grad_norm,
-            expected_batch_size=self.expected_batch, loss_reduction="mean", generator=_secret_generator())
+            expected_batch_size=self.expected_batch, loss_reduction="mean", generator=_secret_generator(self.tr.device))
         self.optimizer.attach_step_hook(self._count)
         return self.optimizer
 
@@ -334,6 +334,9 @@ def check_settings(trainer) -> None:
     if t.hard_examples:
         raise ConfigError("train.privacy: train.hard_examples chooses samples by their loss, which privacy cannot "
                           "allow; remove one of them")
+    if t.class_weights:
+        raise ConfigError("train.privacy: train.class_weights divides a batch's loss by the batch's summed weights, "
+                          "which ties each sample's gradient to the others in its batch; remove class_weights")
     if t.grad_clip:
         raise ConfigError("train.privacy: train.grad_clip clips the batch's gradient; under privacy each sample's "
                           "gradient is clipped to train.privacy.max_grad_norm: remove train.grad_clip")
