@@ -5,6 +5,7 @@ the fix, and a resumed run keeps what it had spent."""
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import yaml
 
 import kiln
 from kiln.errors import ConfigError, RunDirError
+
+ROOT = Path(__file__).parent.parent
 
 opacus = pytest.importorskip("opacus", reason="train.privacy needs the privacy extra (opacus)")
 from opacus.accountants import PRVAccountant, RDPAccountant  # noqa: E402
@@ -114,21 +117,26 @@ def per_sample_grads_by_hand(model, x, y):
     return grads
 
 
+SEED = yaml.safe_load((ROOT / "examples" / "mnist_seed.yaml").read_text())["model"]["blocks"]
+
+
 @pytest.mark.parametrize("mode", ["hooks", "functorch"])
-def test_per_sample_gradients_of_sequence_blocks_are_exact(mode):
+@pytest.mark.parametrize("blocks, recurrent", [(SEQUENCE, 2), (SEED, 1)], ids=["sequence_blocks", "seed_model"])
+def test_per_sample_gradients_of_sequence_blocks_are_exact(mode, blocks, recurrent):
     """LSTM and GRU (as Opacus's DPLSTM/DPGRU), a learned position table (the broadcast parameter of
-    opacus#505) and kiln's attention: each sample's gradient from the hooks equals that sample's gradient alone."""
+    opacus#505), kiln's attention (pre- and post-norm: the seed model's): each sample's gradient from the hooks
+    equals that sample's gradient alone."""
     from opacus.grad_sample import GradSampleHooks
 
     from kiln.config import load_config
     from kiln.nn import build_model
     from kiln.training.privacy import _dp_layer, _replace, check_model
 
-    cfg = load_config({"model": {"blocks": SEQUENCE}})
+    cfg = load_config({"model": {"blocks": blocks}})
     torch.manual_seed(0)
     model = build_model(cfg.blocks, (1, 28, 28))
     check_model(model, [b.type for b in cfg.blocks])
-    assert len(_replace(model, _dp_layer)) == 2
+    assert len(_replace(model, _dp_layer)) == recurrent
     x, y = torch.rand(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
     expected = per_sample_grads_by_hand(model, x, y)
     hooks = GradSampleHooks(model, loss_reduction="mean", force_functorch=mode == "functorch")
@@ -252,11 +260,9 @@ def test_resume_keeps_the_spent_budget(mnist_root, tmp_path, monkeypatch):
 
 
 def test_example_config_is_private():
-    from pathlib import Path
-
     from kiln.config import load_config
 
-    path = Path(__file__).parent.parent / "examples" / "mnist_private.yaml"
+    path = ROOT / "examples" / "mnist_private.yaml"
     cfg = load_config(path)
     assert cfg.train.privacy.epsilon == 3.0 and cfg.train.privacy.delta == 1e-5
     assert not any(b["type"] == "batchnorm" for b in yaml.safe_load(path.read_text())["model"]["blocks"])
