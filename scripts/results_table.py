@@ -456,6 +456,35 @@ def _epochs(per_seed: list) -> str:
     return ", ".join("-" if e is None else str(e) for e in per_seed)
 
 
+def privacy_options(data: dict) -> dict:
+    runs = [k for k in data["runs"] if k.startswith("epsilon_")]
+    args = data.get("args", {})
+    return {"epsilons": [float(k.removeprefix("epsilon_")) for k in runs] or args.get("epsilons", []),
+            "epochs": args.get("epochs"), "threads": data["threads"], "step_repeats": data["step_time"]["repeats"],
+            "skip_runs": not data["runs"]}
+
+
+def privacy_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    runs, step = data["runs"], data["step_time"]
+    what = (f"MNIST with differential privacy (DP-SGD through Opacus), `{data['config']}` "
+            f"({plural(data['epochs'], 'epoch')}, batch {data['batch_size']}, delta 1e-5, PRV accountant) at each "
+            "epsilon, against the same network without privacy")
+    parts = []
+    for key, r in runs.items():
+        p = r.get("privacy")
+        label = (f"epsilon {key.removeprefix('epsilon_')} (spent {p['epsilon']:.2f}, noise "
+                 f"{p['noise_multiplier']:.2f})" if p else "no privacy")
+        parts.append(f"{label} **{pct(r['test_accuracy'])}**")
+    # Whole runs follow one another, so their times follow the machine's load; the cost is the alternated steps'.
+    result = ("test accuracy: " + "; ".join(parts) + "; " if parts else "") + (
+        f"time cost: one training step of {step['batch']} private / plain **{step['ratio_private_over_plain']:.2f}x** "
+        f"(median of {step['repeats']}, alternated: {step['median_ms']['private']:.0f} / "
+        f"{step['median_ms']['plain']:.0f} ms)")
+    conditions = (f"{data['cpu']}, Python {data['python']}; torch {data['torch']}, opacus {data['opacus']}, "
+                  f"kiln {data['kiln']}; {threads(options['threads'])}")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -499,6 +528,10 @@ BENCHMARKS = {
                           {"source_epochs": 3, "seeds": [0, 1], "epochs": 6, "freeze": None,
                            "targets": [0.85, 0.88, 0.9], "overrides": []},
                           frozenset({"seeds", "targets"}), transfer_options, transfer_cells),
+    "privacy": Benchmark("benchmarks/bench_privacy.py",
+                         {"epsilons": [3.0, 1.0, 8.0], "epochs": None, "threads": 1, "step_repeats": 30,
+                          "skip_runs": False},
+                         frozenset({"step_repeats"}), privacy_options, privacy_cells),
 }
 
 

@@ -27,6 +27,7 @@ from kiln.registry import BLOCKS, KINDS, OPTIMIZERS, SCHEDULES, did_you_mean
 from kiln.schema import Pair, StrictModel
 from kiln.training.fairness import FairnessConfig
 from kiln.training.metrics import MONITORS
+from kiln.training.privacy import PrivacyConfig
 
 BlockConfig = Annotated[Union[tuple(cls for _, cls in BLOCKS.items())], Field(discriminator="type")]  # noqa: UP007
 # Each kind of data declares its own fields (its ``Config``); ``dataset`` says which.
@@ -130,6 +131,7 @@ class TrainConfig(StrictModel):
     freeze: list[int | str] = []  # blocks (index, range "0-3" or type) whose weights stay as they start
     hard_examples: HardExamplesConfig | None = None  # later epochs on the samples that are still hard
     fairness: FairnessConfig | None = None  # e.g. {sensitive: foreign, method: reweigh} (kiln.training.fairness)
+    privacy: PrivacyConfig | None = None  # train with differential privacy (DP-SGD; kiln.training.privacy)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     fuse: Literal["auto", "on", "off"] = "auto"  # faster kernels for block patterns (kiln.nn.fuse); auto: on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -69,6 +69,8 @@ class Epochs:
 
     def batches(self) -> Sequence[torch.Tensor]:
         s, t, tr = self.tr.state, self.t, self.tr
+        if tr.privacy:
+            return tr.privacy.batches()
         n = tr.kind.samples(tr.train_x)
         order = epoch_order(n, tr.cfg.seed, s.epoch, tr.device)
         size = epoch_size(n, t.hard_examples, s.epoch)

@@ -29,6 +29,7 @@ from kiln.training.lr_find import choose_lr, started_lr, write_sweep
 from kiln.training.metrics import TASK_METRICS, choose_threshold, expected_cost, metrics_line, probabilities
 from kiln.training.plots import write_precision_recall
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
+from kiln.training.privacy import fuse_choice
 from kiln.training.progress import TrainProgress
 from kiln.training.threads import pick_threads
 from kiln.training.trainer import Trainer, TrainingDiverged
@@ -74,7 +75,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.blocks, kind.input_shape).to(device)
     kind.fill_model(model)
-    use_fuse, fuse_reason = pick_fuse(cfg.train.fuse, device)
+    use_fuse, fuse_reason = fuse_choice(cfg.train.fuse) if cfg.train.privacy else pick_fuse(cfg.train.fuse, device)
     execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
     transfer = prepare(cfg.train, model)  # train.init_from and train.freeze
     # A run stopped before its first checkpoint holds no training yet: resuming it starts from the beginning.
@@ -106,6 +107,8 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
         display.log(line)
     manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason}
     manifest |= (transfer.manifest() if transfer else {}) | ({"lr_find": found.summary()} if found else {})
+    if trainer.privacy:
+        manifest["privacy"] = trainer.privacy.summary()
     run_dir.write_json(RunDir.MANIFEST, manifest)
     if restart:
         run_dir.clear_metrics()
@@ -151,6 +154,8 @@ def _finish(cfg, trainer: Trainer, manifest: dict) -> None:
         _binary_extras(cfg, trainer, threshold, costs, val, test)
     results = {**summary, "val": val, "test": test, "task": trainer.kind.task, "threshold": threshold,
                "train_seconds": round(s.train_seconds, 3)}
+    if trainer.privacy:
+        results["privacy"] = manifest["privacy"] = trainer.privacy.summary()
     run_dir.write_json(RunDir.RESULTS, results)
     run_dir.append_metrics({"kind": "test", "step": s.global_step, **test})
     run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "completed"})

@@ -27,6 +27,7 @@ from kiln.training.objectives import Objective
 from kiln.training.optim import backward_and_step, make_optimizer, make_scheduler
 from kiln.training.plans import plan_for
 from kiln.training.precision import Precision
+from kiln.training.privacy import Privacy
 from kiln.training.progress import TrainProgress
 
 
@@ -52,6 +53,7 @@ class TrainState:
     train_seconds: float = 0.0
     nonfinite_steps: int = 0  # steps skipped because their loss was NaN or infinite
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch or per-evaluation metrics
+    privacy: dict[str, Any] | None = None  # train.privacy: the noise and the accountant's history
 
 
 class Trainer:
@@ -67,7 +69,10 @@ class Trainer:
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self._on_device = {"train": (self.train_x, self.train_y)}
         self.plan = plan_for(self)
+        self.privacy = Privacy(self) if self.t.privacy else None  # swaps recurrent layers: before the optimiser
         self.optimizer = make_optimizer(model, self.t.optimizer, device)
+        if self.privacy:
+            self.optimizer = self.privacy.wrap(self.optimizer)
         self.scheduler = make_scheduler(self.optimizer, self.t.schedule, self.plan.total_steps)
         hard = self.t.hard_examples
         # Each sample's loss when last trained on (inf: not yet seen), for hard_examples' choice.
@@ -106,6 +111,8 @@ class Trainer:
         rng, progress, tracked = load_checkpoint(self.run_dir / RunDir.LAST, model=self.model,
                                                  optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
         self.state = TrainState(**progress)
+        if self.privacy:
+            self.privacy.restore(self.state.privacy)
         if self.last_loss is not None:
             self.last_loss.copy_(tracked["last_loss"])
         torch.set_rng_state(rng["torch"])
@@ -126,6 +133,8 @@ class Trainer:
 
     def step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
         """One optimiser step on the samples ``idx``; returns (summed loss, right answers, how many counted)."""
+        if self.privacy and not len(idx):  # a Poisson batch can be empty
+            return self.privacy.empty_step()
         x, y = self.kind.gather(self.train_x, self.train_y, idx)
         x = self.kind.augment(self.kind.to_input(x), self.aug_gen)
         with self.precision.autocast():
@@ -207,6 +216,8 @@ class Trainer:
             self.report_evaluations()
             s.step_in_epoch, s.loss_sum, s.correct, s.counted, s.seen = 0, 0.0, 0, 0, 0
             self.save()
+        if self.privacy:
+            self.privacy.release()
         self.display.close()
 
     def report_evaluations(self) -> None:

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 
+from kiln.errors import ConfigError
 from kiln.nn.base import Activation, BlockSpec, Built, Shape, activation, expect, kind_of
 from kiln.registry import BLOCKS
 
@@ -92,6 +93,32 @@ class BatchNorm(BlockSpec):
         for d in in_shape:
             numel *= d
         return Built(module, tuple(in_shape), numel)
+
+
+@BLOCKS.register("groupnorm")
+class GroupNorm(BlockSpec):
+    """Group normalisation (Wu and He, 2018) of an image's channels, in ``groups`` groups of channels, over each
+    sample alone: unlike batchnorm it does not mix the samples of a batch, so it suits small batches and training
+    with differential privacy (``train.privacy``)."""
+
+    type: Literal["groupnorm"] = "groupnorm"
+    groups: PositiveInt = 8
+    eps: PositiveFloat = 1e-5
+
+    example_input: ClassVar[Shape] = (4, 5, 5)
+    example: ClassVar[dict] = {"groups": 2}
+
+    def build(self, in_shape: Shape) -> Built:
+        expect("groupnorm", in_shape, ("image",), "groupnorm normalises the channels of images; use layernorm on "
+               "vectors and sequences")
+        channels = in_shape[0]
+        if channels % self.groups:
+            raise ConfigError(f"groupnorm.groups: the {channels} channels of its input must divide into "
+                              f"groups={self.groups}")
+        numel = 1
+        for d in in_shape:
+            numel *= d
+        return Built(nn.GroupNorm(self.groups, channels, self.eps), tuple(in_shape), numel)
 
 
 @BLOCKS.register("layernorm")
