@@ -55,7 +55,7 @@ class TabularStreamData(DataSpec):
 
     @model_validator(mode="after")
     def _no_fraction(self) -> TabularStreamData:
-        if "val_fraction" in self.model_fields_set:
+        if self.val_fraction != DataSpec.model_fields["val_fraction"].default:  # a saved config holds the default
             raise ValueError("data.val_fraction: a streamed table holds out whole shards; set data.val_shards")
         return self
 
