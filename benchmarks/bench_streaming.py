@@ -6,8 +6,10 @@ Generates a synthetic table with a learnable signal (6 numbers, one category, a 
 folder as ``--shards`` Parquet shards, and trains the same config on it twice per round, interleaved: with
 ``data.stream: true`` (the ``stream`` plan: rows read shard by shard, shuffled in blocks) and ``data.stream: false``
 (every training shard read into memory first, then the epoch plan). Each training runs in its own process, which
-reports its wall time (reading, fitting statistics, training, evaluation) and its peak resident memory
-(``resource.getrusage``). Prints the medians and the ratio (streaming speed / in-memory speed), and writes
+reports its wall time (reading, fitting statistics, training, evaluation), the training loop's samples/s (the
+last progress record of the epoch: the epoch's rate) and its peak resident memory (``resource.getrusage``).
+Prints the medians and the ratios (streaming speed / in-memory speed, end to end and of the training loop), and
+writes
 benchmarks/results/streaming-<time>.json.
 """
 
@@ -20,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from kiln.hardware import cpu_model  # noqa: E402
+from kiln.hardware import cpu_model
 
 CONFIG = """
 name: streaming
@@ -51,7 +53,9 @@ t0 = time.perf_counter()
 import kiln
 run = kiln.train(sys.argv[1], out=sys.argv[2], live=False)
 wall = time.perf_counter() - t0
+steps = [r for r in run.dir.read_metrics() if r["kind"] == "step"]
 print(json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "train_samples_per_s": steps[-1]["samples_per_s"],
                   "test_accuracy": run.metrics["test"]["accuracy"]}))
 """
 
@@ -74,7 +78,7 @@ def train_once(tmp: Path, shards: Path, stream: bool, epochs: int, n: int) -> di
     config = tmp / f"config-{stream}-{n}.yaml"
     config.write_text(CONFIG.format(path=shards, stream=str(stream).lower(), epochs=epochs))
     out = subprocess.run([sys.executable, "-c", CHILD, str(config), str(tmp / f"run-{stream}-{n}")],
-                         capture_output=True, text=True, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin"})
+                         capture_output=True, text=True, check=False, env={"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin"})
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,21 +103,25 @@ def main() -> None:
                 print(f"round {n + 1} {name}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
                       f"test accuracy {r['test_accuracy']:.4f}", flush=True)
     summary = {k: {"wall_s_median": statistics.median(r["wall_s"] for r in v),
+                   "train_samples_per_s_median": statistics.median(r["train_samples_per_s"] for r in v),
                    "peak_rss_mb_max": max(r["peak_rss_mb"] for r in v),
                    "test_accuracy": v[-1]["test_accuracy"]} for k, v in runs.items()}
     ratio = summary["memory"]["wall_s_median"] / summary["stream"]["wall_s_median"]
+    loop_ratio = summary["stream"]["train_samples_per_s_median"] / summary["memory"]["train_samples_per_s_median"]
     hardware = {"cpu": cpu_model(), "python": platform.python_version(), "torch": torch.__version__,
                 "pyarrow": pa.__version__, "threads": 1}
     print(f"{args.rows:,} rows in {args.shards} Parquet shards, {args.epochs} epoch(s), batch 1024, 1 thread; "
           f"{hardware['cpu']}")
     for k, v in summary.items():
-        print(f"  {k:7s} {v['wall_s_median']:.1f} s (median of {args.rounds}), peak RSS {v['peak_rss_mb_max']:.0f} MB, "
+        print(f"  {k:7s} {v['wall_s_median']:.1f} s (median of {args.rounds}), training loop "
+              f"{v['train_samples_per_s_median']:,.0f} samples/s, peak RSS {v['peak_rss_mb_max']:.0f} MB, "
               f"test accuracy {v['test_accuracy']:.4f}")
-    print(f"  streaming speed / in-memory speed: {ratio:.3f} ({'within' if ratio >= 0.9 else 'NOT within'} 10%)")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    print(f"  streaming speed / in-memory speed: end to end {ratio:.3f}, training loop {loop_ratio:.3f} "
+          f"({'within' if min(ratio, loop_ratio) >= 0.9 else 'NOT within'} 10%)")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = REPO / "benchmarks" / "results" / f"streaming-{stamp}.json"
     out.write_text(json.dumps({"args": vars(args), "hardware": hardware, "runs": runs, "summary": summary,
-                               "speed_ratio": ratio}, indent=2) + "\n")
+                               "speed_ratio": ratio, "loop_speed_ratio": loop_ratio}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -13,8 +13,8 @@ import yaml
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
 
-from kiln.cli import _parser, main  # noqa: E402
-from kiln.deploy.train import train_manifests  # noqa: E402
+from kiln.cli import _parser, main
+from kiln.deploy.train import train_manifests
 
 ROOT = Path(__file__).parent.parent
 K8S_VERSION = "1.30.0"  # schemas shipped inside kubernetes-validate: no network needed

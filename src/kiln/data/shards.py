@@ -58,7 +58,7 @@ class ShardSet:
     """The shards of one source, checked: each exists, is readable and has the first shard's columns."""
 
     def __init__(self, source: str, fmt: str = "auto") -> None:
-        pa, ds = _arrow()
+        pa, _ = _arrow()
         self.source = source
         self.filesystem, paths = _list(source)
         if not paths:

@@ -25,7 +25,13 @@ import torch
 from pydantic import Field, model_validator
 
 from kiln.data.kind import DataSpec
-from kiln.data.preprocess import REGRESSION_MIN_VALUES, Column, Preprocessing, Target, piecewise_linear
+from kiln.data.preprocess import (
+    REGRESSION_MIN_VALUES,
+    Column,
+    Preprocessing,
+    Target,
+    piecewise_linear,
+)
 from kiln.data.shards import ShardSet, reader_shards, stream_rows
 from kiln.data.splits import Splits
 from kiln.data.tabular import Tabular
@@ -208,12 +214,12 @@ def fit_streaming(shards: ShardSet, owned: list[int], cfg: TabularStreamData, se
             target_counts.update(_value_counts(_text(y)))
             if target_numeric:
                 target_moments.add(y.cast(pa.float64()).to_numpy(zero_copy_only=False))
-            for n in counts:
-                counts[n].update(_value_counts(_text(batch.column(n))))
+            for n, counter in counts.items():
+                counter.update(_value_counts(_text(batch.column(n))))
             for n in used:
                 missing[n] += batch.column(n).null_count
             columns = {}
-            for n in moments:
+            for n, moment in moments.items():
                 if types[n] == "numeric" and not (pa.types.is_integer(batch.column(n).type)
                                                   or pa.types.is_floating(batch.column(n).type)):
                     raise DataError(f"data.columns.{n}: numeric, but the shards hold {batch.column(n).type} values")
@@ -221,7 +227,7 @@ def fit_streaming(shards: ShardSet, owned: list[int], cfg: TabularStreamData, se
                     continue  # after the pass: the true value is known only then
                 x = pc.fill_null(batch.column(n).cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False)
                 columns[n] = x
-                moments[n].add(x[~np.isnan(x)])
+                moment.add(x[~np.isnan(x)])
             if sample_rows:
                 keys = keys_rng.random(batch.num_rows)
                 sample_keys = np.concatenate([sample_keys, keys])

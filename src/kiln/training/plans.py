@@ -208,8 +208,4 @@ class Steps:
 
 def plan_for(trainer) -> Epochs | Steps:
     """The plan for a Trainer (each plan reads the trainer's settings, data and state)."""
-    if trainer.kind.streams:
-        from kiln.training.stream_plan import Stream  # a subclass of Epochs
-
-        return Stream(trainer)
     return Steps(trainer) if trainer.kind.trains_by_steps else Epochs(trainer)
