@@ -428,6 +428,20 @@ def compress_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, " / ".join(parts), f"{machine(data['conditions'])}; 1 thread, {options['rounds']} interleaved rounds"
 
 
+def streaming_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    a, s, h = data["args"], data["summary"], data["hardware"]
+    what = (f"a table streamed from {a['shards']} Parquet shards ({a['rows']:,} rows, {a['epochs']} epoch) against the "
+            "same rows read into memory (`data.stream: false`), same config")
+    loop = data.get("loop_speed_ratio")
+    result = (f"streaming speed / in-memory: end to end **{data['speed_ratio']:.2f}**"
+              + (f", training loop **{loop:.2f}**" if loop is not None else "")
+              + f"; peak RSS {s['stream']['peak_rss_mb_max']:.0f} MB streamed, {s['memory']['peak_rss_mb_max']:.0f} MB "
+              f"in memory; test accuracy {pct(s['stream']['test_accuracy'])} / {pct(s['memory']['test_accuracy'])}")
+    conditions = (f"{h['cpu']}, {h['threads']} thread, Python {h['python']}; torch {h['torch']}, pyarrow "
+                  f"{h['pyarrow']}; median of {a['rounds']} interleaved rounds")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -467,6 +481,8 @@ BENCHMARKS = {
     "compress": Benchmark("benchmarks/bench_compress.py",
                           {"model": ["mnist_seed", "german_credit"], "rounds": 15, "reuse": False},
                           frozenset({"rounds", "reuse"}), compress_options, compress_cells),
+    "streaming": Benchmark("benchmarks/bench_streaming.py", {"rows": 2_000_000, "shards": 20, "rounds": 2, "epochs": 1},
+                           frozenset({"rounds"}), lambda data: dict(data["args"]), streaming_cells),
 }
 
 
