@@ -24,10 +24,20 @@ from kiln.training.plans import Epochs
 PREFETCH = 8  # batches read ahead
 
 
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process: torch.distributed's when a process group is up, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class Stream(Epochs):
-    def __init__(self, trainer, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, trainer, rank: int | None = None, world_size: int | None = None) -> None:
         self.tr, self.t = trainer, trainer.t
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = (rank, world_size) if rank is not None and world_size is not None \
+            else process_group()
         t = self.t
         for name, on in (("train.hard_examples", t.hard_examples), ("train.fairness", t.fairness),
                          ("train.class_weights: auto", t.class_weights == "auto")):
