@@ -16,7 +16,7 @@ import yaml
 import kiln
 from kiln.data.kind import open_kind
 from kiln.data.preprocess import fit
-from kiln.data.shards import ShardSet, reader_shards, stream_rows
+from kiln.data.shards import ShardSet, reader_shards, stream_rows, table_reader
 from kiln.data.table import read_table
 from kiln.data.table_stream import ArrowTransform, TabularStreamData
 from kiln.errors import ConfigError, DataError
@@ -85,8 +85,9 @@ def test_ple_bins_come_from_a_sample_close_to_the_exact_quantiles(shards):
 
 def _rows(kind, epoch, start=0, rank=0, world=1, block=3000):
     owned = reader_shards(kind.parts["train"], rank, world)
-    blocks = stream_rows(kind.shard_set(), owned, kind.transform, seed=0, epoch=epoch, reader=rank, block_rows=block,
-                         start=start, columns=kind.transform.columns)
+    read = table_reader(kind.shard_set(), kind.transform, kind.transform.columns)
+    counts = [s.rows for s in kind.shard_set().shards]
+    blocks = stream_rows(read, counts, owned, seed=0, epoch=epoch, reader=rank, block_rows=block, start=start)
     return np.concatenate([x for x, _ in blocks])
 
 

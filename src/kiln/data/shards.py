@@ -60,7 +60,7 @@ class ShardSet:
     def __init__(self, source: str, fmt: str = "auto") -> None:
         pa, _ = _arrow()
         self.source = source
-        self.filesystem, paths = _list(source)
+        self.filesystem, paths = list_shards(source)
         if not paths:
             raise DataError(f"data.path {source!r}: no Parquet or CSV shards found")
         kinds = {FORMATS.get(Path(p).suffix.lower()) for p in paths} if fmt == "auto" else {fmt}
@@ -115,11 +115,11 @@ class ShardSet:
             raise DataError(f"shard {path}: {e}") from None
 
 
-def _list(source: str) -> tuple[Any, list[str]]:
-    """(a pyarrow-usable filesystem or None for local paths, the sorted shard paths) of a folder, a glob, a file,
-    or a comma-separated list of them."""
+def list_shards(source: str, suffixes=tuple(FORMATS)) -> tuple[Any, list[str]]:
+    """(a pyarrow filesystem, or None for local paths; the sorted shard paths) of a folder (its files with one of
+    ``suffixes``), a glob, a file, a comma-separated list of them, or an fsspec URL of any of these."""
     if "://" in source and not source.startswith("file://"):
-        return _remote(source)
+        return _remote(source, suffixes)
     path = source.removeprefix("file://")
     parts = [p.strip() for p in path.split(",") if p.strip()]
     found: list[str] = []
@@ -131,7 +131,7 @@ def _list(source: str) -> tuple[Any, list[str]]:
                 raise DataError(f"data.path: {part!r} matches no file")
             found += [m for m in matches if os.path.isfile(m)]
         elif p.is_dir():
-            found += sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in FORMATS)
+            found += sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
         elif p.is_file():
             found.append(str(p))
         else:
@@ -139,7 +139,7 @@ def _list(source: str) -> tuple[Any, list[str]]:
     return None, found
 
 
-def _remote(url: str) -> tuple[Any, list[str]]:
+def _remote(url: str, suffixes) -> tuple[Any, list[str]]:
     protocol = url.split("://", 1)[0].lower()
     try:
         import fsspec
@@ -156,7 +156,7 @@ def _remote(url: str) -> tuple[Any, list[str]]:
         raise DataError(f"data.path {url!r}: {e}") from None
     try:
         if fs.isdir(path):
-            paths = sorted(p for p in fs.find(path) if Path(p).suffix.lower() in FORMATS)
+            paths = sorted(p for p in fs.find(path) if Path(p).suffix.lower() in suffixes)
         else:
             paths = sorted(fs.glob(path)) if any(ch in path for ch in "*?[") else [path]
     except (OSError, PermissionError) as e:
@@ -164,6 +164,19 @@ def _remote(url: str) -> tuple[Any, list[str]]:
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     return PyFileSystem(FSSpecHandler(fs)), paths
+
+
+def read_bytes(filesystem, path: str) -> bytes:
+    """A whole shard file's bytes, from a local path or through ``filesystem``."""
+    try:
+        if filesystem is None:
+            return Path(path).read_bytes()
+        with filesystem.open_input_stream(path) as f:
+            return f.readall()
+    except FileNotFoundError:
+        raise DataError(f"shard {path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"shard {path}: {e}") from None
 
 
 def _schema_difference(a, b) -> str:
@@ -194,26 +207,26 @@ def _generator(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(key)))
 
 
-def stream_rows(shard_set: ShardSet, owned: list[int], convert: Callable[[Any], tuple[np.ndarray, ...]], *,
-                seed: int, epoch: int, reader: int, block_rows: int, start: int = 0,
-                columns: list[str] | None = None) -> Iterator[tuple[np.ndarray, ...]]:
-    """The rows of one epoch for one reader, from row ``start`` on, as arrays (``convert`` turns an Arrow record
-    batch into equally long arrays, e.g. model inputs and targets), in shuffled blocks (see the module's
-    description). Yields one array tuple per block (the first one cut at ``start``)."""
+def stream_rows(read: Callable[[int, int], Iterator[tuple[np.ndarray, ...]]], counts: list[int], owned: list[int], *,
+                seed: int, epoch: int, reader: int, block_rows: int, start: int = 0
+                ) -> Iterator[tuple[np.ndarray, ...]]:
+    """The rows of one epoch for one reader, from row ``start`` on, in shuffled blocks (see the module's
+    description). ``read(shard, skip)`` yields a shard's rows from row ``skip`` on as tuples of equally long
+    arrays (e.g. model inputs and targets); ``counts[shard]`` is its row count. Yields one array tuple per block
+    (the first one cut at ``start``)."""
     order = [owned[i] for i in _generator(seed, epoch, reader, 0).permutation(len(owned))]
     block = start // block_rows
     skip = block * block_rows  # rows before the first block read
     pending: list[tuple[np.ndarray, ...]] = []
     held = 0
     for index in order:
-        rows = shard_set.shards[index].rows
-        if skip >= rows:
-            skip -= rows
+        if skip >= counts[index]:
+            skip -= counts[index]
             continue
-        for batch in shard_set.batches(index, skip, columns):
+        for arrays in read(index, skip):
             skip = 0
-            pending.append(convert(batch))
-            held += batch.num_rows
+            pending.append(arrays)
+            held += len(arrays[0])
             while held >= block_rows:
                 arrays, pending, held = _take(pending, block_rows, held)
                 yield _shuffled(arrays, seed, epoch, reader, block, start - block * block_rows)
@@ -222,6 +235,13 @@ def stream_rows(shard_set: ShardSet, owned: list[int], convert: Callable[[Any], 
     if held:
         arrays, pending, held = _take(pending, held, held)
         yield _shuffled(arrays, seed, epoch, reader, block, start - block * block_rows)
+
+
+def table_reader(shard_set: ShardSet, convert: Callable[[Any], tuple[np.ndarray, ...]], columns: list[str]):
+    """``stream_rows``' ``read`` for table shards: Arrow record batches converted to arrays."""
+    def read(index: int, skip: int) -> Iterator[tuple[np.ndarray, ...]]:
+        return (convert(batch) for batch in shard_set.batches(index, skip, columns))
+    return read
 
 
 def _take(pending: list[tuple[np.ndarray, ...]], n: int, held: int):

@@ -32,7 +32,7 @@ from kiln.data.preprocess import (
     Target,
     piecewise_linear,
 )
-from kiln.data.shards import ShardSet, reader_shards, stream_rows
+from kiln.data.shards import ShardSet, reader_shards, stream_rows, table_reader
 from kiln.data.splits import Splits
 from kiln.data.tabular import Tabular
 from kiln.errors import DataError
@@ -301,6 +301,25 @@ def _target(cfg: TabularStreamData, counts: Counter, moments: _Moments) -> Targe
     return Target(cfg.target, task, classes, [counts[c] for c in classes])
 
 
+def rebatch(blocks, batch_size: int):
+    """Blocks of (inputs, targets) arrays as StreamBatches of ``batch_size`` rows (the last one may be shorter)."""
+    carry: list[tuple[np.ndarray, np.ndarray]] = []
+    held = 0
+    for x, y in blocks:
+        carry.append((x, y))
+        held += len(x)
+        if held < batch_size:
+            continue
+        x, y = (np.concatenate(a) for a in zip(*carry, strict=True)) if len(carry) > 1 else carry[0]
+        full = held - held % batch_size
+        for s in range(0, full, batch_size):
+            yield StreamBatch(torch.from_numpy(x[s:s + batch_size]), torch.from_numpy(y[s:s + batch_size]))
+        carry, held = ([(x[full:], y[full:])] if held > full else []), held - full
+    if held:
+        x, y = (np.concatenate(a) for a in zip(*carry, strict=True))
+        yield StreamBatch(torch.from_numpy(x), torch.from_numpy(y))
+
+
 class StreamBatch:
     """One training batch drawn from the stream (what the trainer hands back to ``gather``)."""
 
@@ -377,24 +396,11 @@ class TabularStream(Tabular):
         """Training batches of ``batch_size`` rows for reader (rank, worker) in epoch ``epoch``, from the reader's
         row ``start`` on (see :mod:`kiln.data.shards`)."""
         owned = reader_shards(self.parts["train"], rank, world_size, worker, workers)
-        blocks = stream_rows(self.shard_set(), owned, self.transform, seed=seed, epoch=epoch,
-                             reader=rank * workers + worker, block_rows=self.cfg.shuffle_rows, start=start,
-                             columns=self.transform.columns)
-        carry: list[tuple[np.ndarray, np.ndarray]] = []
-        held = 0
-        for x, y in blocks:
-            carry.append((x, y))
-            held += len(x)
-            if held < batch_size:
-                continue
-            x, y = (np.concatenate(a) for a in zip(*carry, strict=True)) if len(carry) > 1 else carry[0]
-            full = held - held % batch_size
-            for s in range(0, full, batch_size):
-                yield StreamBatch(torch.from_numpy(x[s:s + batch_size]), torch.from_numpy(y[s:s + batch_size]))
-            carry, held = ([(x[full:], y[full:])] if held > full else []), held - full
-        if held:
-            x, y = (np.concatenate(a) for a in zip(*carry, strict=True))
-            yield StreamBatch(torch.from_numpy(x), torch.from_numpy(y))
+        read = table_reader(self.shard_set(), self.transform, self.transform.columns)
+        counts = [s.rows for s in self.shard_set().shards]
+        blocks = stream_rows(read, counts, owned, seed=seed, epoch=epoch, reader=rank * workers + worker,
+                             block_rows=self.cfg.shuffle_rows, start=start)
+        return rebatch(blocks, batch_size)
 
     def reader_rows(self, rank: int = 0, world_size: int = 1, worker: int = 0, workers: int = 1) -> int:
         shards = self.shard_set().shards

@@ -18,8 +18,9 @@ import queue
 import threading
 from collections.abc import Iterator, Sequence
 
+from kiln.data.table_stream import rebatch
 from kiln.errors import ConfigError
-from kiln.training.plans import Epochs
+from kiln.training.plans import Epochs, Steps
 
 PREFETCH = 8  # batches read ahead
 
@@ -66,16 +67,57 @@ class Stream(Epochs):
 
     def batches(self) -> Sequence:
         s, tr = self.tr.state, self.tr
-        return StreamBatches(tr.kind, self.steps_per_epoch, s.step_in_epoch, self.local_batch, seed=tr.cfg.seed,
-                             epoch=s.epoch, rank=self.rank, world_size=self.world_size)
+        rows = tr.kind.stream(start=s.step_in_epoch * self.local_batch, batch_size=self.local_batch,
+                              seed=tr.cfg.seed, epoch=s.epoch, rank=self.rank, world_size=self.world_size)
+        return StreamBatches(rows, self.steps_per_epoch, s.step_in_epoch)
+
+
+class StreamSteps(Steps):
+    """The step plan (text) with batches of windows from the kind's stream. The stream is read in passes over the
+    training data, each with its own order (pass p is the stream's "epoch" p); step i's batch is rows
+    ``[i * b, (i + 1) * b)`` of this process's passes one after another, so a resumed run starts at the pass and
+    row its step gives."""
+
+    def __init__(self, trainer, rank: int | None = None, world_size: int | None = None) -> None:
+        super().__init__(trainer)
+        self.rank, self.world_size = (rank, world_size) if rank is not None and world_size is not None \
+            else process_group()
+        if self.t.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size {self.t.batch_size} must divide among {self.world_size} processes")
+        self.local_batch = self.t.batch_size // self.world_size
+        self.pass_rows = trainer.kind.reader_rows(self.rank, self.world_size)
+        if self.pass_rows == 0:
+            raise ConfigError("data: this process's training files hold no whole window of data.context + 1 tokens")
+
+    def describe(self) -> str:
+        return (f"{self.t.steps} steps of {self.t.batch_size} windows of {self.tr.kind.input_shape[0]} tokens, "
+                f"streamed ({self.pass_rows:,} windows a pass)")
+
+    def batches(self) -> Sequence:
+        tr, first = self.tr, self.tr.state.global_step
+        position = first * self.local_batch
+        where = {"seed": tr.cfg.seed, "rank": self.rank, "world_size": self.world_size}
+
+        def blocks():
+            epoch, start = divmod(position, self.pass_rows)
+            while True:
+                yield from tr.kind.stream_blocks(epoch=epoch, start=start, **where)
+                epoch, start = epoch + 1, 0
+
+        return StreamBatches(rebatch(blocks(), self.local_batch), self.t.steps, first)
+
+
+def stream_plan(trainer) -> Stream | StreamSteps:
+    """The plan of a kind that streams: epochs (tables) or steps (text), as the kind trains."""
+    return StreamSteps(trainer) if trainer.kind.trains_by_steps else Stream(trainer)
 
 
 class StreamBatches(Sequence):
-    """An epoch's batches, read as the trainer asks for them in order from step ``first`` on."""
+    """Batches read as the trainer asks for them in order, from step ``first`` on (``steps`` in all)."""
 
-    def __init__(self, kind, steps: int, first: int, batch_size: int, **where) -> None:
+    def __init__(self, rows: Iterator, steps: int, first: int) -> None:
         self.steps, self.next, self.last = steps, first, None
-        self.rows = kind.stream(start=first * batch_size, batch_size=batch_size, **where)
+        self.rows = rows
         self.queue: queue.Queue = queue.Queue(PREFETCH)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._read, daemon=True)

@@ -28,7 +28,7 @@ from kiln.training.optim import backward_and_step, make_optimizer, make_schedule
 from kiln.training.plans import plan_for
 from kiln.training.precision import Precision
 from kiln.training.progress import TrainProgress
-from kiln.training.stream_plan import Stream
+from kiln.training.stream_plan import stream_plan
 
 
 class TrainingDiverged(KilnError):
@@ -67,7 +67,7 @@ class Trainer:
         self.display = display
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self._on_device = {"train": (self.train_x, self.train_y)}
-        self.plan = Stream(self) if kind.streams else plan_for(self)
+        self.plan = stream_plan(self) if kind.streams else plan_for(self)
         self.optimizer = make_optimizer(model, self.t.optimizer, device)
         self.scheduler = make_scheduler(self.optimizer, self.t.schedule, self.plan.total_steps)
         hard = self.t.hard_examples
