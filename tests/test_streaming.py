@@ -214,3 +214,72 @@ def test_two_million_rows_in_20_parquet_shards_train_under_1_gb(tmp_path):
     result = _peak_memory(tmp_path / "shards", tmp_path / "run")
     assert result["accuracy"] > 0.88
     assert result["rss_mb"] < 1024, result
+
+
+# ---- text streamed from files ------------------------------------------------------------------------------
+
+
+def text_shards(folder: Path, files: int = 6, chars: int = 4000) -> Path:
+    from test_text import CORPUS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (CORPUS * (files * chars // len(CORPUS) + 1))
+    for i in range(files):
+        (folder / f"part-{i:02d}.txt").write_text(text[i * chars:(i + 1) * chars])
+    return folder
+
+
+def text_config(path, **train) -> dict:
+    return {"name": "lm_stream", "seed": 0,
+            "data": {"dataset": "text_stream", "path": str(path), "context": 16, "shuffle_windows": 100},
+            "model": {"blocks": [{"type": "token_embedding", "width": 16},
+                                 {"type": "positional_encoding", "kind": "learned"},
+                                 {"type": "transformer_decoder", "layers": 1, "heads": 2, "bias": False},
+                                 {"type": "lm_head"}]},
+            "train": {"steps": 120, "batch_size": 8, "eval_every": 40, "eval_batches": 2, "log_every": 20,
+                      "threads": 1, "optimizer": {"name": "adamw", "lr": 0.01}, **train}}
+
+
+def test_streamed_text_trains_over_several_passes_and_generates_after_reload(tmp_path):
+    shards = text_shards(tmp_path / "text")
+    run = kiln.train(text_config(shards, steps=160), out=tmp_path / "run", live=False)
+    history = [r for r in run.dir.read_metrics() if r["kind"] == "eval"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.5
+    kind = run.kind
+    assert kind.reader_rows() == 4 * (3999 // 16)  # 4 training files of 4000 characters, windows of 16 + 1
+    assert 160 * 8 > kind.reader_rows()  # the steps wrap into a second pass
+    again = kiln.Run.load(run.path)
+    assert again.generate("First", 20, temperature=0.8, top_k=5, seed=3) == run.generate("First", 20, temperature=0.8,
+                                                                                          top_k=5, seed=3)
+
+
+def test_streamed_text_windows_resume_at_the_right_window(tmp_path):
+    kind = open_kind(kiln.config.load_config(text_config(text_shards(tmp_path / "text"))).data, 0)
+
+    def rows(epoch, start):
+        return np.concatenate([x for x, _ in kind.stream_blocks(seed=0, epoch=epoch, start=start)])
+
+    full = rows(0, 0)
+    for start in (1, 99, 100, 250, len(full) - 1):
+        assert np.array_equal(rows(0, start), full[start:]), start
+    x, y = next(kind.stream_blocks(seed=0, epoch=0, start=0))
+    assert np.array_equal(x[:, 1:], y[:, :-1])  # targets are the window shifted by one token
+
+
+def test_a_streamed_text_run_killed_then_resumed_matches_uninterrupted(tmp_path):
+    from test_resume import _assert_same_run, _kill_after_a_checkpoint
+
+    config = tmp_path / "lm.yaml"
+    config.write_text(yaml.safe_dump(text_config(text_shards(tmp_path / "text"), steps=160, checkpoint_every=20)))
+    reference = kiln.train(config, out=tmp_path / "reference", live=False)
+    step = _kill_after_a_checkpoint(config, tmp_path / "killed")
+    assert 0 < step < 160
+    resumed = kiln.train(config, out=tmp_path / "killed", resume=True, live=False)
+    _assert_same_run(resumed, reference, "eval")
+
+
+def test_streamed_text_refuses_a_bpe_it_cannot_fit(tmp_path):
+    cfg = text_config(text_shards(tmp_path / "text"))
+    cfg["data"]["tokenizer"] = "bpe"
+    with pytest.raises(ConfigError, match="bpe is trained on the whole text"):
+        kiln.train(cfg, out=tmp_path / "r", live=False)

@@ -37,8 +37,9 @@ def process_group() -> tuple[int, int]:
 class Stream(Epochs):
     def __init__(self, trainer, rank: int | None = None, world_size: int | None = None) -> None:
         self.tr, self.t = trainer, trainer.t
-        self.rank, self.world_size = (rank, world_size) if rank is not None and world_size is not None \
-            else process_group()
+        if rank is None or world_size is None:
+            rank, world_size = process_group()
+        self.rank, self.world_size = rank, world_size
         t = self.t
         for name, on in (("train.hard_examples", t.hard_examples), ("train.fairness", t.fairness),
                          ("train.class_weights: auto", t.class_weights == "auto")):
@@ -80,8 +81,9 @@ class StreamSteps(Steps):
 
     def __init__(self, trainer, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__(trainer)
-        self.rank, self.world_size = (rank, world_size) if rank is not None and world_size is not None \
-            else process_group()
+        if rank is None or world_size is None:
+            rank, world_size = process_group()
+        self.rank, self.world_size = rank, world_size
         if self.t.batch_size % self.world_size:
             raise ConfigError(f"train.batch_size {self.t.batch_size} must divide among {self.world_size} processes")
         self.local_batch = self.t.batch_size // self.world_size
