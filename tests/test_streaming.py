@@ -54,6 +54,8 @@ def test_streamed_training_learns_the_signal_and_reopens_as_a_table_run(shards, 
     # Everything after training reads the run directory: evaluate streams the test shard again.
     again = kiln.Run.load(run.path)
     assert again.evaluate("test")["accuracy"] == pytest.approx(run.metrics["test"]["accuracy"])
+    with pytest.raises(DataError, match="training rows are not held in memory"):
+        again.evaluate("train")
     rows = pq.read_table(shards / "part-019.parquet").slice(0, 3).to_pylist()
     assert len(again.kind.predict_rows(again, rows)) == 3
 

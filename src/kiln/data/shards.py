@@ -44,7 +44,7 @@ def _arrow():
         import pyarrow as pa
         import pyarrow.dataset as ds
     except ImportError:
-        raise DataError("reading shards needs pyarrow: pip install 'kiln[tabular]'") from None
+        raise DataError("reading shards needs pyarrow: pip install 'kiln[stream]'") from None
     return pa, ds
 
 
@@ -144,7 +144,7 @@ def _remote(url: str, suffixes) -> tuple[Any, list[str]]:
     try:
         import fsspec
     except ImportError:
-        raise DataError(f"data.path {url!r}: reading URLs needs fsspec: pip install fsspec "
+        raise DataError(f"data.path {url!r}: reading URLs needs fsspec: pip install 'kiln[stream]' "
                         f"{FS_PACKAGES.get(protocol, '')}".rstrip()) from None
     try:
         fs, path = fsspec.core.url_to_fs(url)

@@ -411,6 +411,12 @@ class TabularStream(Tabular):
             return idx.x, idx.y
         return x[idx], y[idx]
 
+    def eval_batches(self, x: torch.Tensor, y: torch.Tensor, size: int):
+        if x.dim() == 2 and x.shape[1] == 0 and self.input_shape[0]:
+            raise DataError("a streamed table's training rows are not held in memory; evaluate the val or test split "
+                            "(or train with data.stream: false)")
+        return super().eval_batches(x, y, size)
+
     def column_values(self, split: str, name: str) -> list[str | None]:
         raise DataError("a streamed table's columns are not held in memory; fairness groups and audits need the "
                         "tabular kind (one file)")
