@@ -153,3 +153,7 @@ def test_bad_requests_are_errors(tmp_path, capsys):
     assert main(["deploy", str(ROOT / "examples" / "german_credit.yaml"), "--k8s-train", str(tmp_path / "o"),
                  "--nodes", "0"]) == 2
     assert "--nodes 0" in capsys.readouterr().err
+    assert main(["deploy", str(ROOT / "examples" / "german_credit.yaml"), "--k8s-train", str(tmp_path / "o"),
+                 "--nproc-per-node", "2", "--gpus-per-node", "1"]) == 2
+    assert "one GPU per process" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
