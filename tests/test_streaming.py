@@ -285,3 +285,19 @@ def test_streamed_text_refuses_a_bpe_it_cannot_fit(tmp_path):
     cfg["data"]["tokenizer"] = "bpe"
     with pytest.raises(ConfigError, match="bpe is trained on the whole text"):
         kiln.train(cfg, out=tmp_path / "r", live=False)
+
+
+def test_shards_read_through_an_fsspec_url(tmp_path):
+    """fsspec's in-memory filesystem stands in for s3:// or gs://: the same path through PyFileSystem(FSSpecHandler)."""
+    fsspec = pytest.importorskip("fsspec")
+    make_shards(tmp_path / "local", 3000, 3)
+    fs = fsspec.filesystem("memory")
+    for f in sorted((tmp_path / "local").iterdir()):
+        fs.pipe(f"/kiln-test/{f.name}", f.read_bytes())
+    shards = ShardSet("memory://kiln-test/")
+    assert [Path(s.path).name for s in shards.shards] == ["part-000.parquet", "part-001.parquet", "part-002.parquet"]
+    assert sum(b.num_rows for b in shards.batches(1)) == 1000
+    fs.pipe("/kiln-test/part-003.parquet", b"not parquet")
+    with pytest.raises(DataError, match="shard /kiln-test/part-003.parquet is not a readable parquet file"):
+        ShardSet("memory://kiln-test/")
+    fs.rm("/kiln-test", recursive=True)
