@@ -485,6 +485,20 @@ def privacy_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def streaming_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    a, s, h = data["args"], data["summary"], data["hardware"]
+    what = (f"a table streamed from {a['shards']} Parquet shards ({a['rows']:,} rows, {a['epochs']} epoch) against the "
+            "same rows read into memory (`data.stream: false`), same config")
+    loop = data.get("loop_speed_ratio")
+    result = (f"streaming speed / in-memory: end to end **{data['speed_ratio']:.2f}**"
+              + (f", training loop **{loop:.2f}**" if loop is not None else "")
+              + f"; peak RSS {s['stream']['peak_rss_mb_max']:.0f} MB streamed, {s['memory']['peak_rss_mb_max']:.0f} MB "
+              f"in memory; test accuracy {pct(s['stream']['test_accuracy'])} / {pct(s['memory']['test_accuracy'])}")
+    conditions = (f"{h['cpu']}, {h['threads']} thread, Python {h['python']}; torch {h['torch']}, pyarrow "
+                  f"{h['pyarrow']}; median of {a['rounds']} interleaved rounds")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -532,6 +546,8 @@ BENCHMARKS = {
                          {"epsilons": [3.0, 1.0, 8.0], "epochs": None, "threads": 1, "step_repeats": 30,
                           "skip_runs": False},
                          frozenset({"step_repeats"}), privacy_options, privacy_cells),
+    "streaming": Benchmark("benchmarks/bench_streaming.py", {"rows": 2_000_000, "shards": 20, "rounds": 2, "epochs": 1},
+                           frozenset({"rounds"}), lambda data: dict(data["args"]), streaming_cells),
 }
 
 

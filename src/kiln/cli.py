@@ -276,7 +276,7 @@ def _add_serving_commands(sub) -> None:
     d = sub.add_parser("deploy", help="write a Docker build context and/or Kubernetes manifests",
                        description="Write a Dockerfile (slim, non-root, HEALTHCHECK) with the run, and/or a "
                                    "Kubernetes Deployment, Service and HorizontalPodAutoscaler.")
-    d.add_argument("run", help="run directory written by `kiln train`")
+    d.add_argument("run", help="run directory written by `kiln train` (with --k8s-train: a run or a config file)")
     d.add_argument("--docker", metavar="DIR", help="write the Docker build context here")
     d.add_argument("--k8s", metavar="DIR", help="write the Kubernetes manifests here")
     d.add_argument("--image", help="image for the Deployment (default: <run name>:latest)")
@@ -285,6 +285,14 @@ def _add_serving_commands(sub) -> None:
     d.add_argument("--api-key-env", metavar="NAME",
                    help="the server requires the API key held in this environment variable; the Deployment "
                         "sets it from the Secret <run name>-api-key (entry api-key), which you create")
+    d.add_argument("--k8s-train", metavar="DIR", help="write manifests that train the config on a cluster here: a "
+                   "Kubeflow PyTorchJob, and an indexed Job with a headless Service for clusters without the operator")
+    d.add_argument("--nodes", type=int, default=1, metavar="N", help="with --k8s-train: pods (machines) (default 1)")
+    d.add_argument("--nproc-per-node", type=int, default=1, metavar="M",
+                   help="with --k8s-train: training processes per pod (default 1)")
+    d.add_argument("--gpus-per-node", type=int, default=0, metavar="G", help="with --k8s-train: GPUs per pod")
+    d.add_argument("--runs-pvc", metavar="CLAIM", help="with --k8s-train: a ReadWriteMany PersistentVolumeClaim "
+                   "for the run directory (default: an emptyDir, lost with the pods)")
 
 
 def _threads(text: str) -> int | str:
@@ -343,8 +351,18 @@ def cmd_compress(args) -> None:
 def cmd_deploy(args) -> None:
     from kiln.deploy import SECRET_ENTRY, api_key_secret, deploy_docker, deploy_k8s
 
-    if not (args.docker or args.k8s):
-        raise KilnError("give --docker DIR and/or --k8s DIR")
+    if not (args.docker or args.k8s or args.k8s_train):
+        raise KilnError("give --docker DIR and/or --k8s DIR, or --k8s-train DIR")
+    if args.k8s_train:
+        from kiln.deploy.train import deploy_k8s_train
+
+        deploy_k8s_train(args.run, args.k8s_train, nodes=args.nodes, nproc_per_node=args.nproc_per_node,
+                         image=args.image, gpus=args.gpus_per_node, runs_pvc=args.runs_pvc)
+        print(f"wrote {args.k8s_train}: with the Kubeflow training operator: kubectl apply -f "
+              f"{args.k8s_train}/configmap.yaml -f {args.k8s_train}/pytorchjob.yaml; without it: kubectl apply -f "
+              f"{args.k8s_train}/configmap.yaml -f {args.k8s_train}/service.yaml -f {args.k8s_train}/job.yaml")
+        if not (args.docker or args.k8s):
+            return
     if args.docker:
         deploy_docker(args.run, args.docker, backend=args.backend, wheel=args.wheel, api_key_env=args.api_key_env)
         print(f"wrote {args.docker}: docker build -t IMAGE {args.docker}")

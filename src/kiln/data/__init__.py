@@ -5,5 +5,6 @@ new module here and one name in the line below.
 """
 
 from kiln.data import (  # noqa: F401  (each registers its kind)
-    folders, interactions, mnist, tabular, text, text_classes, text_pairs, timeseries,
+    folders, interactions, mnist, table_stream, tabular, text, text_classes, text_pairs, text_stream,
+    timeseries,
 )

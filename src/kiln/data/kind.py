@@ -55,6 +55,7 @@ class DataKind:
     usage: ClassVar[str]  # what to do with a finished run of this kind (said when a command does not apply)
     run_files: ClassVar[tuple[str, ...]] = ()  # files it adds to a run directory (written by `save`)
     trains_by_steps: ClassVar[bool] = False  # True: train.steps random batches; False: epochs over the samples
+    streams: ClassVar[bool] = False  # True: training batches come from the kind's ``stream`` (data not in memory)
     decodes: ClassVar[bool] = False  # answers come from the kind's decode_batch (text decoded step by step, a
     # forecast undone per history), not from a traced forward pass
     input_name: ClassVar[str] = "inputs"  # the name of an exported graph's input

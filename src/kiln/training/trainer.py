@@ -29,6 +29,7 @@ from kiln.training.plans import plan_for
 from kiln.training.precision import Precision
 from kiln.training.privacy import Privacy
 from kiln.training.progress import TrainProgress
+from kiln.training.stream_plan import stream_plan
 
 
 class TrainingDiverged(KilnError):
@@ -68,7 +69,10 @@ class Trainer:
         self.display = display
         self.train_x, self.train_y = data.train_x.to(device), data.train_y.to(device)
         self._on_device = {"train": (self.train_x, self.train_y)}
-        self.plan = plan_for(self)
+        if kind.streams and self.t.privacy:
+            raise ConfigError("train.privacy samples every training row with its own probability (Poisson "
+                              "sampling), which needs the rows in memory: use data.stream: false, or drop privacy")
+        self.plan = stream_plan(self) if kind.streams else plan_for(self)
         self.privacy = Privacy(self) if self.t.privacy else None  # swaps recurrent layers: before the optimiser
         self.optimizer = make_optimizer(model, self.t.optimizer, device)
         if self.privacy:
