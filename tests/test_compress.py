@@ -240,7 +240,7 @@ def zeroed(model, pruned: list[dict]):
             block, idx = model.blocks[p["block"]], torch.tensor(p["removed"], dtype=torch.long)
             if p["field"] == "heads":
                 d = p["head_dim"]
-                model.blocks[p["block"]].attn.proj.weight[:, (idx[:, None] * d + torch.arange(d)).flatten()] = 0
+                block.attn.proj.weight[:, (idx[:, None] * d + torch.arange(d)).flatten()] = 0
                 continue
             layer = {"filters": "conv", "units": "linear"}.get(p["field"])
             layer = getattr(block, layer) if layer else block.mlp.up
@@ -270,7 +270,8 @@ def test_pruning_channels_through_rows_to_sequence_and_heads_equals_zeroing_them
     assert state["blocks.0.conv.weight"].shape == (4, 1, 3, 3)
     assert state["blocks.3.linear.weight"].shape == (8, 13 * 4)  # rows_to_sequence: 13 columns x 4 channels
     assert state["blocks.4.rnn.weight_ih_l0"].shape == (48, 8)  # the LSTM reads the narrower dense layer
-    assert state["blocks.5.attn.qkv.weight"].shape == (3 * 6, 12) and state["blocks.5.attn.proj.weight"].shape == (12, 6)
+    assert state["blocks.5.attn.qkv.weight"].shape == (3 * 6, 12)
+    assert state["blocks.5.attn.proj.weight"].shape == (12, 6)
     with torch.no_grad():  # removing them computes exactly what zeroing them does in the unpruned model
         torch.testing.assert_close(rebuilt(x), zeroed(model, result.pruned)(x), atol=1e-5, rtol=0)
 
@@ -289,7 +290,8 @@ def test_pruning_no_head_leaves_attention_as_it_was_and_heads_rank_by_weight_nor
     result = prune(cfg, model.state_dict(), (1, 28, 28), x[:4], 0.3)  # 2 heads x 0.3: none removed
     assert not [p for p in result.pruned if p["field"] == "heads"]
     assert (result.config.blocks[5].heads, result.config.blocks[5].head_dim) == (2, None)
-    assert "2 attention heads are kept" in next(k["reason"] for k in result.kept if k["type"] == "transformer_encoder")
+    reason = next(k["reason"] for k in result.kept if k["type"] == "transformer_encoder")
+    assert "heads are kept (2 heads x 0.3 rounds down" in reason
     attn = model.blocks[5].attn
     with torch.no_grad():  # the head whose weights are smallest goes
         attn.qkv.weight.view(3, 2, 6, 12)[:, 1] *= 0.01

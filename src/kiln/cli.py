@@ -181,9 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process started by --workers
     c = sub.add_parser("compress", help="a smaller, faster copy of a run: distil, prune, quantize (a new run)",
                        description="Write a NEW run made smaller and faster from RUN: --distill trains a student "
-                                   "config on RUN's soft targets, --prune removes channels and heads (then fine-tunes), "
-                                   "--quantize makes it int8 (ONNX Runtime); in that order. Each step is measured "
-                                   "(parameters, file size, test accuracy, batch 1 and 64 latency) into "
+                                   "config on RUN's soft targets, --prune removes channels and heads (then "
+                                   "fine-tunes), --quantize makes it int8 (ONNX Runtime); in that order. Each step is "
+                                   "measured (parameters, file size, test accuracy, batch 1 and 64 latency) into "
                                    "compression.json; it is refused, writing nothing, when test accuracy drops "
                                    "more than --max-drop points.")
     c.add_argument("run", help="run directory written by `kiln train`")

@@ -254,8 +254,9 @@ def prune(cfg: Config, state: dict[str, torch.Tensor], input_shape, example: tor
         elif spec.type not in PRUNABLE and any(True for _ in built().blocks[i].parameters()):
             kept.append({"block": i, "type": spec.type, "reason": _why_kept(spec.type)})
         if spec.type == "transformer_encoder" and (i, "heads") not in hand and i != last:
-            kept.append({"block": i, "type": spec.type, "reason": f"its {spec.heads} attention heads are kept "
-                         f"({spec.heads} x {ratio:g} rounds down to none removed; one is always kept)"})
+            kept.append({"block": i, "type": spec.type, "reason": f"its attention heads are kept ({spec.heads} "
+                         f"head{'s' if spec.heads > 1 else ''} x {ratio:g} rounds down to none removed; one is always "
+                         "kept)"})
     chosen: list[int] = []
     for i in candidates:  # each alone on a copy: does it prune into something the config rebuilds?
         trial = fresh()

@@ -47,7 +47,7 @@ class LayerConfig:
     depth: int = 1  # layers in the whole model, which scales the init of residual projections (GPT-2)
     rotary_steps: int = 0  # rotary positions in self-attention for up to this many steps; 0: none
     norm_eps: float = 1e-5  # added to the variance in every LayerNorm (PyTorch's and GPT-2's default)
-    head_dim: int | None = None  # d, features per head; None: width / heads (kiln compress sets it when it prunes heads)
+    head_dim: int | None = None  # d, features per head; None: width / heads (kiln compress sets it pruning heads)
 
     @property
     def head_width(self) -> int:
