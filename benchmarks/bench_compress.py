@@ -48,6 +48,7 @@ PLANS = {
         ("int8 (dynamic)", {"quantize": "int8"}),
         ("int8-static", {"quantize": "int8-static"}),
         ("prune 0.5 + int8", {"prune": 0.5, "finetune_epochs": 2, "quantize": "int8"}),
+        ("prune 0.75 + int8", {"prune": 0.75, "finetune_epochs": 2, "quantize": "int8"}),
         ("distill + int8", {"distill": EX / "students" / "mnist_seed.yaml", "quantize": "int8"}),
     ]),
     "german_credit": (EX / "german_credit.yaml", {}, [

@@ -232,20 +232,92 @@ def test_max_drop_refuses_and_writes_nothing(teacher, capsys):
     assert "error: refused: after the prune step" in capsys.readouterr().err and not out.exists()
 
 
-def test_pruning_keeps_and_reports_lstm_attention_and_what_it_cannot_follow():
+def zeroed(model, pruned: list[dict]):
+    """``model`` with the channels, units and heads that pruning removed zeroed instead: their weights (and
+    biases) set to 0, so they give nothing to the layers after them."""
+    with torch.no_grad():
+        for p in pruned:
+            block, idx = model.blocks[p["block"]], torch.tensor(p["removed"], dtype=torch.long)
+            if p["field"] == "heads":
+                d = p["head_dim"]
+                block.attn.proj.weight[:, (idx[:, None] * d + torch.arange(d)).flatten()] = 0
+                continue
+            layer = {"filters": "conv", "units": "linear"}.get(p["field"])
+            layer = getattr(block, layer) if layer else block.mlp.up
+            layer.weight[idx] = 0
+            layer.bias[idx] = 0
+    return model
+
+
+def test_pruning_channels_through_rows_to_sequence_and_heads_equals_zeroing_them():
     cfg = load_config(SEED_LIKE)
     torch.manual_seed(0)
-    model = build_model(cfg.blocks, (1, 28, 28))
-    result = prune(cfg, model.state_dict(), (1, 28, 28), torch.rand(4, 1, 28, 28), 0.5)
-    pruned = {p["type"]: (p["before"], p["after"]) for p in result.pruned}
-    assert pruned == {"dense": (16, 8), "transformer_encoder": (20, 10)}
+    model = build_model(cfg.blocks, (1, 28, 28)).eval()
+    x = torch.rand(16, 1, 28, 28)
+    result = prune(cfg, model.state_dict(), (1, 28, 28), x[:4], 0.5)
+    pruned = {(p["type"], p["field"]): (p["before"], p["after"], len(p["removed"])) for p in result.pruned}
+    assert pruned == {("conv2d", "filters"): (8, 4, 4), ("dense", "units"): (16, 8, 8),
+                      ("transformer_encoder", "ff"): (20, 10, 10), ("transformer_encoder", "heads"): (2, 1, 1)}
     kept = {k["type"]: k["reason"] for k in result.kept}
+    assert set(kept) == {"lstm", "classifier"}
     assert "Torch-Pruning#404" in kept["lstm"] and "output layer" in kept["classifier"]
-    assert "do not fit" in kept["conv2d"]  # rows_to_sequence's reshape: Torch-Pruning maps its channels wrongly
-    rebuilt = build_model(result.config.blocks, (1, 28, 28))
+    # the new config (4 filters, 1 head of 6 features in a 12-wide model) rebuilds and holds the pruned weights
+    enc = result.config.blocks[5]
+    assert (result.config.blocks[0].filters, enc.heads, enc.head_dim) == (4, 1, 6)
+    rebuilt = build_model(result.config.blocks, (1, 28, 28)).eval()
     rebuilt.load_state_dict(result.model.state_dict())
-    assert rebuilt.blocks[4].rnn.weight_ih_l0.shape == (48, 8)  # the LSTM reads the narrower dense layer
-    assert rebuilt.blocks[5].attn.qkv.weight.shape == (36, 12)  # attention untouched
+    state = rebuilt.state_dict()
+    assert state["blocks.0.conv.weight"].shape == (4, 1, 3, 3)
+    assert state["blocks.3.linear.weight"].shape == (8, 13 * 4)  # rows_to_sequence: 13 columns x 4 channels
+    assert state["blocks.4.rnn.weight_ih_l0"].shape == (48, 8)  # the LSTM reads the narrower dense layer
+    assert state["blocks.5.attn.qkv.weight"].shape == (3 * 6, 12)
+    assert state["blocks.5.attn.proj.weight"].shape == (12, 6)
+    with torch.no_grad():  # removing them computes exactly what zeroing them does in the unpruned model
+        torch.testing.assert_close(rebuilt(x), zeroed(model, result.pruned)(x), atol=1e-5, rtol=0)
+
+
+def test_pruning_no_head_leaves_attention_as_it_was_and_heads_rank_by_weight_norm():
+    from kiln.compress.prune import head_scores, prune_heads
+
+    cfg = load_config(SEED_LIKE)
+    torch.manual_seed(0)
+    model = build_model(cfg.blocks, (1, 28, 28)).eval()
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        prune_heads(model.blocks[5].attn, [])
+        assert torch.equal(model(x), ref)
+    result = prune(cfg, model.state_dict(), (1, 28, 28), x[:4], 0.3)  # 2 heads x 0.3: none removed
+    assert not [p for p in result.pruned if p["field"] == "heads"]
+    assert (result.config.blocks[5].heads, result.config.blocks[5].head_dim) == (2, None)
+    reason = next(k["reason"] for k in result.kept if k["type"] == "transformer_encoder")
+    assert "heads are kept (2 heads x 0.3 rounds down" in reason
+    attn = model.blocks[5].attn
+    with torch.no_grad():  # the head whose weights are smallest goes
+        attn.qkv.weight.view(3, 2, 6, 12)[:, 1] *= 0.01
+        attn.proj.weight[:, 6:] *= 0.01
+    assert head_scores(attn).argmin() == 1
+    result = prune(cfg, model.state_dict(), (1, 28, 28), x[:4], 0.5)
+    assert next(p for p in result.pruned if p["field"] == "heads")["removed"] == [1]
+
+
+@pytest.mark.slow  # trains twice (about a minute on a busy 2-core machine)
+def test_pruned_heads_and_channels_fine_tune_keep_accuracy_and_export(tmp_path, mnist_root):
+    from kiln.export import export_run
+
+    cfg = {**SEED_LIKE, "name": "tiny_seed", "data": {"dataset": "mnist", "limit_train": 4000, "limit_test": 1000,
+                                                       "val_fraction": 0.1},
+           "train": {"epochs": 3, "batch_size": 32, "threads": 1, "optimizer": {"name": "adam", "lr": 0.004}}}
+    source = kiln.train(cfg, out=tmp_path / "float", live=False)
+    report = compress(source.path, prune=0.5, finetune_epochs=2, out=tmp_path / "pruned", max_drop=100,
+                      latency=False, live=False)
+    original, step = report["steps"]
+    assert {(p["field"], p["after"]) for p in step["pruned"]} >= {("filters", 4), ("heads", 1)}
+    run = kiln.Run.load(tmp_path / "pruned")  # config + safetensors
+    assert run.config.blocks[5].heads == 1 and run.config.blocks[5].head_dim == 6
+    acc = run.evaluate("test")["accuracy"]
+    assert original["test_accuracy"] > 0.7 and acc > original["test_accuracy"] - 0.03, (original, acc)
+    assert export_run(tmp_path / "pruned", "onnx")["max_abs_diff"] <= 1e-4
 
 
 @pytest.mark.parametrize("mode, lstm_int8", [("int8", True), ("int8-static", False)])

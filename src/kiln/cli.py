@@ -181,14 +181,14 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a process started by --workers
     c = sub.add_parser("compress", help="a smaller, faster copy of a run: distil, prune, quantize (a new run)",
                        description="Write a NEW run made smaller and faster from RUN: --distill trains a student "
-                                   "config on RUN's soft targets, --prune removes channels (then fine-tunes), "
-                                   "--quantize makes it int8 (ONNX Runtime); in that order. Each step is measured "
-                                   "(parameters, file size, test accuracy, batch 1 and 64 latency) into "
+                                   "config on RUN's soft targets, --prune removes channels and heads (then "
+                                   "fine-tunes), --quantize makes it int8 (ONNX Runtime); in that order. Each step is "
+                                   "measured (parameters, file size, test accuracy, batch 1 and 64 latency) into "
                                    "compression.json; it is refused, writing nothing, when test accuracy drops "
                                    "more than --max-drop points.")
     c.add_argument("run", help="run directory written by `kiln train`")
-    c.add_argument("--prune", type=float, metavar="FRACTION", help="fraction of channels/units to remove from each "
-                                                                    "prunable layer, e.g. 0.5")
+    c.add_argument("--prune", type=float, metavar="FRACTION", help="fraction of channels/units/heads to remove "
+                                                                    "from each prunable layer, e.g. 0.5")
     c.add_argument("--structured", action="store_true", help="structured pruning (whole channels; the only kind)")
     c.add_argument("--finetune-epochs", type=int, default=2, help="epochs of fine-tuning after pruning (default: 2)")
     c.add_argument("--quantize", choices=["int8", "int8-static"], help="int8: dynamic (dense, LSTM); int8-static: "

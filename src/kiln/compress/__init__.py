@@ -5,8 +5,8 @@ Steps, in this order, each optional:
 
 1. ``distill``: a student (a smaller config's model) trained on the run's soft targets (temperature T) and the
    hard labels (:mod:`kiln.compress.fit`);
-2. ``prune``: structured pruning with Torch-Pruning, then fine-tuning (:mod:`kiln.compress.prune`); the new
-   config holds the new widths;
+2. ``prune``: structured pruning (Torch-Pruning; attention heads and channels read through ``rows_to_sequence``
+   by hand), then fine-tuning (:mod:`kiln.compress.prune`); the new config holds the new widths;
 3. ``quantize``: int8 through ONNX Runtime, dynamic or statically calibrated (:mod:`kiln.compress.quantize`); the
    run then predicts with ``model.int8.onnx`` (``kiln.run.Run.load`` picks it up).
 

@@ -47,6 +47,11 @@ class LayerConfig:
     depth: int = 1  # layers in the whole model, which scales the init of residual projections (GPT-2)
     rotary_steps: int = 0  # rotary positions in self-attention for up to this many steps; 0: none
     norm_eps: float = 1e-5  # added to the variance in every LayerNorm (PyTorch's and GPT-2's default)
+    head_dim: int | None = None  # d, features per head; None: width / heads (kiln compress sets it pruning heads)
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.width // self.heads
 
     @property
     def residual_std(self) -> float | None:
@@ -93,22 +98,22 @@ class Attention(nn.Module):
     def __init__(self, cfg: LayerConfig, causal: bool = False, cross: bool = False) -> None:
         super().__init__()
         self.heads, self.dropout, self.causal = cfg.heads, cfg.dropout, causal
-        c = cfg.width
+        c, a = cfg.width, cfg.heads * cfg.head_width  # a: the heads side by side (c unless heads were pruned)
         # Self-attention projects queries, keys and values in one matmul; cross-attention projects the
         # queries from x and the keys and values from the source.
-        self.qkv = None if cross else linear(c, 3 * c, cfg.bias, cfg.init_std)
-        self.q = linear(c, c, cfg.bias, cfg.init_std) if cross else None
-        self.kv = linear(c, 2 * c, cfg.bias, cfg.init_std) if cross else None
-        self.proj = linear(c, c, cfg.bias, cfg.residual_std)
+        self.qkv = None if cross else linear(c, 3 * a, cfg.bias, cfg.init_std)
+        self.q = linear(c, a, cfg.bias, cfg.init_std) if cross else None
+        self.kv = linear(c, 2 * a, cfg.bias, cfg.init_std) if cross else None
+        self.proj = linear(a, c, cfg.bias, cfg.residual_std)
         steps = 0 if cross else cfg.rotary_steps
-        self.register_buffer("rotary", rotary_table(steps, c // cfg.heads) if steps else None, persistent=False)
+        self.register_buffer("rotary", rotary_table(steps, cfg.head_width) if steps else None, persistent=False)
 
     def forward(self, x, source=None, cache=None, pos=0, mask=None):  # x (B, T, C), source (B, S, C) -> (B, T, C)
         if source is None:
             return self.proj(self.mix(self.qkv(x), cache, pos, mask))
         return self.proj(self.mix_source(x, source, cache))
 
-    def split(self, z):  # (B, T, C) -> (B, h, T, d)
+    def split(self, z):  # (B, T, h * d) -> (B, h, T, d)
         b, t, c = z.shape
         return z.view(b, t, self.heads, c // self.heads).transpose(1, 2)
 
@@ -127,7 +132,8 @@ class Attention(nn.Module):
         if cache is not None and "k" in cache:  # the source's keys and values are computed once per source
             k, v = cache["k"], cache["v"]
         else:
-            k, v = (self.split(z) for z in self.kv(source).split(x.shape[2], dim=2))  # (B, h, S, d) each
+            kv = self.kv(source)
+            k, v = (self.split(z) for z in kv.split(kv.shape[2] // 2, dim=2))  # (B, h, S, d) each
             if cache is not None:
                 cache["k"], cache["v"] = k, v
         return self.attend(q, k, v, False)
@@ -280,16 +286,21 @@ class TransformerEncoder(BlockSpec):
     norm: Literal["post", "pre"] = "post"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Literal["relu", "gelu"] = "relu"
+    # Features per head; default: the model width / heads. `kiln compress --prune` sets it when it removes heads
+    # (fewer heads of the same width: the attention is then narrower than the model).
+    head_dim: PositiveInt | None = None
 
     example: ClassVar[dict] = {"heads": 2, "ff": 12, "norm": "pre"}
 
     def build(self, in_shape: Shape) -> Built:
         expect("transformer_encoder", in_shape, ("sequence",), SEQUENCE_FIX)
         t, c = in_shape
-        check_width("transformer_encoder", c, self.heads)
+        if self.head_dim is None:
+            check_width("transformer_encoder", c, self.heads)
         cfg = LayerConfig(c, self.heads, self.ff, self.dropout, dropout_hidden=True, norm=self.norm,
-                          activation=self.activation, init_std=None)
-        macs = t * (4 * c * c + 2 * c * self.ff) + 2 * t * t * c  # projections, feed-forward, scores and mix
+                          activation=self.activation, init_std=None, head_dim=self.head_dim)
+        a = self.heads * cfg.head_width
+        macs = t * (4 * c * a + 2 * c * self.ff) + 2 * t * t * a  # projections, feed-forward, scores and mix
         return Built(EncoderLayer(cfg), (t, c), macs)
 
 
