@@ -73,8 +73,12 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         try:
             return [self.index[c] for c in text]
-        except KeyError as e:
-            raise DataError(f"the character {e.args[0]!r} is not in this character tokenizer's vocabulary "
+        except KeyError:
+            unknown = list(dict.fromkeys(c for c in text if c not in self.index))  # each once, in order
+            shown = ", ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20
+                                                                 else "")
+            what = f"the character {shown} is" if len(unknown) == 1 else f"the characters {shown} are"
+            raise DataError(f"{what} not in this character tokenizer's vocabulary "
                             f"(the {len(self.chars)} characters of its training text); use tokenizer: byte "
                             "or bpe for open text") from None
 
