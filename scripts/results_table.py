@@ -428,6 +428,26 @@ def compress_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, " / ".join(parts), f"{machine(data['conditions'])}; 1 thread, {options['rounds']} interleaved rounds"
 
 
+def generate_serve_options(data: dict) -> dict:
+    return dict(data["args"])
+
+
+def generate_serve_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    m, h, results = data["model"], data["hardware"], data["results"]
+    what = (f"`kiln serve` generating text ({m['name']}, {m['parameters']:,} parameters, context {m['context']}): "
+            f"tokens/s of {options['requests']} requests of {options['max_tokens']} sampled tokens, OpenAI's "
+            "/v1/completions (continuous batching) vs one request at a time (Run.generate in process) and kiln's "
+            "/v1/predict")
+    cells = [f"{r['system']} at concurrency {r['concurrency']}: {r['tokens_per_s']:,.0f} tokens/s "
+             f"({r['vs_one_at_a_time']:.2f}x)" for r in results]
+    same = [r["identical"] for r in results if r["identical"] is not None]
+    result = ("; ".join(cells) + f"; **{data['speedup']['completions_vs_one_at_a_time']:.1f}x** one at a time; "
+              f"texts identical to Run.generate's with the same seed: {sum(same)}/{options['requests'] * len(same)}")
+    conditions = (f"{h['cpu']}, {h['cores']} cores, {h['threads']} thread, Python {h['python']}; torch {h['torch']}, "
+                  f"kiln {h['kiln']}; load average {h['load_average_at_start'][0]:.1f} at start")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -467,6 +487,10 @@ BENCHMARKS = {
     "compress": Benchmark("benchmarks/bench_compress.py",
                           {"model": ["mnist_seed", "german_credit"], "rounds": 15, "reuse": False},
                           frozenset({"rounds", "reuse"}), compress_options, compress_cells),
+    "generate_serve": Benchmark("benchmarks/bench_generate_serve.py",
+                                {"requests": 32, "max_tokens": 128, "concurrency": [1, 16], "run": None, "context": 256,
+                                 "steps": 100},
+                                frozenset({"requests", "run", "steps"}), generate_serve_options, generate_serve_cells),
 }
 
 

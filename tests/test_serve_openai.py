@@ -175,17 +175,35 @@ def test_a_long_request_does_not_starve_short_ones_and_the_queue_counts_tokens(l
         assert s.engine.queued_tokens == 0
 
 
-def test_a_client_that_disconnects_mid_stream_stops_its_generation(server):
+@pytest.fixture
+def slow_steps(server):
+    """Each decoding step takes at least 2 ms (a long generation then lasts > 0.3 s on any machine)."""
     engine = server.engine
-    before, cancelled = engine.generated, engine.cancelled
-    with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
-                      json={"model": "tiny_chat", "prompt": "First", "max_tokens": CONTEXT - 5, "stream": True}) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")  # generation has begun; now go away
+    on_step = engine.on_step
+    engine.on_step = lambda tokens, seconds: (on_step(tokens, seconds), time.sleep(0.002))
+    yield engine
+    engine.on_step = on_step
+
+
+def wait_cancelled(engine, cancelled: int) -> None:
     deadline = time.monotonic() + 30
     while engine.active or engine.cancelled == cancelled:
         assert time.monotonic() < deadline, "the generation went on after its client left"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_a_client_that_disconnects_stops_its_generation(server, slow_steps, streamed):
+    engine = slow_steps
+    before, cancelled = engine.generated, engine.cancelled
+    body = {"model": "tiny_chat", "prompt": "First", "max_tokens": CONTEXT - 5, "stream": streamed}
+    if streamed:
+        with httpx.stream("POST", server.url + "/v1/completions", timeout=30, json=body) as r:
+            assert next(r.iter_lines()).startswith("data: ")  # generation has begun; now go away
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes the connection
+            httpx.post(server.url + "/v1/completions", timeout=0.1, json=body)
+    wait_cancelled(engine, cancelled)
     assert engine.cancelled == cancelled + 1 and engine.generated - before < CONTEXT - 5
     assert engine.queued_tokens == 0
     assert complete(server, prompt="First", max_tokens=3, temperature=0).choices[0].finish_reason == "length"

@@ -133,21 +133,40 @@ def add_completion_routes(app: FastAPI, state, engine: GenerationEngine) -> None
             return StreamingResponse(stream(jobs, events, head, prompt_tokens, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, finishes, tokens = [""] * len(jobs), [None] * len(jobs), 0
+        watcher = asyncio.create_task(watch(request, jobs, events))
         try:
             remaining = len(jobs)
             while remaining:
                 event: Event = await events.get()
+                if event.finish == GONE:
+                    return Response(status_code=499)  # nobody reads it
                 texts[event.index] += event.text
                 if event.finish is not None:
                     fail(event)
                     finishes[event.index], tokens, remaining = event.finish, tokens + event.tokens, remaining - 1
         finally:
-            for job in jobs:  # a client gone before the end (the task cancelled) stops its generation
+            watcher.cancel()
+            for job in jobs:  # ended, or the client went away: either way nothing more is written
                 job.cancel()
         choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
                    for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
         body = {**head, "choices": choices, "usage": usage_of(prompt_tokens, tokens)}
         return Response(orjson.dumps(body), media_type=JSON_TYPE)
+
+
+GONE = "client disconnected"
+
+
+async def watch(request: Request, jobs: list[Job], events: asyncio.Queue) -> None:
+    """Waits, while a non-streamed answer is written, for the client to go away; then cancels its jobs (the body
+    has been read, so the next message the server can receive is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for job in jobs:
+                job.cancel()
+            events.put_nowait(Event(-1, finish=GONE))
+            return
 
 
 async def stream(jobs: list[Job], events: asyncio.Queue, head: dict, prompt_tokens: int, include_usage: bool):

@@ -71,8 +71,8 @@ _STOP = object()
 
 class GenerationEngine:
     def __init__(self, run, max_rows: int = 64, max_queue_tokens: int = 65536,
-                 on_step: Callable[[int, float], None] | None = None) -> None:
-        self.run = run
+                 on_step: Callable[[int, float], None] | None = None, threads: int | None = None) -> None:
+        self.run, self.threads = run, threads
         self.model = run.model
         self.tokenizer = run.kind.tokenizer
         self.context = self.model.input_shape[0]
@@ -118,6 +118,8 @@ class GenerationEngine:
     # ---- worker thread ----
 
     def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
         decoder = BatchDecoder(self.model) if self.batched else None
         rows: list[Job] = []  # batched jobs, in the decoder's row order
         solo: list[Job] = []

@@ -76,7 +76,8 @@ def build_state(run_dir: str | Path, settings: ServeSettings) -> AppState:
                            on_batch=metrics.batch)
     generation = None
     if run.kind.task == "lm":
-        generation = GenerationEngine(run, settings.max_batch, settings.max_queue_tokens, on_step=metrics.decode_step)
+        generation = GenerationEngine(run, settings.max_batch, settings.max_queue_tokens, on_step=metrics.decode_step,
+                                      threads=threads)
     model_ref = {"name": run.config.name, "version": _weights_version(run), "backend": backend.name}
     try:
         metrics_at_training = run.metrics
