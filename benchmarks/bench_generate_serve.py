@@ -1,8 +1,7 @@
 """Generation throughput of `kiln serve` on a language model: tokens/s of OpenAI's `POST /v1/completions`
 (continuous batching, per-request key/value caches) at concurrency 1 and 16, side by side with generating one
-request at a time: `Run.generate` in a loop in this process (the KV-cached decoder, no server), and kiln's own
-`POST /v1/predict` at concurrency 16 (its micro-batcher hands prompts to the worker, which writes them one
-after another).
+request at a time (`Run.generate` in a loop in this process: the KV-cached decoder, no server), and kiln's own
+`POST /v1/predict` at concurrency 16 (the same engine).
 
     KILN_DATA=../shared/data python benchmarks/bench_generate_serve.py            # 32 requests of 128 tokens
     python benchmarks/bench_generate_serve.py --requests 16 --max-tokens 64 --run runs/shakespeare_char_256
@@ -10,7 +9,7 @@ after another).
 Without --run it trains examples/shakespeare_char.yaml briefly with a longer context (--context, --steps: the
 weights only need to write plausible text; throughput does not depend on them). The server runs in its own
 process on 127.0.0.1 with 1 thread; a closed-loop load generator (httpx, asyncio) in this process keeps C
-requests in flight. Every request samples (temperature 0.8) with its own seed, so the texts served are checked
+requests in flight. Every system is measured once per round, interleaved (--rounds, median). Every request samples (temperature 0.8) with its own seed, so the texts served are checked
 against `Run.generate` with the same seed. Prints hardware and ratios; writes
 benchmarks/results/generate_serve-<UTC time>.json.
 """
@@ -22,6 +21,7 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,8 +105,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--rounds", type=int, default=2, help="every system measured once per round, interleaved")
     p.add_argument("--context", type=int, default=256, help="data.context of the run trained without --run")
-    p.add_argument("--steps", type=int, default=100, help="training steps of the run trained without --run")
+    p.add_argument("--steps", type=int, default=30, help="training steps of the run trained without --run")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args()
 
@@ -123,50 +124,58 @@ def main() -> None:
     name = run.config.name
     tokens_of = len if run.kind.tokenizer.kind == "char" else (lambda t: len(run.kind.tokenizer.encode(t)))
 
-    start = time.perf_counter()
     expected = [run.generate(b["prompt"], b["max_tokens"], temperature=b["temperature"], seed=b["seed"])
-                for b in bodies]
-    sequential_s = time.perf_counter() - start
-    total = sum(tokens_of(t) for t in expected)
-    results = [{"system": "Run.generate, one request at a time (in process)", "concurrency": 1,
-                "seconds": sequential_s, "tokens": total, "tokens_per_s": total / sequential_s, "identical": None}]
-    print(f"{results[0]['system']}: {total} tokens in {sequential_s:.2f} s, {total / sequential_s:,.0f} tokens/s")
-
+                for b in bodies]  # also warms this process up
+    top = max(args.concurrency)
+    points = [("Run.generate", 1)] + [("/v1/completions", c) for c in args.concurrency] + [("/v1/predict", top)]
+    seconds: dict = {p: [] for p in points}
+    identical: dict = {p: [] for p in points}
+    tokens = sum(tokens_of(t) for t in expected)
     with Server(run_dir) as server:
         asyncio.run(load(server.url, "/v1/completions", [{**bodies[0], "model": name, "max_tokens": 4}], 1))  # warm
-        points = [("/v1/completions", c) for c in args.concurrency] + [("/v1/predict", max(args.concurrency))]
-        for route, c in points:
-            if route == "/v1/completions":
-                sent = [{**b, "model": name} for b in bodies]
-            else:
-                sent = [{"instances": [{"prompt": b["prompt"], "max_new_tokens": b["max_tokens"],
-                                        "temperature": b["temperature"], "seed": b["seed"]}]} for b in bodies]
-            texts, seconds = asyncio.run(load(server.url, route, sent, c))
-            tokens = sum(tokens_of(t) for t in texts)
-            same = sum(t == e for t, e in zip(texts, expected, strict=True))
-            system = (f"kiln serve {route} (" + ("continuous batching" if route == "/v1/completions" else
-                                                 "micro-batcher, prompts written one after another") + ")")
-            results.append({"system": system, "route": route, "concurrency": c, "seconds": seconds, "tokens": tokens,
-                            "tokens_per_s": tokens / seconds, "identical": same})
-            print(f"{system} at concurrency {c}: {tokens} tokens in {seconds:.2f} s, {tokens / seconds:,.0f} tokens/s; "
-                  f"{same}/{len(texts)} texts identical to Run.generate's")
+        for round_ in range(args.rounds):  # interleaved, so a change in the machine's load hits every system
+            for route, c in points:
+                if route == "Run.generate":
+                    start = time.perf_counter()
+                    texts = [run.generate(b["prompt"], b["max_tokens"], temperature=b["temperature"],
+                                          seed=b["seed"]) for b in bodies]
+                    took = time.perf_counter() - start
+                else:
+                    sent = ([{**b, "model": name} for b in bodies] if route == "/v1/completions" else
+                            [{"instances": [{"prompt": b["prompt"], "max_new_tokens": b["max_tokens"],
+                                             "temperature": b["temperature"], "seed": b["seed"]}]} for b in bodies])
+                    texts, took = asyncio.run(load(server.url, route, sent, c))
+                seconds[route, c].append(took)
+                identical[route, c].append(sum(t == e for t, e in zip(texts, expected, strict=True)))
+                print(f"round {round_ + 1}: {route} at concurrency {c}: {tokens / took:,.0f} tokens/s; "
+                      f"{identical[route, c][-1]}/{len(texts)} texts identical to Run.generate's", flush=True)
+    systems = {"Run.generate": "Run.generate, one request at a time (in process, no server)",
+               "/v1/completions": "kiln serve /v1/completions (continuous batching)",
+               "/v1/predict": "kiln serve /v1/predict (kiln's own route, on the same engine)"}
+    results = []
+    for route, c in points:
+        median = statistics.median(seconds[route, c])
+        results.append({"system": systems[route], "route": route, "concurrency": c, "seconds": seconds[route, c],
+                        "tokens": tokens, "tokens_per_s": tokens / median,
+                        "identical": None if route == "Run.generate" else min(identical[route, c])})
 
     base = results[0]["tokens_per_s"]
     for r in results:
         r["vs_one_at_a_time"] = r["tokens_per_s"] / base
-    top = max(args.concurrency)
-    batched = next(r for r in results if r.get("route") == "/v1/completions" and r["concurrency"] == top)
-    predict = next(r for r in results if r.get("route") == "/v1/predict")
+    for r in results:
+        print(f"{r['system']} at concurrency {r['concurrency']}: {r['tokens_per_s']:,.0f} tokens/s (median of "
+              f"{args.rounds}), {r['vs_one_at_a_time']:.2f}x one at a time")
+    batched = next(r for r in results if r["route"] == "/v1/completions" and r["concurrency"] == top)
+    predict = next(r for r in results if r["route"] == "/v1/predict")
     print(f"\n/v1/completions at concurrency {top}: {batched['vs_one_at_a_time']:.2f}x the tokens/s of one request at "
-          f"a time (Run.generate), {batched['tokens_per_s'] / predict['tokens_per_s']:.2f}x kiln's /v1/predict at "
-          f"the same concurrency")
+          f"a time (Run.generate); kiln's /v1/predict at the same concurrency: {predict['vs_one_at_a_time']:.2f}x")
     hardware = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
                 "torch": torch.__version__, "kiln": kiln.__version__, "threads": 1,
                 "load_average_at_start": list(os.getloadavg())}
     print(f"hardware: {hardware}")
     model = {"name": name, "parameters": run.manifest.get("parameters"), "context": run.model.input_shape[0],
              "blocks": [b.type for b in run.config.blocks]}
-    doc = {"args": {"requests": args.requests, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
+    doc = {"args": {"requests": args.requests, "rounds": args.rounds, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                     "run": args.run, "context": args.context, "steps": args.steps},
            "model": model, "results": results, "hardware": hardware,
            "speedup": {"completions_vs_one_at_a_time": batched["vs_one_at_a_time"],

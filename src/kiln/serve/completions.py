@@ -167,6 +167,7 @@ async def watch(request: Request, jobs: list[Job], events: asyncio.Queue) -> Non
                 job.cancel()
             events.put_nowait(Event(-1, finish=GONE))
             return
+        await asyncio.sleep(0.05)  # a server that answers with empty body messages instead of waiting
 
 
 async def stream(jobs: list[Job], events: asyncio.Queue, head: dict, prompt_tokens: int, include_usage: bool):

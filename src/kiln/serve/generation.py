@@ -18,6 +18,7 @@ cancelled: the worker drops it at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from kiln.data.requests import objects
 from kiln.nn.batch_decode import BatchDecoder, batchable
 from kiln.nn.generate import Sampling, generate_ids, next_token
 from kiln.serve.batcher import Overloaded
@@ -94,7 +96,9 @@ class GenerationEngine:
     def queued_tokens(self) -> int:
         return self._tokens
 
-    def start(self) -> None:
+    def start(self, warmup=None) -> None:
+        if self._thread is not None:
+            return
         self._thread = threading.Thread(target=self._run, name="kiln-generate", daemon=True)
         self._thread.start()
 
@@ -233,3 +237,48 @@ class GenerationEngine:
             self.cancelled += 1
             return
         job.tell(Event(job.index, finish=finish, tokens=len(job.out), error=error))
+
+
+class EngineBatcher:
+    """kiln's own ``POST /v1/predict`` on a language-model run, through the same engine (in the place of the
+    micro-batcher): each instance, a prompt with ``Run.generate``'s settings, is one job, answered with its whole
+    text. A prompt and ``max_new_tokens`` past the context are windowed as ``Run.generate`` windows them (such a
+    job takes its turn at each step without being batched)."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.engine = self.backend = engine
+
+    @property
+    def waiting_rows(self) -> int:
+        return self.engine._inbox.qsize()
+
+    def start(self, warmup=None) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    def arriving(self):
+        return contextlib.nullcontext()  # the engine never waits for requests still being read
+
+    async def predict(self, batch) -> Any:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        jobs = []
+        for i, r in enumerate(batch):
+            ids = self.engine.tokenizer.encode(r["prompt"])
+            sampling = Sampling(r["max_new_tokens"], r["temperature"], r["top_k"], r["top_p"], r["seed"], r["stop"])
+            jobs.append(Job(i, ids, sampling, events, loop, cost=len(ids) + r["max_new_tokens"]))
+        self.engine.submit(jobs)
+        texts, remaining = [""] * len(jobs), len(jobs)
+        try:
+            while remaining:
+                event = await events.get()
+                texts[event.index] += event.text
+                if event.error is not None:
+                    raise event.error
+                remaining -= event.finish is not None
+        finally:
+            for job in jobs:
+                job.cancel()
+        return objects(texts)
