@@ -94,6 +94,10 @@ def test_greedy_completion_equals_kilns_own_generate_with_usage(lm_run, server):
     assert [c.index for c in both.choices] == [0, 1] and both.usage.prompt_tokens == 5 + 7
     assert [c.text for c in both.choices] == [lm_run.generate(p, 12, temperature=0) for p in ("All:\n", "You are")]
     assert [m.id for m in server.client().models.list()] == ["tiny_chat"]
+    spec = httpx.get(server.url + "/openapi.json", timeout=30).json()
+    body = spec["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"prompt", "max_tokens", "stream", "stop", "seed"} <= set(body["properties"]) and "/v1/models" in spec["paths"]
+    assert "$defs" not in str(spec)  # every schema it refers to is in the document
 
 
 def test_seeded_sampling_is_reproducible_and_equals_generate(lm_run, server):
@@ -117,6 +121,14 @@ def test_concurrent_requests_decoded_together_give_each_its_own_text(lm_run, ser
     with ThreadPoolExecutor(len(prompts)) as pool:
         texts = list(pool.map(one, range(len(prompts))))
     assert texts == [lm_run.generate(p, 20 + 7 * i, temperature=0.8, seed=s) for i, (p, s) in enumerate(prompts)]
+
+
+def test_kilns_own_route_generates_on_the_same_engine_windowed_past_the_context(lm_run, server):
+    instances = [{"prompt": "First", "max_new_tokens": CONTEXT, "temperature": 0.8, "top_k": 5, "seed": 2},
+                 {"prompt": "You", "max_new_tokens": 10, "temperature": 0, "stop": ["e"]}]
+    got = httpx.post(server.url + "/v1/predict", json={"instances": instances}, timeout=60).json()["predictions"]
+    assert got == [{"text": lm_run.generate(**inst)} for inst in instances]
+    assert len(got[0]["text"]) == CONTEXT  # 5 + 192 tokens: past the context, windowed as Run.generate does
 
 
 def test_stop_strings_end_the_text_before_them_streamed_or_not(lm_run, server):
@@ -228,3 +240,36 @@ def test_bad_requests_are_answered_with_a_status_naming_the_problem(server, body
     with pytest.raises(openai.APIStatusError) as e:  # what an OpenAI client user sees
         server.client().completions.create(**{"model": "tiny_chat", **body})
     assert e.value.status_code == status and names[0] in e.value.message
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rotary"])
+def test_batch_decoder_rows_joining_and_leaving_decode_as_each_alone(position):
+    import torch
+    from test_text import gpt
+
+    from kiln.nn.batch_decode import BatchDecoder, batchable
+    from kiln.nn.generate import Sampling, generate_ids
+
+    torch.manual_seed(0)
+    model = gpt(position, vocab=13, context=24).eval()
+    prompts = [torch.randint(0, 13, (n,)) for n in (3, 7, 1, 5, 2)]
+    lengths = [10, 4, 12, 1, 8]
+    alone = [list(generate_ids(model, p, Sampling(n, temperature=0))) for p, n in zip(prompts, lengths, strict=True)]
+    assert batchable(model)
+    decoder, rows, logits, outs = BatchDecoder(model), [], None, [[] for _ in prompts]
+    pending = list(range(len(prompts)))
+    while pending or rows:
+        if pending:  # one joins every step, with rows of other lengths already decoding
+            i = pending.pop(0)
+            cache, last = decoder.prefill(prompts[i])
+            decoder.add(cache, len(prompts[i]))
+            rows, logits = rows + [i], last[None] if logits is None else torch.cat([logits, last[None]])
+        tokens = logits.argmax(-1)
+        for r, i in enumerate(rows):
+            outs[i].append(int(tokens[r]))
+        keep = [r for r, i in enumerate(rows) if len(outs[i]) < lengths[i]]
+        decoder.keep(keep)
+        rows = [rows[r] for r in keep]
+        logits = decoder.step(tokens[keep]) if rows else None
+        assert decoder.length <= 24
+    assert outs == alone

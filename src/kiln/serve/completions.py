@@ -45,11 +45,6 @@ Stop = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Prompt = Annotated[str, Strict(), Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # newer clients add options of their own (include_obfuscation)
-    include_usage: bool = False
-
-
 class CompletionRequest(BaseModel):
     """OpenAI's completion request, as far as kiln implements it; anything else is refused by name."""
 
@@ -67,7 +62,8 @@ class CompletionRequest(BaseModel):
     seed: Integer | None = Field(None, ge=0, le=MAX_SEED, description="the same seed writes the same text")
     n: Integer = Field(1, ge=1, le=1, description="choices per prompt: 1 only")
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    # {"include_usage": true}: a last chunk with the usage; other options (newer clients add their own) are ignored
+    stream_options: dict[str, bool | None] | None = None
     user: str | None = Field(None, max_length=256, description="accepted and ignored")
     # OpenAI options kiln does not implement: accepted only at their no-op values, so clients that send the
     # defaults work and nobody gets silently different behaviour.
@@ -129,7 +125,7 @@ def add_completion_routes(app: FastAPI, state, engine: GenerationEngine) -> None
                 "model": name}
         prompt_tokens = sum(len(j.prompt) for j in jobs)
         if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
+            usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(stream(jobs, events, head, prompt_tokens, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, finishes, tokens = [""] * len(jobs), [None] * len(jobs), 0
