@@ -159,6 +159,7 @@ def test_streaming_sends_openai_chunks_then_usage_then_done(lm_run, server):
 def test_a_long_request_does_not_starve_short_ones_and_the_queue_counts_tokens(lm_run):
     # The queue holds 240 tokens: the long request takes 3 + 189 = 192 of them while it is written.
     with LoopbackServer(lm_run.path, max_queue_tokens=240) as s:
+        slow_down(s.engine, 0.005)  # the long request lasts about a second however fast the machine
         long_done = threading.Event()
         started = threading.Event()
 
@@ -187,14 +188,19 @@ def test_a_long_request_does_not_starve_short_ones_and_the_queue_counts_tokens(l
         assert s.engine.queued_tokens == 0
 
 
+def slow_down(engine, seconds: float):
+    """Each decoding step of ``engine`` takes at least ``seconds`` more; gives back what to restore."""
+    on_step = engine.on_step
+    engine.on_step = lambda tokens, took: (on_step(tokens, took), time.sleep(seconds))
+    return on_step
+
+
 @pytest.fixture
 def slow_steps(server):
     """Each decoding step takes at least 2 ms (a long generation then lasts > 0.3 s on any machine)."""
-    engine = server.engine
-    on_step = engine.on_step
-    engine.on_step = lambda tokens, seconds: (on_step(tokens, seconds), time.sleep(0.002))
-    yield engine
-    engine.on_step = on_step
+    on_step = slow_down(server.engine, 0.002)
+    yield server.engine
+    server.engine.on_step = on_step
 
 
 def wait_cancelled(engine, cancelled: int) -> None:

@@ -74,11 +74,10 @@ class CharTokenizer(Tokenizer):
         try:
             return [self.index[c] for c in text]
         except KeyError:
-            unknown = list(dict.fromkeys(c for c in text if c not in self.index))  # each once, in order
-            shown = ", ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20
-                                                                 else "")
-            what = f"the character {shown} is" if len(unknown) == 1 else f"the characters {shown} are"
-            raise DataError(f"{what} not in this character tokenizer's vocabulary "
+            unknown = [repr(c) for c in dict.fromkeys(c for c in text if c not in self.index)]  # each once, in order
+            more = "" if len(unknown) == 1 else f", nor are {', '.join(unknown[1:20])}" + (
+                f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+            raise DataError(f"the character {unknown[0]} is not in this character tokenizer's vocabulary{more} "
                             f"(the {len(self.chars)} characters of its training text); use tokenizer: byte "
                             "or bpe for open text") from None
 
