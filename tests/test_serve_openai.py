@@ -227,6 +227,18 @@ def test_a_client_that_disconnects_stops_its_generation(server, slow_steps, stre
     assert complete(server, prompt="First", max_tokens=3, temperature=0).choices[0].finish_reason == "length"
 
 
+def test_the_openai_clients_api_key_is_the_servers_key(lm_run, monkeypatch):
+    monkeypatch.setenv("KILN_TEST_OPENAI_KEY", "s3cret-key")
+    with LoopbackServer(lm_run.path, api_key_env="KILN_TEST_OPENAI_KEY") as s:
+        keyed = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret-key", max_retries=0)  # sent as a Bearer token
+        assert keyed.completions.create(model="tiny_chat", prompt="All", max_tokens=2).usage.completion_tokens == 2
+        assert [m.id for m in keyed.models.list()] == ["tiny_chat"]
+        with pytest.raises(openai.AuthenticationError):
+            s.client().completions.create(model="tiny_chat", prompt="All", max_tokens=2)
+        with pytest.raises(openai.AuthenticationError):
+            s.client().models.list()
+
+
 @pytest.mark.parametrize(("body", "status", "code", "names"), [
     ({"prompt": "First ✓ 日本"}, 422, "invalid_input", ["'✓'", "'日'", "'本'", "prompt"]),
     ({"prompt": ["First", "naïve"]}, 422, "invalid_input", ["'ï'", "prompt.1"]),
