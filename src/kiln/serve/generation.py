@@ -91,6 +91,7 @@ class GenerationEngine:
         self.active = 0  # jobs being decoded (read by tests and metrics)
         self.cancelled = 0  # jobs dropped because their client went away
         self.generated = 0  # tokens written, all jobs
+        self.most_rows = 0  # the most texts that one step has written a token for
 
     @property
     def queued_tokens(self) -> int:
@@ -156,6 +157,7 @@ class GenerationEngine:
                 rows, solo = [], []
                 decoder = BatchDecoder(self.model) if self.batched else None
             self.active = len(rows) + len(solo)
+            self.most_rows = max(self.most_rows, self.generated - before)
             if self.on_step is not None:
                 self.on_step(self.generated - before, time.perf_counter() - start)
 
