@@ -499,6 +499,26 @@ def streaming_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def generate_serve_options(data: dict) -> dict:
+    return dict(data["args"])
+
+
+def generate_serve_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    m, h, results = data["model"], data["hardware"], data["results"]
+    what = (f"`kiln serve` generating text ({m['name']}, {m['parameters']:,} parameters, context {m['context']}): "
+            f"tokens/s of {options['requests']} requests of {options['max_tokens']} sampled tokens, OpenAI's "
+            "/v1/completions (continuous batching) and kiln's /v1/predict (same engine) vs one request at a time "
+            "(Run.generate in process)")
+    cells = [f"{r['system']} at concurrency {r['concurrency']}: {r['tokens_per_s']:,.0f} tokens/s "
+             f"({r['vs_one_at_a_time']:.2f}x)" for r in results]  # medians over the interleaved rounds
+    same = [r["identical"] for r in results if r["identical"] is not None]
+    result = ("; ".join(cells) + f"; **{data['speedup']['completions_vs_one_at_a_time']:.1f}x** one at a time; "
+              f"texts identical to Run.generate's with the same seed: {sum(same)}/{options['requests'] * len(same)}")
+    conditions = (f"{h['cpu']}, {h['cores']} cores, {h['threads']} thread, Python {h['python']}; torch {h['torch']}, "
+                  f"kiln {h['kiln']}; load average {h['load_average_at_start'][0]:.1f} at start")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -548,6 +568,10 @@ BENCHMARKS = {
                          frozenset({"step_repeats"}), privacy_options, privacy_cells),
     "streaming": Benchmark("benchmarks/bench_streaming.py", {"rows": 2_000_000, "shards": 20, "rounds": 2, "epochs": 1},
                            frozenset({"rounds"}), lambda data: dict(data["args"]), streaming_cells),
+    "generate_serve": Benchmark("benchmarks/bench_generate_serve.py",
+                                {"requests": 32, "max_tokens": 128, "concurrency": [1, 16], "run": None, "context": 256,
+                                 "steps": 30, "rounds": 2},
+                                frozenset({"requests", "run", "steps", "rounds"}), generate_serve_options, generate_serve_cells),
 }
 
 

@@ -206,7 +206,8 @@ def _parser() -> argparse.ArgumentParser:
 def _add_serving_commands(sub) -> None:
     sv = sub.add_parser("serve", help="serve a run over HTTP (needs the serve extra)",
                         description="Serve a trained run: POST /v1/predict, GET /v1/model, /healthz, /readyz, "
-                                    "/metrics, /openapi.json. Concurrent requests share micro-batches.")
+                                    "/metrics, /openapi.json (language models also OpenAI's POST /v1/completions "
+                                    "and GET /v1/models). Concurrent requests share micro-batches.")
     sv.add_argument("run", help="run directory written by `kiln train`")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -221,6 +222,9 @@ def _add_serving_commands(sub) -> None:
                          "a lone request never waits (default: 2)")
     sv.add_argument("--max-instances", type=int, default=256, help="most instances per request (default: 256)")
     sv.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MiB (default: 8)")
+    sv.add_argument("--max-queue-tokens", type=int, default=65536,
+                    help="language models, /v1/completions: most tokens (prompt + max_tokens) queued or being "
+                         "written; beyond it requests get 503 (default: 65536)")
     sv.add_argument("--threads", type=_threads, default="auto",
                     help="intra-op threads of the backend (default: auto: the CPUs this process may use, less one "
                          "for the event loop)")
@@ -308,7 +312,8 @@ def cmd_serve(args) -> None:
 
     settings = ServeSettings(backend=args.backend, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                              max_instances=args.max_instances, max_body_bytes=int(args.max_body_mb * 2**20),
-                             api_key_env=args.api_key_env, threads=args.threads)
+                             api_key_env=args.api_key_env, threads=args.threads,
+                             max_queue_tokens=args.max_queue_tokens)
     serve(args.run, settings, host=args.host, port=args.port, workers=args.workers)
 
 

@@ -73,8 +73,11 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         try:
             return [self.index[c] for c in text]
-        except KeyError as e:
-            raise DataError(f"the character {e.args[0]!r} is not in this character tokenizer's vocabulary "
+        except KeyError:
+            unknown = [repr(c) for c in dict.fromkeys(c for c in text if c not in self.index)]  # each once, in order
+            more = "" if len(unknown) == 1 else f", nor are {', '.join(unknown[1:20])}" + (
+                f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+            raise DataError(f"the character {unknown[0]} is not in this character tokenizer's vocabulary{more} "
                             f"(the {len(self.chars)} characters of its training text); use tokenizer: byte "
                             "or bpe for open text") from None
 

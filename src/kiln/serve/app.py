@@ -1,6 +1,7 @@
 """The FastAPI app of ``kiln serve``, built from a run directory alone, and the server that runs it.
 
-Routes: ``POST /v1/predict`` (JSON instances or multipart image uploads), ``GET /v1/model``,
+Routes: ``POST /v1/predict`` (JSON instances or multipart image uploads), ``GET /v1/model``, for language
+models OpenAI's ``POST /v1/completions`` and ``GET /v1/models`` (:mod:`~kiln.serve.completions`),
 ``GET /healthz`` (alive), ``GET /readyz`` (model loaded and warmed), ``GET /metrics`` (Prometheus).
 Every client mistake is answered with a 4xx and a JSON body ``{"error": {"code", "message", "details"}}``.
 The parts: :mod:`~kiln.serve.state` (what the app holds), :mod:`~kiln.serve.predict` and
@@ -20,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from kiln.serve.body import BodyReader
+from kiln.serve.completions import add_completion_routes
 from kiln.serve.errors import error_docs, install_error_handlers
 from kiln.serve.middleware import Metered
 from kiln.serve.openapi import add_document_routes, complete_openapi, predict_body, request_model, response_model
@@ -59,9 +61,12 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None, **ove
                       response_model=response_model(state.answers.prediction), summary=state.answers.summary,
                       responses=error_docs(400, 401, 413, 415, 422, 500, 503), openapi_extra={"requestBody": body})
     add_routes(app, state)
+    if state.generation is not None:
+        add_completion_routes(app, state, state.generation)
     add_document_routes(app, state.api_key)
     app.openapi = complete_openapi(app, defs, keyed=state.api_key is not None)  # type: ignore[method-assign]
-    app.state.kiln = {"run": state.run, "settings": settings, "batcher": state.batcher, "metrics": state.metrics}
+    app.state.kiln = {"run": state.run, "settings": settings, "batcher": state.batcher, "metrics": state.metrics,
+                      "generation": state.generation}
     return app
 
 

@@ -25,6 +25,9 @@ class ServeMetrics:
                                     registry=r)
         self.batch_time = Histogram("kiln_batch_duration_seconds", "time of one forward pass",
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.generated = Counter("kiln_generated_tokens_total", "tokens written by POST /v1/completions", registry=r)
+        self.decode_rows = Histogram("kiln_decode_batch_size", "texts decoded together in one step",
+                                     buckets=BATCH_BUCKETS, registry=r)
         Gauge("kiln_queue_rows", "rows waiting for the model", registry=r).set_function(waiting_rows)
         # (route, status) -> its counter and histogram: looking a labelled child up costs 3 us a request
         # against 1 us for the two updates. Routes and status codes are few, so this stays small.
@@ -46,6 +49,12 @@ class ServeMetrics:
         self.batch_size.observe(rows)
         self.batch_time.observe(seconds)
         self.instances.inc(rows)
+
+    def decode_step(self, rows: int, seconds: float) -> None:
+        """Called by the generation worker after each step (one token for each of ``rows`` texts)."""
+        if rows:
+            self.decode_rows.observe(rows)
+            self.generated.inc(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

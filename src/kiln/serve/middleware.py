@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from kiln.serve.metrics import ServeMetrics
 
-ROUTES = ("/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
+ROUTES = ("/v1/predict", "/v1/model", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")
 
 DirectRoutes = dict[tuple[str, str], Callable[[Request], Awaitable[Response]]]
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from kiln.serve.auth import check_key
 from kiln.serve.body import JSON_TYPE, MULTIPART_TYPE
 
-KEY_ROUTES = ("/v1/predict", "/v1/model", "/metrics")  # the documented routes that need the key when one is set
+KEY_ROUTES = ("/v1/predict", "/v1/model", "/metrics", "/v1/completions", "/v1/models")  # the documented routes that need the key when one is set
 
 
 class ModelRef(BaseModel):
@@ -63,7 +63,7 @@ def complete_openapi(app: FastAPI, defs: dict[str, Any], keyed: bool) -> Callabl
                 schema["components"]["securitySchemes"] = {"apiKey": {"type": "apiKey", "in": "header",
                                                                       "name": "X-API-Key"}}
                 for path in KEY_ROUTES:
-                    for op in schema["paths"][path].values():
+                    for op in schema["paths"].get(path, {}).values():  # /v1/completions: language models only
                         op["security"] = [{"apiKey": []}]
         return app.openapi_schema or schema
 

@@ -16,6 +16,9 @@ class ServeSettings:
     max_instances: int = 256  # per request (JSON instances or uploaded files)
     max_body_bytes: int = 8 * 1024 * 1024
     max_queue_rows: int = 4096  # beyond this, requests get 503 with Retry-After
+    # Language models, POST /v1/completions: tokens (prompt + max_tokens) of the requests queued or being written;
+    # beyond this, requests get 503 with Retry-After. max_batch is then the most texts decoded together.
+    max_queue_tokens: int = 65536
     api_key_env: str | None = None  # name of the environment variable that holds the API key
     # Intra-op threads of the backend; auto: the CPUs this process may use (affinity, a container's quota) less
     # one for the event loop. On a busy 2-core machine a batch-1 forward took 109 ms with 2 torch threads against
@@ -32,7 +35,7 @@ class ServeSettings:
     def check(self) -> None:
         if self.backend not in ("torch", "onnx"):
             raise KilnError(f"--backend must be torch or onnx, not {self.backend!r}")
-        for name in ("max_batch", "max_instances", "max_body_bytes", "max_queue_rows"):
+        for name in ("max_batch", "max_instances", "max_body_bytes", "max_queue_rows", "max_queue_tokens"):
             if getattr(self, name) < 1:
                 raise KilnError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.threads != "auto" and not (isinstance(self.threads, int) and self.threads >= 1):

@@ -19,6 +19,7 @@ from kiln.serve.auth import api_key_from_env
 from kiln.serve.backends import make_backend
 from kiln.serve.batcher import MicroBatcher
 from kiln.serve.fairness import with_group_thresholds
+from kiln.serve.generation import EngineBatcher, GenerationEngine
 from kiln.serve.metrics import ServeMetrics
 from kiln.serve.outputs import answers_for
 from kiln.serve.settings import ServeSettings
@@ -32,15 +33,16 @@ class AppState:
     adapter: InputAdapter
     answers: Any  # kiln.serve.outputs: ClassAnswers, ValueAnswers or TextAnswers
     example: np.ndarray | None  # one typical input batch: traces and warms the backend
-    batcher: MicroBatcher
+    batcher: MicroBatcher | EngineBatcher  # the engine's, for language models
     metrics: ServeMetrics
     model_ref: dict[str, str]  # name, version, backend: in every answer
     model_info: dict[str, Any]  # GET /v1/model
     ready: bool = False  # loaded and warmed, and not shutting down
+    generation: GenerationEngine | None = None  # language-model runs: both routes generate on it (the batcher's)
 
     def start(self) -> None:
         """Start the batch worker and warm the model; the app is ready after this."""
-        self.batcher.start(warmup=self.example)
+        self.batcher.start(warmup=self.example)  # a language model's: its generation engine
         mode = self.batcher.backend.mode
         self.model_info["serving"]["runtime"] = mode
         serving = self.model_info["serving"]
@@ -68,6 +70,11 @@ def build_state(run_dir: str | Path, settings: ServeSettings) -> AppState:
     metrics = ServeMetrics(lambda: batcher.waiting_rows)
     batcher = MicroBatcher(backend, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue_rows,
                            on_batch=metrics.batch)
+    generation = None
+    if run.kind.task == "lm":  # both routes generate on one engine (continuous batching)
+        generation = GenerationEngine(run, settings.max_batch, settings.max_queue_tokens, on_step=metrics.decode_step,
+                                      threads=threads)
+        batcher = EngineBatcher(generation)
     model_ref = {"name": run.config.name, "version": _weights_version(run), "backend": backend.name}
     try:
         metrics_at_training = run.metrics
@@ -83,7 +90,10 @@ def build_state(run_dir: str | Path, settings: ServeSettings) -> AppState:
                     "max_instances": settings.max_instances, "max_body_bytes": settings.max_body_bytes,
                     "threads": threads, "threads_reason": threads_reason},
     }
-    return AppState(run, settings, api_key, adapter, answers, example, batcher, metrics, model_ref, model_info)
+    if generation is not None:
+        model_info["serving"] |= {"max_queue_tokens": settings.max_queue_tokens, "completions": generation.mode}
+    return AppState(run, settings, api_key, adapter, answers, example, batcher, metrics, model_ref, model_info,
+                    generation=generation)
 
 
 def _weights_version(run: Run) -> str:

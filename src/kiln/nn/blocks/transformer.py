@@ -77,9 +77,13 @@ def rotary_table(steps: int, head_dim: int, base: float = 10000.0) -> torch.Tens
     return torch.stack([angles.cos(), angles.sin()])
 
 
-def rotate(x: torch.Tensor, table: torch.Tensor, pos: int) -> torch.Tensor:
-    """Rotary position embedding (RoFormer) of x (B, h, T, d) for positions pos..pos+T-1; halves are pairs."""
-    cos, sin = table[:, pos: pos + x.shape[2]]
+def rotate(x: torch.Tensor, table: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (RoFormer) of x (B, h, T, d) for positions pos..pos+T-1; halves are pairs.
+    ``pos`` may be a tensor (B,): each row's own first position (rows of different lengths decoded together)."""
+    if isinstance(pos, torch.Tensor):
+        cos, sin = table[:, pos[:, None] + torch.arange(x.shape[2], device=pos.device)][:, :, None]  # (B, 1, T, d/2)
+    else:
+        cos, sin = table[:, pos: pos + x.shape[2]]
     a, b = x.chunk(2, dim=-1)
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
