@@ -25,6 +25,7 @@ from kiln.nn import KilnModel, build_model
 from kiln.nn.fuse import fuse
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_weights, save_weights
+from kiln.training.distributed import Dist, QuietProgress, QuietRunDir, is_writer, restarted
 from kiln.training.metrics import TASK_METRICS, choose_threshold, expected_cost, metrics_line, probabilities
 from kiln.training.plots import write_precision_recall
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
@@ -60,10 +61,15 @@ def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = N
 
 def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: bool | None,
                on_evaluation: Callable[[dict], None] | None) -> Trained:
+    dist = Dist(cfg.train.parallel)  # one process, or one of torchrun's workers (kiln.training.distributed)
+    resume = resume or (restarted() and run_dir.is_run())  # torchrun --max-restarts started this worker again
     started = run_dir.read_json(RunDir.MANIFEST).get("threads") if resume and run_dir.is_run() else None
-    threads, threads_reason = pick_threads(cfg.train.threads, started)
+    threads, threads_reason = dist.threads(*pick_threads(cfg.train.threads, started))
     torch.set_num_threads(threads)
-    device = pick_device(cfg.train.device)
+    device = dist.device(pick_device(cfg.train.device))
+    dist.start(device, cfg.train.parallel)
+    if not dist.writes:
+        run_dir = QuietRunDir(run_dir.path)
     precision = pick_precision(cfg.train.precision, device)
     kind = open_kind(cfg.data, cfg.seed, run_dir.path if resume else None)
     cfg = resolve(cfg, kind)
@@ -73,27 +79,35 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     model = build_model(cfg.blocks, kind.input_shape).to(device)
     kind.fill_model(model)
     use_fuse, fuse_reason = pick_fuse(cfg.train.fuse, device)
+    if dist.fsdp:
+        use_fuse, fuse_reason = False, "off under train.parallel: fsdp (the fused kernels read whole parameters)"
     execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
     # A run stopped before its first checkpoint holds no training yet: resuming it starts from the beginning.
     restart = resume and not (run_dir / RunDir.LAST).is_file()
     if resume:
         check_resumable(run_dir, cfg, saved)
+        dist.check_resume(run_dir)
         run_dir.remove_leftovers()
     else:
         run_dir.check_new()
     display = TrainProgress(cfg.train.epochs if not kind.trains_by_steps else 1, live=live)
+    display = display if dist.writes else QuietProgress()
     data = kind.load(progress=display.log)
     if len(data.train_x) == 0:
         raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
-    trainer = Trainer(cfg, run_dir, kind, data, model, device, precision, display)
+    dist.check(cfg.train, kind.samples(data.train_x))
+    trainer = Trainer(cfg, run_dir, kind, data, model, device, precision, display, dist)
     trainer.on_evaluation = on_evaluation
     if not resume:
         run_dir.create()
-        kind.save(run_dir.path)
-    atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())  # on resume: the epochs or steps may have changed
-    for line in [*kind.report(), *filter(None, [trainer.weights_note])]:
+        if dist.writes:
+            kind.save(run_dir.path)
+    if dist.writes:
+        atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())  # on resume: the epochs or steps may have changed
+    for line in [*kind.report(), *filter(None, [trainer.weights_note, dist.note])]:
         display.log(line)
-    manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason}
+    manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason,
+                                                                            "distributed": dist.manifest()}
     run_dir.write_json(RunDir.MANIFEST, manifest)
     if restart:
         run_dir.clear_metrics()
@@ -118,7 +132,9 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
         run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "failed", "error": str(e)})
         raise
     _finish(cfg, trainer, manifest)
-    return Trained(run_dir, cfg, model.eval(), device, kind)
+    if dist.active:  # the finished model, whole on every rank (FSDP held shards), then the process group ends
+        model = dist.finish(model, lambda: build_model(cfg.blocks, kind.input_shape).to(device), run_dir)
+    return Trained(RunDir(run_dir.path), cfg, model.eval(), device, kind)
 
 
 def _finish(cfg, trainer: Trainer, manifest: dict) -> None:
@@ -151,7 +167,7 @@ def _binary_extras(cfg, trainer: Trainer, threshold: float, costs: tuple[float, 
     cost per row of its decisions on each split."""
     split = "test" if len(trainer.data.test_x) else "val"
     outputs, y = trainer.outputs(split)
-    if len(y):
+    if len(y) and is_writer():
         write_precision_recall(trainer.run_dir / RunDir.PR_CURVE, probabilities(outputs)[:, 1].double().numpy(),
                                y.numpy(), threshold, f"{cfg.name}: precision and recall on the {split} split")
     if costs:
