@@ -40,7 +40,7 @@ from kiln.errors import ConfigError, RunDirError
 from kiln.rundir import RunDir
 
 TIMEOUT_S = int(os.environ.get("KILN_DIST_TIMEOUT", "600"))  # a collective that waits longer fails
-RDZV_TIMEOUT_S = 60  # a rendezvous endpoint that does not answer within this fails the launch
+RDZV_TIMEOUT_S = int(os.environ.get("KILN_RDZV_TIMEOUT", "60"))  # a rendezvous endpoint that does not answer within this fails the launch
 DCP_DIR = "checkpoints/last.dcp"
 
 
@@ -356,7 +356,18 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    try:
-        return subprocess.run(cmd, env=env, timeout=None).returncode
-    except KeyboardInterrupt:
-        return 130
+    unanswered = False
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        try:
+            for line in proc.stderr:  # torchrun's and the workers' messages, passed on as they come
+                sys.stderr.write(line)
+                unanswered = unanswered or ("timed out" in line and "trying to connect" in line)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()
+            return 130
+    if code and unanswered:
+        raise ConfigError(f"--rdzv-endpoint: {endpoint} did not answer within {RDZV_TIMEOUT_S} s; start node 0 (the "
+                          "machine at that address, --node-rank 0) first, check the address and port, and that no "
+                          "firewall is in the way")
+    return code
