@@ -156,18 +156,21 @@ def checkpoint_step(run: Path) -> int:
         return 0
 
 
-def kill_worker_mid_run(args: list[str], run: Path, rank: int = 1) -> tuple[subprocess.Popen, int]:
-    """Start `kiln train ARGS`, SIGKILL worker `rank` once a checkpoint is written; (the launcher, step killed at)."""
-    proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", *args], env=env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def kill_worker_mid_run(args: list[str], run: Path, rank: int = 1) -> tuple[subprocess.Popen, int, Path]:
+    """Start `kiln train ARGS`, SIGKILL worker `rank` once a checkpoint is written; (the launcher, step killed at,
+    the file its stderr goes to: a pipe nobody reads while we wait would fill and stall the workers)."""
+    log = run.parent / f"{run.name}.stderr"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kiln", "train", *args], env=env(), text=True,
+                                stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 120
     while checkpoint_step(run) < 5:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.01)
     os.kill(workers_of(proc.pid)[rank], signal.SIGKILL)
     killed_at = checkpoint_step(run)
     assert not (run / "results.json").exists() and killed_at < STEPS
-    return proc, killed_at
+    return proc, killed_at, log
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
@@ -175,9 +178,10 @@ def test_killed_worker_restarts_from_checkpoint_to_the_same_weights(runs, tmp_pa
     """torchrun --max-restarts: a SIGKILLed worker brings the job down and back; it resumes from the last checkpoint
     (data position included) and ends with the weights of the uninterrupted 2-process run, bit for bit."""
     run = tmp_path / "killed"
-    proc, killed_at = kill_worker_mid_run([str(runs["config"]), "--out", str(run), "--nproc", "2", "--max-restarts",
-                                           "1", "--set", f"train.parallel={parallel}"], run)
-    _, err = proc.communicate(timeout=180)
+    proc, killed_at, log = kill_worker_mid_run([str(runs["config"]), "--out", str(run), "--nproc", "2",
+                                                "--max-restarts", "1", "--set", f"train.parallel={parallel}"], run)
+    proc.wait(timeout=180)
+    err = log.read_text()
     assert proc.returncode == 0, err[-3000:]
     assert f"resuming {run} at step {killed_at}" in err
     a, b = weights(runs[parallel]), weights(run)
@@ -189,8 +193,9 @@ def test_killed_job_continues_with_resume(runs, tmp_path):
     """Without --max-restarts the job fails when a worker is killed; `--resume` continues it to the same weights."""
     run = tmp_path / "killed"
     args = [str(runs["config"]), "--out", str(run), "--nproc", "2"]
-    proc, _ = kill_worker_mid_run(args, run)
-    _, err = proc.communicate(timeout=120)
+    proc, _, log = kill_worker_mid_run(args, run)
+    proc.wait(timeout=120)
+    err = log.read_text()
     assert proc.returncode == 2 and "--resume" in err
     done = run_kiln("train", *args, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -207,11 +212,16 @@ def test_two_machines_meet_at_a_loopback_endpoint(runs, tmp_path):
     run = tmp_path / "two_nodes"
     common = [sys.executable, "-m", "kiln", "train", str(runs["config"]), "--out", str(run), "--nproc", "1",
               "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}", "--node-rank"]
-    nodes = [subprocess.Popen([*common, str(rank)], env=env(), text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for rank in (0, 1)]
-    outs = [n.communicate(timeout=180) for n in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    assert "distributed: 2 processes" in outs[0][1]
+    logs = [tmp_path / f"node{rank}.stderr" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as err:
+            nodes.append(subprocess.Popen([*common, str(rank)], env=env(), stdout=subprocess.DEVNULL, stderr=err))
+    for node in nodes:
+        node.wait(timeout=180)
+    errs = [log.read_text() for log in logs]
+    assert [n.returncode for n in nodes] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert "distributed: 2 processes" in errs[0] and "node 1 of 2" in errs[1]
     assert_close_losses(step_losses(runs["one"]), step_losses(run))
 
 

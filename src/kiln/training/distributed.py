@@ -102,10 +102,23 @@ class Dist:
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group(self.backend, timeout=timedelta(seconds=TIMEOUT_S))
+            dist.init_process_group(self.backend, timeout=timedelta(seconds=TIMEOUT_S), **self._store())
         self.note = (f"distributed: {self.world} processes, rank {self.rank}, backend {self.backend} "
                      f"({'CUDA' if device.type == 'cuda' else 'CPU'}), train.parallel {self.parallel}"
                      + (" (auto)" if requested == "auto" else ""))
+
+    def _store(self) -> dict[str, Any]:
+        """torchrun's key-value store under a prefix of its own for each restart: the store outlives a failed
+        attempt, and gloo would otherwise read the addresses of the workers that died and be refused."""
+        if "MASTER_ADDR" not in os.environ:
+            return {}
+        timeout = timedelta(seconds=TIMEOUT_S)
+        hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), self.world,
+                              is_master=not hosted_by_agent and self.rank == 0, timeout=timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return {"store": dist.PrefixStore(f"kiln/attempt-{attempt}", store), "rank": self.rank,
+                "world_size": self.world}
 
     def stop(self) -> None:
         if self.active and dist.is_initialized():
