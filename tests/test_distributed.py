@@ -312,7 +312,7 @@ def test_one_epoch_of_mnist_reaches_the_same_accuracy(tmp_path, mnist_root):
     """1 epoch of the seed model on all of MNIST: 1 process, 2 with DDP and 2 with FSDP2 end within 0.3 points."""
     import kiln
 
-    cfg = mnist_config(tmp_path, epochs=1, log_every=50, checkpoint_every=200)
+    cfg = mnist_config(tmp_path, epochs=1, checkpoint_every=200)
     data = yaml.safe_load(cfg.read_text())
     data["data"].pop("limit_train"), data["data"].pop("limit_test")
     cfg.write_text(yaml.safe_dump(data))
