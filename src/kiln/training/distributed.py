@@ -185,18 +185,22 @@ class Dist:
         bounds = [n * r // self.world for r in range(self.world + 1)]
         return bounds[self.rank], bounds[self.rank + 1]
 
-    def global_counts(self, loss: torch.Tensor, correct: torch.Tensor, counted, share: bool = True
+    def global_counts(self, loss: torch.Tensor, correct: torch.Tensor, counted, mass=None, share: bool = True
                       ) -> tuple[torch.Tensor, ...]:
-        """Sum (loss x counted, right answers, counted) over the ranks; returns them with the loss scale that
-        makes DDP's gradient average the global batch's mean loss (0 for a rank without a share)."""
-        local = torch.stack([loss.detach().float() * counted, torch.as_tensor(correct, device=loss.device).float(),
-                             torch.as_tensor(counted, device=loss.device).float()])
+        """The batch's mean loss, right answers and counted (samples or tokens) over all ranks, and this rank's loss
+        scale, which makes DDP's averaged gradient that of the whole batch's mean loss. ``mass``: what this rank's
+        loss is a mean over (its counted, or with train.fairness its samples' summed weights); 0 on a rank without
+        a share of the batch."""
+        device = loss.device
+        mass = counted if mass is None else mass
+        local = torch.stack([torch.as_tensor(x, device=device).float()
+                             for x in (loss.detach().float() * mass, correct, counted, mass)])
         if not share:
             local = torch.zeros_like(local)
         total = local.clone()
         dist.all_reduce(total)
-        scale = local[2] * self.world / total[2].clamp(min=1)
-        return total[0], total[1].long(), total[2].long(), scale
+        mean = total[0] / total[3].clamp(min=1e-12)
+        return mean, total[1].long(), total[2].long(), local[3] * self.world / total[3].clamp(min=1e-12)
 
 
 def shard_blocks(model: torch.nn.Module) -> None:

@@ -153,8 +153,8 @@ class Trainer:
         correct, counted = self.objective.counts(logits.detach(), y)
         scale = None
         if self.dist.active:  # the batch's totals over the ranks, and this rank's share of its mean loss
-            total, correct, counted, scale = self.dist.global_counts(loss, correct, counted, share)
-            loss_value = total / counted.clamp(min=1)
+            mass = self.objective.mass(y, None if self.sample_weight is None else self.sample_weight[idx])
+            loss_value, correct, counted, scale = self.dist.global_counts(loss, correct, counted, mass, share)
         else:
             loss_value = loss
         if not torch.isfinite(loss_value):  # one read per step: on a CPU the value is there already
