@@ -519,6 +519,25 @@ def generate_serve_cells(data: dict, options: dict) -> tuple[str, str, str]:
     return what, result, conditions
 
 
+def scaling_options(data: dict) -> dict:
+    return dict(data["args"])
+
+
+def scaling_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    c = data["conditions"]
+    what = (f"`kiln train --nproc 2` ({options['parallel']}, {c['backend']}) against 1 process, same global batch: "
+            "samples/s in the training loop; scaling efficiency = rate(2) / (2 x rate(1))")
+    parts = []
+    for name, m in data["models"].items():
+        rates = ", ".join(f"{r['layout']} {r['samples_per_s']:,.0f}/s" for r in m["rows"])
+        parts.append(f"{name} (batch {m['global_batch']}): {rates}; {m['speedup_2_processes']:.2f}x, "
+                     f"{100 * m['scaling_efficiency']:.0f}% efficiency")
+    hw = c["cuda"] or f"{c['cpu']}, {c['cores']} cores"
+    return (what, "; ".join(parts),
+            f"{hw}, {plural(options['threads'], 'thread')} per process, torch {c['torch']}, Python {c['python']}, "
+            f"median of {options['reps']}")
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -572,6 +591,9 @@ BENCHMARKS = {
                                 {"requests": 32, "max_tokens": 128, "concurrency": [1, 16], "run": None, "context": 256,
                                  "steps": 30, "rounds": 2},
                                 frozenset({"requests", "run", "steps", "rounds"}), generate_serve_options, generate_serve_cells),
+    "scaling": Benchmark("benchmarks/bench_scaling.py",
+                         {"reps": 2, "limit_train": 6000, "steps": 200, "threads": 1, "parallel": "ddp", "wide": False},
+                         frozenset({"reps"}), scaling_options, scaling_cells),
 }
 
 

@@ -54,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--folds", type=int, metavar="K",
                    help="k-fold cross-validation: K runs in --out/fold_<k>, then mean and spread of each test metric")
     t.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    t.add_argument("--nproc", type=int, metavar="N", help="train in N processes on this machine through torchrun "
+                   "(gloo on CPU, nccl on GPUs; train.parallel chooses ddp or fsdp)")
+    t.add_argument("--nnodes", type=int, default=1, metavar="M", help="with --nproc: machines in the job (default 1)")
+    t.add_argument("--node-rank", type=int, metavar="R", help="with --nnodes: this machine's number, 0 to M-1")
+    t.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="with --nnodes: where the machines meet (node 0)")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --nproc: restart the workers up to K times after a failure; they resume the run")
 
     e = sub.add_parser("evaluate", help="metrics of a trained run on a data split",
                        description="Loss and accuracy of a trained run on one split of its data.")
@@ -431,12 +438,29 @@ def cmd_train(args) -> None:
     if args.folds is not None:
         _train_folds(args)
         return
+    if args.nproc is not None:
+        _train_processes(args)
+        return
     run = train(args.config, args.overrides, out=args.out, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # one of torchrun's workers: rank 0 reports
+        return
     if args.json:
         print(json.dumps({"run": str(run.path), **run.metrics}, indent=2))
     else:
         test = metrics_line(run.metrics["test"]) or "(no held-out data: data.val_fraction is 0)"
         print(f"test {test}  run {run.path}")
+
+
+def _train_processes(args) -> None:
+    """--nproc: the same `kiln train` in N workers through torchrun (kiln.training.distributed.launch)."""
+    from kiln.training.distributed import launch
+
+    worker = [args.config, *[a for o in args.overrides for a in ("--set", o)], *(["--out", args.out] if args.out else []),
+              *(["--resume"] if args.resume else []), *(["--json"] if args.json else [])]
+    code = launch(worker, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint, args.max_restarts)
+    if code:
+        raise KilnError(f"the distributed training failed (torchrun exit status {code}); the workers' errors are "
+                        "above" + ("" if args.resume else "; continue it with the same command and --resume"))
 
 
 def _train_folds(args) -> None:

@@ -135,6 +135,8 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     fuse: Literal["auto", "on", "off"] = "auto"  # faster kernels for block patterns (kiln.nn.fuse); auto: on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallel: Literal["auto", "ddp", "fsdp", "none"] = "auto"  # several processes (kiln train --nproc N): auto is
+    # ddp; fsdp shards parameters, gradients and optimizer state per block (kiln.training.distributed)
     threads: Literal["auto"] | PositiveInt = "auto"  # CPU threads; auto: the CPUs this process may use and
     # that other processes leave free at the start (kiln.training.threads)
     eval_batch_size: PositiveInt = 1024

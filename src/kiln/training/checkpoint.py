@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from kiln.errors import RunDirError
+from kiln.training.distributed import full_state, is_writer, load_full_state
 from kiln.fsutil import atomic_write_bytes
 
 WEIGHTS_FORMAT = "kiln-weights-2"
@@ -30,11 +31,13 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    if not is_writer():  # of several processes, rank 0 writes
+        return
     atomic_write_bytes(path, save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)}))
 
 
 def save_weights(path: Path, model: torch.nn.Module, info: dict[str, Any] | None = None) -> None:
-    tensors = {k: _cpu(v) for k, v in model.state_dict().items()}
+    tensors = {k: _cpu(v) for k, v in full_state(model).items()}  # FSDP: gathered (every rank calls this)
     _write(path, tensors, {"format": WEIGHTS_FORMAT, "info": info or {}})
 
 
@@ -65,7 +68,8 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     if meta.get("format") == CHECKPOINT_FORMAT:
         tensors = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
     try:
-        model.load_state_dict(tensors, strict=True)
+        if not load_full_state(model, tensors):
+            model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise RunDirError(f"{path} does not match the model in the run's config: {e}") from None
     return meta.get("info", {})
@@ -94,9 +98,11 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], info: dict) -> dict:
 
 def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, rng: dict[str, torch.Tensor],
                     progress: dict[str, Any], tracked: dict[str, torch.Tensor] | None = None) -> None:
-    """Everything needed to continue exactly where training stopped (`tracked`: the loop's own tensors)."""
-    tensors = {f"model/{k}": _cpu(v) for k, v in model.state_dict().items()}
-    optim_tensors, optim_info = _split_optimizer(optimizer.state_dict())
+    """Everything needed to continue exactly where training stopped (`tracked`: the loop's own tensors). Without
+    model and optimizer (FSDP: torch.distributed.checkpoint saves them sharded), the rest."""
+    tensors = {f"model/{k}": _cpu(v) for k, v in model.state_dict().items()} if model is not None else {}
+    optim_tensors, optim_info = _split_optimizer(optimizer.state_dict() if optimizer is not None
+                                                 else {"state": {}, "param_groups": []})
     tensors.update(optim_tensors)
     tensors.update({f"rng/{k}": _cpu(v) for k, v in rng.items()})
     tensors.update({f"tracked/{k}": _cpu(v) for k, v in (tracked or {}).items()})
@@ -117,10 +123,11 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler
         raise RunDirError(f"{path} is not a kiln training checkpoint")
     tensors = load_file(str(path))
     state = meta["state"]
-    load_weights(path, model)
-    device = next(model.parameters()).device
-    optim_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")}
-    optimizer.load_state_dict(_join_optimizer(optim_tensors, state["optimizer"]))
+    if model is not None:
+        load_weights(path, model)
+        device = next(model.parameters()).device
+        optim_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")}
+        optimizer.load_state_dict(_join_optimizer(optim_tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.data.kind import DataKind
+from kiln.training.distributed import is_sharded
 from kiln.training.objectives import TOKEN_TASKS, Objective
 
 TASK_METRICS = {
@@ -48,7 +50,17 @@ SHOWN = ("loss", "accuracy", "micro_f1", "roc_auc", "rmse", "r2", "perplexity", 
          "smape", "directional_accuracy", "recall@10", "ndcg@10", "hit_rate@10")
 
 
-@torch.inference_mode()
+def _without_grad(fn):
+    """``torch.inference_mode``, or ``no_grad`` for a model sharded by FSDP: its all-gather buffers outlive the
+    call and training would then write into inference tensors."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@_without_grad
 def evaluate(model: torch.nn.Module, kind: DataKind, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
              device: torch.device, precision=None, threshold: float = 0.5, exact: bool = True) -> dict[str, float]:
     """The task's metrics over (stored inputs, targets) batches; ``exact``: with seq2seq's greedy exact match."""
@@ -110,7 +122,7 @@ def metrics_line(metrics: dict[str, float]) -> str:
 THRESHOLD_CANDIDATES = 101  # binary decision thresholds tried on validation: 0.00, 0.01, ..., 1.00
 
 
-@torch.inference_mode()
+@_without_grad
 def model_outputs(model: torch.nn.Module, x: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor], *,
                   batch_size: int, device: torch.device, precision=None) -> torch.Tensor:
     """Raw outputs (logits, or standardised values) for stored samples ``x``, float32 on the CPU."""

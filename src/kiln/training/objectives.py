@@ -60,6 +60,15 @@ class Objective:
             return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing)
 
+    def mass(self, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        """What a batch's loss is a weighted mean over, where that is not the count ``counts`` gives: the summed
+        sample weights (train.fairness) times class weights (train.class_weights); None for a plain mean. Several
+        processes (kiln.training.distributed) share a batch's loss in proportion to it."""
+        if (weight is None and self.class_weight is None) or self.task not in ("binary", "multiclass"):
+            return None
+        w = weight if weight is not None else torch.ones(len(y), device=y.device)
+        return (w * self.class_weight[y]).sum() if self.class_weight is not None else w.sum()
+
     def _weighted(self, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """sum(w_i l_i) / sum(w_i c_i) with c_i the class weight of sample i: the plain loss when every w_i is 1."""
         losses = F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.label_smoothing,

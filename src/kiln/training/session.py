@@ -26,6 +26,7 @@ from kiln.nn.fuse import fuse
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_weights, save_weights
 from kiln.training.lr_find import choose_lr, started_lr, write_sweep
+from kiln.training.distributed import Dist, QuietProgress, QuietRunDir, is_writer, restarted
 from kiln.training.metrics import TASK_METRICS, choose_threshold, expected_cost, metrics_line, probabilities
 from kiln.training.plots import write_precision_recall
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
@@ -63,10 +64,15 @@ def train_run(cfg, run_dir: RunDir, resume: bool = False, saved: dict | None = N
 
 def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: bool | None,
                on_evaluation: Callable[[dict], None] | None) -> Trained:
+    dist = Dist(cfg.train.parallel)  # one process, or one of torchrun's workers (kiln.training.distributed)
+    resume = resume or (restarted() and run_dir.is_run())  # torchrun --max-restarts started this worker again
     started = run_dir.read_json(RunDir.MANIFEST).get("threads") if resume and run_dir.is_run() else None
-    threads, threads_reason = pick_threads(cfg.train.threads, started)
+    threads, threads_reason = dist.threads(*pick_threads(cfg.train.threads, started))
     torch.set_num_threads(threads)
-    device = pick_device(cfg.train.device)
+    device = dist.device(pick_device(cfg.train.device))
+    dist.start(device, cfg.train.parallel)
+    if not dist.writes:
+        run_dir = QuietRunDir(run_dir.path)
     precision = pick_precision(cfg.train.precision, device)
     kind = open_kind(cfg.data, cfg.seed, run_dir.path if resume else None)
     cfg = resolve(cfg, kind)
@@ -76,6 +82,8 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     model = build_model(cfg.blocks, kind.input_shape).to(device)
     kind.fill_model(model)
     use_fuse, fuse_reason = fuse_choice(cfg.train.fuse) if cfg.train.privacy else pick_fuse(cfg.train.fuse, device)
+    if dist.fsdp:
+        use_fuse, fuse_reason = False, "off under train.parallel: fsdp (the fused kernels read whole parameters)"
     execution = {"fuse": fuse(model) if use_fuse else [], "fuse_reason": fuse_reason}
     transfer = prepare(cfg.train, model)  # train.init_from and train.freeze
     # A run stopped before its first checkpoint holds no training yet: resuming it starts from the beginning.
@@ -83,29 +91,36 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     if resume:
         cfg = started_lr(cfg, saved)  # lr: auto keeps the rate it chose
         check_resumable(run_dir, cfg, saved)
+        dist.check_resume(run_dir)
         run_dir.remove_leftovers()
     else:
         run_dir.check_new()
     display = TrainProgress(cfg.train.epochs if not kind.trains_by_steps else 1, live=live)
+    display = display if dist.writes else QuietProgress()
     data = kind.load(progress=display.log)
     if len(data.train_x) == 0:
         raise ConfigError("data: the training split is empty; lower data.val_fraction or raise data.limit_train")
     cfg, found = choose_lr(cfg, lambda c: Trainer(c, run_dir, kind, data, model, device, precision, display),
                            display.log)  # train.optimizer.lr: auto
-    trainer = Trainer(cfg, run_dir, kind, data, model, device, precision, display)
+    dist.check(cfg.train, kind.samples(data.train_x))
+    trainer = Trainer(cfg, run_dir, kind, data, model, device, precision, display, dist)
     trainer.on_evaluation = on_evaluation
     if not resume:
         run_dir.create()
-        kind.save(run_dir.path)
-        if transfer:
-            run_dir.write_json(RunDir.TRANSFER, transfer.to_json())
-        if found:
-            write_sweep(found, run_dir / RunDir.LR_FIND_PLOT, run_dir / RunDir.LR_FIND,
-                        f"{cfg.name}: learning-rate sweep")
-    atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())  # on resume: the epochs or steps may have changed
-    for line in [*kind.report(), *filter(None, [trainer.weights_note]), *(transfer.lines() if transfer else [])]:
+        if dist.writes:
+            kind.save(run_dir.path)
+            if transfer:
+                run_dir.write_json(RunDir.TRANSFER, transfer.to_json())
+            if found:
+                write_sweep(found, run_dir / RunDir.LR_FIND_PLOT, run_dir / RunDir.LR_FIND,
+                            f"{cfg.name}: learning-rate sweep")
+    if dist.writes:
+        atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())  # on resume: the epochs or steps may have changed
+    for line in [*kind.report(), *filter(None, [trainer.weights_note, dist.note]),
+                 *(transfer.lines() if transfer else [])]:
         display.log(line)
-    manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason}
+    manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason,
+                                                                            "distributed": dist.manifest()}
     manifest |= (transfer.manifest() if transfer else {}) | ({"lr_find": found.summary()} if found else {})
     if trainer.privacy:
         manifest["privacy"] = trainer.privacy.summary()
@@ -133,7 +148,9 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
         run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "failed", "error": str(e)})
         raise
     _finish(cfg, trainer, manifest)
-    return Trained(run_dir, cfg, model.eval(), device, kind)
+    if dist.active:  # the finished model, whole on every rank (FSDP held shards), then the process group ends
+        model = dist.finish(model, lambda: build_model(cfg.blocks, kind.input_shape).to(device), run_dir)
+    return Trained(RunDir(run_dir.path), cfg, model.eval(), device, kind)
 
 
 def _finish(cfg, trainer: Trainer, manifest: dict) -> None:
@@ -168,7 +185,7 @@ def _binary_extras(cfg, trainer: Trainer, threshold: float, costs: tuple[float, 
     cost per row of its decisions on each split."""
     split = "test" if len(trainer.data.test_x) else "val"
     outputs, y = trainer.outputs(split)
-    if len(y):
+    if len(y) and is_writer():
         write_precision_recall(trainer.run_dir / RunDir.PR_CURVE, probabilities(outputs)[:, 1].double().numpy(),
                                y.numpy(), threshold, f"{cfg.name}: precision and recall on the {split} split")
     if costs:

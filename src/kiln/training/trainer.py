@@ -21,6 +21,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.nn import KilnModel
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_checkpoint, save_checkpoint
+from kiln.training.distributed import Dist, load_sharded, prune_sharded, save_sharded
 from kiln.training.fairness import sample_weights
 from kiln.training.metrics import evaluate, model_outputs
 from kiln.training.objectives import Objective
@@ -62,7 +63,7 @@ class Trainer:
     # reports them to Optuna, whose pruner may stop the run by raising)
 
     def __init__(self, cfg, run_dir: RunDir, kind: DataKind, data: Splits, model: KilnModel, device: torch.device,
-                 precision: Precision, display: TrainProgress) -> None:
+                 precision: Precision, display: TrainProgress, dist: Dist | None = None) -> None:
         self.cfg, self.t = cfg, cfg.train
         self.run_dir, self.kind, self.data, self.model, self.device = run_dir, kind, data, model, device
         self.precision, self.inference = precision, precision.for_inference()
@@ -72,8 +73,17 @@ class Trainer:
         if kind.streams and self.t.privacy:
             raise ConfigError("train.privacy samples every training row with its own probability (Poisson "
                               "sampling), which needs the rows in memory: use data.stream: false, or drop privacy")
+        self.dist = dist or Dist()
+        if kind.streams and self.dist.world > 1:
+            raise ConfigError("streamed data trains in one process for now (the stream plan gives each process its "
+                              "own shards, which the distributed trainer does not yet take): drop --nproc, or use "
+                              "data.stream: false")
         self.plan = stream_plan(self) if kind.streams else plan_for(self)
+        if self.t.privacy and self.dist.world > 1:
+            raise ConfigError("train.privacy trains in one process (its accountant and per-sample gradients are "
+                              "not shared between processes): drop --nproc, or drop privacy")
         self.privacy = Privacy(self) if self.t.privacy else None  # swaps recurrent layers: before the optimiser
+        self.net = self.dist.wrap(model, device)  # what training steps call: under DDP, FSDP2, or the model
         self.optimizer = make_optimizer(model, self.t.optimizer, device)
         if self.privacy:
             self.optimizer = self.privacy.wrap(self.optimizer)
@@ -107,16 +117,26 @@ class Trainer:
 
     def save(self) -> None:
         tracked = {"last_loss": self.last_loss} if self.last_loss is not None else None
-        save_checkpoint(self.run_dir / RunDir.LAST, model=self.model, optimizer=self.optimizer,
+        if self.dist.fsdp:  # model and optimizer state: sharded by every rank (torch.distributed.checkpoint)
+            save_sharded(self.run_dir, self.model, self.optimizer, self.state.global_step)
+        sharded = self.dist.fsdp
+        save_checkpoint(self.run_dir / RunDir.LAST, model=None if sharded else self.model,
+                        optimizer=None if sharded else self.optimizer,
                         scheduler=self.scheduler, scaler=self.scaler, rng=self.rng_state(),
                         progress=self.state.__dict__, tracked=tracked)
+        if sharded:
+            prune_sharded(self.run_dir, self.state.global_step)
 
     def restore(self) -> None:
-        rng, progress, tracked = load_checkpoint(self.run_dir / RunDir.LAST, model=self.model,
-                                                 optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler)
+        sharded = self.dist.fsdp
+        rng, progress, tracked = load_checkpoint(self.run_dir / RunDir.LAST, model=None if sharded else self.model,
+                                                 optimizer=None if sharded else self.optimizer,
+                                                 scheduler=self.scheduler, scaler=self.scaler)
         self.state = TrainState(**progress)
         if self.privacy:
             self.privacy.restore(self.state.privacy)
+        if sharded:
+            load_sharded(self.run_dir, self.model, self.optimizer, self.state.global_step)
         if self.last_loss is not None:
             self.last_loss.copy_(tracked["last_loss"])
         torch.set_rng_state(rng["torch"])
@@ -141,18 +161,29 @@ class Trainer:
             return self.privacy.empty_step()
         x, y = self.kind.gather(self.train_x, self.train_y, idx)
         x = self.kind.augment(self.kind.to_input(x), self.aug_gen)
+        if self.dist.active:  # this rank's slice of the global batch (kiln.training.distributed)
+            a, b = self.dist.local(len(idx))
+            share = b > a  # a last batch smaller than the process count leaves some ranks none: they step on
+            a = a if share else b - 1  # one sample whose loss counts 0, so that every rank joins the gradient sum
+            idx, x, y = idx[a:b], x[a:b], y[a:b]
         with self.precision.autocast():
-            logits = self.model(x)
+            logits = self.net(x)
         logits = logits.float()
         loss = self.objective.loss(logits, y, None if self.sample_weight is None else self.sample_weight[idx])
-        if not torch.isfinite(loss):  # one read per step: on a CPU the value is there already
-            return self.skip_nonfinite(loss)
         correct, counted = self.objective.counts(logits.detach(), y)
+        scale = None
+        if self.dist.active:  # the batch's totals over the ranks, and this rank's share of its mean loss
+            mass = self.objective.mass(y, None if self.sample_weight is None else self.sample_weight[idx])
+            loss_value, correct, counted, scale = self.dist.global_counts(loss, correct, counted, mass, share)
+        else:
+            loss_value = loss
+        if not torch.isfinite(loss_value):  # one read per step: on a CPU the value is there already
+            return self.skip_nonfinite(loss_value)
         if self.last_loss is not None:
             self.last_loss[idx] = self.objective.sample_losses(logits.detach(), y)
-        backward_and_step(loss + self.penalty(), self.model, self.optimizer, self.scheduler, self.scaler,
-                          self.t.grad_clip)
-        return loss.detach() * counted, correct, counted
+        backward_and_step((loss + self.penalty()) * (1.0 if scale is None else scale), self.model, self.optimizer,
+                          self.scheduler, self.scaler, self.t.grad_clip)
+        return loss_value.detach() * counted, correct, counted
 
     def skip_nonfinite(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """A step whose loss is NaN or infinite is not applied (the schedule still advances); past
