@@ -91,6 +91,10 @@ Multiplier = Callable[[int], float]
 
 
 def _warmup(step: int, warmup_steps: int, start: float) -> float:
+    """Linear warm-up of the first ``warmup_steps`` steps from ``start``. From 0, step s gets (s + 1) / (warmup + 1)
+    as nanoGPT's get_lr gives: the first step already learns (0 / warmup would spend it at learning rate 0)."""
+    if start == 0.0:
+        return (step + 1) / (warmup_steps + 1)
     return start + (1.0 - start) * step / max(1, warmup_steps)
 
 
