@@ -40,8 +40,9 @@ TARGET = 1.89
 
 
 def recipe_flops(path: Path) -> dict:
-    """FLOPs of a text recipe: train.steps forward+backward steps, its periodic estimates (eval_batches batches of
-    each split at step 0, every eval_every steps and at the end) and the final exact pass over the held-out tail."""
+    """FLOPs of a text recipe: train.steps forward+backward steps (with Muon's orthogonalisation), its periodic
+    estimates (eval_batches batches of each split at step 0, every eval_every steps and at the end) and the final
+    exact pass over the held-out tail."""
     import torch
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
@@ -66,9 +67,17 @@ def recipe_flops(path: Path) -> dict:
     held_out = n - int(n * (1 - cfg.data.val_fraction))
     per_token = forward.get_total_flops() / (t.batch_size * context)
     estimates = len({0, t.steps, *range(t.eval_every, t.steps, t.eval_every)})
-    total = (t.steps * train.get_total_flops() + estimates * 2 * t.eval_batches * forward.get_total_flops()
-             + held_out * per_token)
+    optimizer = 0
+    if t.optimizer.name == "muon":  # FlopCounterMode sees the model, not the optimiser: Muon's Newton-Schulz steps
+        from kiln.training.muon import hidden_matrices
+
+        for p in hidden_matrices(model):  # 5 iterations of X X^T, (A, A @ A) and B @ X on the wide form of each matrix
+            m, n = sorted(p.shape)
+            optimizer += 5 * (4 * m * m * n + 2 * m**3)
+    total = (t.steps * (train.get_total_flops() + optimizer)
+             + estimates * 2 * t.eval_batches * forward.get_total_flops() + held_out * per_token)
     return {"tflop": total / 1e12, "train_gflop_per_step": train.get_total_flops() / 1e9,
+            "optimizer_gflop_per_step": optimizer / 1e9,
             "parameters": sum(p.numel() for p in model.parameters()), "steps": t.steps,
             "tokens": t.steps * t.batch_size * context}
 
