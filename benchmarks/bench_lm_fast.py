@@ -14,7 +14,7 @@ CPU time): the fraction of peak the whole run achieved, start to finish.
 The issue's goal: fast reaches an exact loss <= 1.89 in <= 60 s (median of 3 seeds) and >= 2x faster than
 nanoGPT's configuration in the same run. On a shared machine the absolute time depends on the load (printed);
 the ratio does less, and the CPU time a process used (printed beside the wall time) least. Results also go to
-benchmarks/results/lm_fast/lm_fast-<timestamp>.json.
+benchmarks/results/lm_fast/lm_fast-<timestamp>-<pid>.json.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def main() -> None:
               f"{fast['median_exact_val_loss'] <= TARGET}; in <= 60 s: {fast['median_wall_seconds'] <= 60}")
         summary["speedup"], summary["cpu_speedup"] = ratio, cpu_ratio
     # in a folder of its own: scripts/results_table.py reads benchmarks/results/*.json and has no row for this yet
-    out = HERE / "results" / "lm_fast" / f"lm_fast-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out = HERE / "results" / "lm_fast" / f"lm_fast-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                                                 "python": platform.python_version()},
