@@ -50,7 +50,8 @@ def text_path() -> Path:
 
 # ---- plain: nanoGPT's model.py and train.py, condensed ------------------------------------------
 
-def worker_plain(seed: int) -> dict:
+def plain_gpt(vocab: int):
+    """nanoGPT's GPT (model.py) for this configuration, initialised as nanoGPT does from torch's global RNG."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -113,6 +114,27 @@ def worker_plain(seed: int) -> dict:
             logits = self.lm_head(self.transformer.ln_f(x))
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
+    return GPT(vocab)
+
+
+def plain_groups(model) -> list[dict]:
+    """nanoGPT's configure_optimizers: weight decay on every parameter of 2 or more dimensions."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WD},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def plain_lr(it: int) -> float:
+    """nanoGPT's get_lr: linear warm-up from LR / (WARMUP + 1), then cosine to MIN_LR."""
+    if it < WARMUP:
+        return LR * (it + 1) / (WARMUP + 1)
+    ratio = (it - WARMUP) / (ITERS - WARMUP)
+    return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (LR - MIN_LR)
+
+
+def worker_plain(seed: int) -> dict:
+    import torch
+
     text = text_path().read_text(encoding="utf-8")
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
@@ -126,17 +148,9 @@ def worker_plain(seed: int) -> dict:
         ix = torch.randint(len(data) - BLOCK, (BATCH,))
         return (torch.stack([data[i:i + BLOCK] for i in ix]), torch.stack([data[i + 1:i + 1 + BLOCK] for i in ix]))
 
-    model = GPT(len(chars))
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": WD},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=LR, betas=BETAS)  # nanoGPT: fused only on CUDA
-
-    def get_lr(it):
-        if it < WARMUP:
-            return LR * (it + 1) / (WARMUP + 1)
-        ratio = (it - WARMUP) / (ITERS - WARMUP)
-        return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (LR - MIN_LR)
+    model = plain_gpt(len(chars))
+    optimizer = torch.optim.AdamW(plain_groups(model), lr=LR, betas=BETAS)  # nanoGPT: fused only on CUDA
+    get_lr = plain_lr
 
     @torch.no_grad()
     def exact_val_loss(windows=64):

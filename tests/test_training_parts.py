@@ -12,7 +12,9 @@ from kiln.training.optim import SCHEDULES
 def test_schedules_shape():
     total = 100
     const = SCHEDULES.get("constant")(total, ScheduleConfig(name="constant", warmup=0.1))
-    assert const(0) == 0.0 and const(5) == pytest.approx(0.5) and const(50) == 1.0
+    # nanoGPT's warm-up: step s of 10 at (s + 1) / 11, so the first step is not spent at learning rate 0
+    assert const(0) == pytest.approx(1 / 11) and const(5) == pytest.approx(6 / 11) and const(9) == pytest.approx(10 / 11)
+    assert const(10) == const(50) == 1.0
     cos = SCHEDULES.get("cosine")(total, ScheduleConfig(name="cosine", final_lr_fraction=0.1))
     assert cos(0) == 1.0 and cos(50) == pytest.approx(0.55) and cos(100) == pytest.approx(0.1)
     one = SCHEDULES.get("onecycle")(total, ScheduleConfig(name="onecycle"))

@@ -20,6 +20,7 @@ from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Po
 
 import kiln.data  # noqa: F401  (fills the kinds-of-data registry the data section is made from)
 import kiln.nn.blocks  # noqa: F401  (fills the block registry the model section is made from)
+import kiln.training.muon  # noqa: F401  (optimizer: muon)
 import kiln.training.optim  # noqa: F401  (fills the optimizer and schedule registries)
 from kiln.errors import ConfigError
 from kiln.nn.base import BlockSpec
@@ -52,7 +53,7 @@ class OptimizerConfig(StrictModel):
     name: str = "adam"
     lr: Annotated[float, Field(gt=0.0, le=10.0)] | Literal["auto"] = 1e-3  # auto: kiln lr-find's suggestion
     weight_decay: NonNegativeFloat = 0.0  # decoupled for adamw, L2-in-gradient for adam and sgd
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # sgd only
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)  # sgd, muon (its matrices; 0.95 in nanoGPT speedruns)
     nesterov: bool = False  # sgd only
     betas: Pair[float] = (0.9, 0.999)  # adam, adamw
     lr_scale: dict[int | str, PositiveFloat] = {}  # block (index, range "0-3" or type) -> factor of lr
