@@ -44,17 +44,7 @@ class BodyReader:
             raise ApiError(422, "invalid_input", str(e), [{"loc": e.where, "msg": e.message}]) from None
 
     async def _read(self, request: Request) -> bytes:
-        limit = self.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, self.max_body_bytes)
 
     def _fast_batch(self, body: bytes) -> np.ndarray | None:
         """The batch of a plainly valid JSON body without the per-number schema check, else None."""
@@ -126,3 +116,17 @@ def _location(loc: tuple) -> str:
     string). Users know only the fields, and below a field only list positions (``pixels.0.27``)."""
     parts = [str(p) for p in loc if not str(p).endswith("-instance")]
     return ".".join(p for k, p in enumerate(parts) if k < 3 or p.isdigit()) or "(body)"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) as soon as it is over ``limit`` bytes, declared or streamed."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

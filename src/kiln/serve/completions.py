@@ -32,7 +32,7 @@ from kiln.errors import InputError
 from kiln.nn.generate import Sampling
 from kiln.serve.auth import check_key
 from kiln.serve.batcher import Overloaded
-from kiln.serve.body import JSON_TYPE, validation_details
+from kiln.serve.body import JSON_TYPE, read_body, validation_details
 from kiln.serve.errors import ApiError, error_docs
 from kiln.serve.generation import Event, GenerationEngine, Job
 
@@ -201,19 +201,6 @@ def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def fail(event: Event) -> None:
     if event.finish == "error":
         raise ApiError(500, "internal", f"generation failed: {type(event.error).__name__}")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse(body: bytes) -> CompletionRequest:

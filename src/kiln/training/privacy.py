@@ -113,31 +113,26 @@ def noise_for(p: PrivacyConfig, sample_rate: float, steps: int, plan: str) -> fl
 def _dp_layer(module: nn.Module) -> nn.Module | None:
     """Opacus's DP-compatible copy of a PyTorch recurrent layer (same weights and keys), or None."""
     layers = _opacus().layers
-    kinds = {nn.LSTM: layers.DPLSTM, nn.GRU: layers.DPGRU, nn.RNN: layers.DPRNN}
-    cls = kinds.get(type(module))
-    if cls is None:
-        return None
-    kwargs = {"nonlinearity": module.nonlinearity} if type(module) is nn.RNN else {}
-    if getattr(module, "proj_size", 0):
+    cls = {nn.LSTM: layers.DPLSTM, nn.GRU: layers.DPGRU, nn.RNN: layers.DPRNN}.get(type(module))
+    if cls is not None and getattr(module, "proj_size", 0):
         raise ConfigError("train.privacy: an LSTM with proj_size has no DP-compatible version in Opacus")
-    dp = cls(module.input_size, module.hidden_size, num_layers=module.num_layers, bias=module.bias,
-             batch_first=module.batch_first, dropout=module.dropout, bidirectional=module.bidirectional, **kwargs)
-    dp.load_state_dict(module.state_dict())
-    return dp.to(next(module.parameters()).device)
+    return None if cls is None else _recurrent_copy(module, cls, rnn=type(module) is nn.RNN)
 
 
 def _torch_layer(module: nn.Module) -> nn.Module | None:
     """PyTorch's recurrent layer with the weights of Opacus's DP copy, or None."""
     layers = _opacus().layers
-    kinds = {layers.DPLSTM: nn.LSTM, layers.DPGRU: nn.GRU, layers.DPRNN: nn.RNN}
-    cls = kinds.get(type(module))
-    if cls is None:
-        return None
-    kwargs = {"nonlinearity": module.nonlinearity} if cls is nn.RNN else {}
-    plain = cls(module.input_size, module.hidden_size, num_layers=module.num_layers, bias=module.bias,
-                batch_first=module.batch_first, dropout=module.dropout, bidirectional=module.bidirectional, **kwargs)
-    plain.load_state_dict(module.state_dict())
-    return plain.to(next(module.parameters()).device)
+    cls = {layers.DPLSTM: nn.LSTM, layers.DPGRU: nn.GRU, layers.DPRNN: nn.RNN}.get(type(module))
+    return None if cls is None else _recurrent_copy(module, cls, rnn=cls is nn.RNN)
+
+
+def _recurrent_copy(module: nn.Module, cls: type, rnn: bool) -> nn.Module:
+    """A ``cls`` recurrent layer with ``module``'s settings and weights, on its device."""
+    kwargs = {"nonlinearity": module.nonlinearity} if rnn else {}
+    copy = cls(module.input_size, module.hidden_size, num_layers=module.num_layers, bias=module.bias,
+               batch_first=module.batch_first, dropout=module.dropout, bidirectional=module.bidirectional, **kwargs)
+    copy.load_state_dict(module.state_dict())
+    return copy.to(next(module.parameters()).device)
 
 
 def _replace(model: nn.Module, make) -> list[str]:
