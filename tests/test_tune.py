@@ -225,11 +225,11 @@ def test_cross_validated_tune_scores_trials_by_their_fold_mean(german_credit: Pa
     import kiln
 
     space = write_space(tmp_path / "space.yaml", SMALL_SPACE)
-    summary = kiln.tune(CONFIG, space, 2, folds=2, pruner="none", out=tmp_path / "cv",
-                        overrides={"train.epochs": 4, "train.threads": 1, "train.log_every": 1000})
+    summary = kiln.tune(CONFIG, space, 2, folds=2, pruner="none", out=tmp_path / "cv", seed=0,
+                        overrides={"train.epochs": 8, "train.threads": 1, "train.log_every": 1000})
     best = summary["best"]
     assert len(best["folds"]) == 2 and best["value"] == pytest.approx(sum(best["folds"]) / 2)
-    assert best["value"] > 0.65
+    assert best["value"] > 0.65, best  # chance is 0.5; the example reaches about 0.79
     assert (Path(best["run"]) / "fold_1" / "results.json").is_file()
 
 
@@ -286,7 +286,9 @@ def test_a_killed_study_resumes_to_its_total(german_credit: Path, tmp_path: Path
         if journal.is_file():
             trials = load_study(journal).trials
             # A trial that started under a second ago (one takes seconds): killed mid-training, not between trials.
-            young = [t for t in trials if t.state.name == "RUNNING" and time.time() - t.datetime_start.timestamp() < 1]
+            # Its parameters drawn already, so that the retry can be checked to train the same ones.
+            young = [t for t in trials if t.state.name == "RUNNING" and t.params
+                     and time.time() - t.datetime_start.timestamp() < 2]
             if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and young:
                 break
     proc.send_signal(signal.SIGKILL)
