@@ -23,7 +23,7 @@ import torch
 
 from kiln.data.kind import DataKind
 from kiln.errors import DataError, KilnError
-from kiln.explain import render
+from kiln.explain.render import bar_svg, image_png, tokens_html
 from kiln.explain.methods import IG_TOLERANCE, METHODS, attribute
 from kiln.fsutil import atomic_write_text
 from kiln.nn import KilnModel, build_model
@@ -126,7 +126,7 @@ def explain_global(run, method: str = "occlusion", split: str = "test", limit: i
               "columns": [{"column": c, "importance": round(v, 8), "mean_attribution": round(s, 8), "rank": k + 1}
                           for k, (c, v, s) in enumerate(ranked)],
               "files": [str(folder / f"{name}.json"), str(folder / f"{name}.svg")]}
-    render.bar_svg(folder / f"{name}.svg", f"{run.path.name}: column importance ({method}, {n} {split} rows)",
+    bar_svg(folder / f"{name}.svg", f"{run.path.name}: column importance ({method}, {n} {split} rows)",
                    [c for c, _, _ in ranked], [v for _, v, _ in ranked])
     atomic_write_text(folder / f"{name}.json", json.dumps(result, indent=2) + "\n")
     return result
@@ -228,20 +228,20 @@ def _record(run, kind: DataKind, folder: Path, method: str, item: dict[str, Any]
         heat = values.sum(0)
         record["attributions"] = {"shape": list(heat.shape), "summed_over": "channels",
                                   "map": np.round(heat.numpy().astype(np.float64), 7).tolist()}
-        render.image_png(picture, stored, values)
+        image_png(picture, stored, values)
     elif kind.explains == "columns":
         shown = item.get("values", {})
         ranked = sorted(zip([n for n, _ in groups], values.tolist(), strict=True), key=lambda t: -abs(t[1]))
         record["columns"] = [{"column": n, "value": shown.get(n), "attribution": round(v, 8), "rank": k + 1}
                              for k, (n, v) in enumerate(ranked)]
-        render.bar_svg(picture, title, [f"{n} = {shown.get(n)}" if n in shown else n for n, _ in ranked],
+        bar_svg(picture, title, [f"{n} = {shown.get(n)}" if n in shown else n for n, _ in ranked],
                        [v for _, v in ranked])
     else:
         ids = stored.tolist()
         tokens = item.get("tokens") or [str(t) for t in ids]
         per_token = values.tolist()[:len(tokens)]
         record["tokens"] = [{"token": t, "attribution": round(v, 8)} for t, v in zip(tokens, per_token, strict=True)]
-        render.tokens_html(picture, title, tokens, per_token)
+        tokens_html(picture, title, tokens, per_token)
     json_path = folder / f"{stem}.json"
     record["files"] = [str(json_path), str(picture)]
     atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")

@@ -22,7 +22,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from kiln.report import svg
+from kiln.report.svg import hbars
 from kiln.report.page import data_uri, figure, fmt, json_html, table
 from kiln.rundir import RunDir
 
@@ -124,7 +124,7 @@ def explanations(run_dir: RunDir) -> Section | None:
         elif found:
             ranked = sorted(found[0], key=lambda t: -abs(t[1]))[:MAX_BARS]
             fig_id = "fig-explanation-" + re.sub(r"[^A-Za-z0-9_-]", "-", path.stem)
-            html += svg.hbars(fig_id, ranked, title=f"Attributions: {path.stem}"[:70])
+            html += hbars(fig_id, ranked, title=f"Attributions: {path.stem}"[:70])
         elif not facts:
             html += json_html(obj)
         for m in media:

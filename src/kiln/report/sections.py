@@ -7,7 +7,7 @@ import math
 from html import escape
 from typing import Any
 
-from kiln.report import svg
+from kiln.report.svg import heatmap, lines, scatter
 from kiln.report.page import Raw, data_uri, figure, fmt, png, table
 from kiln.report.predictions import Predictions, calibration, confusion, per_class, worst
 
@@ -80,20 +80,20 @@ def curves(records: list[dict[str, Any]]) -> Section | None:
 
     losses = series([k for k in keys if k.endswith("loss")])
     if losses:
-        figs.append(figure(svg.lines("fig-loss", losses, title="Loss", xlabel=x_key, ylabel="loss", points=True),
+        figs.append(figure(lines("fig-loss", losses, title="Loss", xlabel=x_key, ylabel="loss", points=True),
                            f"training and validation loss per {x_key}"))
     others = series([k for k in keys if not k.endswith("loss")])
     rates = [s for s in others if all(0.0 <= v <= 1.0 for v in s[2])]
     scaled = [s for s in others if s not in rates]
     if rates:
-        figs.append(figure(svg.lines("fig-metrics", rates[:8], title="Metrics", xlabel=x_key, ylabel="value",
+        figs.append(figure(lines("fig-metrics", rates[:8], title="Metrics", xlabel=x_key, ylabel="value",
                                      points=True, yspan=(0.0, 1.0)), f"metrics in [0, 1] per {x_key}"))
     if scaled:
-        figs.append(figure(svg.lines("fig-metrics-scaled", scaled[:8], title="Other metrics", xlabel=x_key,
+        figs.append(figure(lines("fig-metrics-scaled", scaled[:8], title="Other metrics", xlabel=x_key,
                                      ylabel="value", points=True), f"metrics in their own units per {x_key}"))
     if len(steps) > 1:
         xs = [float(r.get("step", i)) for i, r in enumerate(steps)]
-        figs.append(figure(svg.lines("fig-steps", [("loss", xs, [float(r["loss"]) for r in steps])],
+        figs.append(figure(lines("fig-steps", [("loss", xs, [float(r["loss"]) for r in steps])],
                                      title="Training loss per logged step", xlabel="step", ylabel="loss"),
                            "the running training loss at each progress line"))
     if not figs:
@@ -108,7 +108,7 @@ def confusion_section(p: Predictions) -> Section | None:
     n = len(p.names)
     rule = f"decided at P({p.names[1]}) >= {p.threshold:.2f}" if p.task == "binary" else "the most probable class"
     if n <= MAX_MATRIX_CLASSES:
-        heat = svg.heatmap("fig-confusion", counts, p.names, title=f"Confusion matrix ({len(p.y):,} test samples)")
+        heat = heatmap("fig-confusion", counts, p.names, title=f"Confusion matrix ({len(p.y):,} test samples)")
         fig = figure(heat, f"rows: true class, columns: predicted ({rule}); shade: share of the row")
     else:
         pairs = sorted(((counts[i][j], p.names[i], p.names[j]) for i in range(n) for j in range(n) if i != j),
@@ -122,10 +122,10 @@ def regression_section(p: Predictions, target: str | None) -> Section | None:
         return None
     name = target or "target"
     err = p.scores - p.y
-    fig = figure(svg.scatter("fig-pred-true", p.y.tolist(), p.scores.tolist(), title=f"Predicted against true "
+    fig = figure(scatter("fig-pred-true", p.y.tolist(), p.scores.tolist(), title=f"Predicted against true "
                              f"{name}", xlabel=f"true {name}", ylabel=f"predicted {name}"),
                  f"{len(p.y):,} test samples; the dashed line is a perfect prediction")
-    res = figure(svg.lines("fig-residuals", [("error", p.y.tolist(), err.tolist())], title="Error against true value",
+    res = figure(lines("fig-residuals", [("error", p.y.tolist(), err.tolist())], title="Error against true value",
                            xlabel=f"true {name}", ylabel="predicted - true", connect=False),
                  "each sample's error")
     return "regression", "Predicted against true", fig + res
@@ -149,7 +149,7 @@ def calibration_section(p: Predictions, pr_svg: bytes | None) -> Section | None:
     cal = calibration(p)
     xs = [b["confidence"] for b in cal["bins"]]
     ys = [b["frequency"] for b in cal["bins"]]
-    fig = svg.lines("fig-calibration", [("model", xs, ys)], title="Reliability diagram", xlabel=cal["what"],
+    fig = lines("fig-calibration", [("model", xs, ys)], title="Reliability diagram", xlabel=cal["what"],
                     ylabel="observed frequency", diagonal=True, points=True, xspan=(0.0, 1.0), yspan=(0.0, 1.0))
     html = figure(fig, f"{cal['what']} in {len(cal['bins'])} bins against how often it was right; the dashed "
                        f"line is perfect calibration. Expected calibration error {cal['ece']:.4f}")
