@@ -13,8 +13,9 @@ CPU time): the fraction of peak the whole run achieved, start to finish.
 
 The issue's goal: fast reaches an exact loss <= 1.89 in <= 60 s (median of 3 seeds) and >= 2x faster than
 nanoGPT's configuration in the same run. On a shared machine the absolute time depends on the load (printed);
-the ratio does less, and the CPU time a process used (printed beside the wall time) least. Results also go to
-benchmarks/results/lm_fast/lm_fast-<timestamp>-<pid>.json.
+the ratio does less, and the CPU time a process used (printed beside the wall time) least. Results go to
+benchmarks/results/lm_fast-<timestamp>.json (a row of the README's results table); a run with --only goes to
+benchmarks/results/lm_fast/ instead.
 """
 
 from __future__ import annotations
@@ -170,8 +171,11 @@ def main() -> None:
         print(f"nanogpt / fast wall time: {ratio:.2f}x, CPU time: {cpu_ratio:.2f}x; fast reaches <= {TARGET}: "
               f"{fast['median_exact_val_loss'] <= TARGET}; in <= 60 s: {fast['median_wall_seconds'] <= 60}")
         summary["speedup"], summary["cpu_speedup"] = ratio, cpu_ratio
-    # in a folder of its own: scripts/results_table.py reads benchmarks/results/*.json and has no row for this yet
-    out = HERE / "results" / "lm_fast" / f"lm_fast-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{os.getpid()}.json"
+    # A run of both configurations is a result of the table (scripts/results_table.py); a run of one is a side
+    # measurement and goes into a folder of its own (the pid keeps simultaneous runs apart).
+    stamp = datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')
+    out = (HERE / "results" / f"lm_fast-{stamp}.json" if len(names) == 2
+           else HERE / "results" / "lm_fast" / f"lm_fast-{stamp}-{os.getpid()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "hardware": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                                                 "python": platform.python_version()},

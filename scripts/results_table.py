@@ -538,6 +538,26 @@ def scaling_cells(data: dict, options: dict) -> tuple[str, str, str]:
             f"median of {options['reps']}")
 
 
+def lm_fast_cells(data: dict, options: dict) -> tuple[str, str, str]:
+    runs, s = data["runs"], data["summary"]
+    what = ("Time to an exact held-out loss of 1.89 on Tiny Shakespeare (characters): "
+            "`examples/shakespeare_char_fast.yaml` vs nanoGPT's configuration (`examples/shakespeare_char.yaml`), "
+            "whole `kiln train` processes")
+    parts = []
+    for name in ("fast", "nanogpt"):
+        loss = [r["exact_val_loss"] for r in runs[name]]
+        wall = [r["wall_seconds"] for r in runs[name]]
+        cpu = [r["cpu_seconds"] for r in runs[name]]
+        parts.append(f"{name}: exact val loss {spread(loss, 4)}, wall {spread(wall, 1)} s, CPU {spread(cpu, 1)} s, "
+                     f"{data['flops'][name]['tflop']:.2f} TFLOP ({s[name]['fraction_of_peak']:.0%} of peak)")
+    result = (f"median (min-max) of {plural(len(runs['fast']), 'seed')}: " + "; ".join(parts)
+              + f"; nanogpt / fast wall {s['speedup']:.2f}x, CPU {s['cpu_speedup']:.2f}x")
+    loads = [r[k] for rs in runs.values() for r in rs for k in ("load_before", "load_after")]
+    conditions = (f"{machine(data['hardware'])}; torch {data['torch']}; {threads(options['threads'])}; "
+                  f"load average {min(loads):.1f}-{max(loads):.1f}")
+    return what, result, conditions
+
+
 BENCHMARKS = {
     "mnist_speed": Benchmark("benchmarks/bench_mnist_speed.py",
                              {"reps": 3, "epochs": 1, "systems": "kiln,eager,keras", "overrides": [], "threads": None,
@@ -591,6 +611,8 @@ BENCHMARKS = {
                                 {"requests": 32, "max_tokens": 128, "concurrency": [1, 16], "run": None, "context": 256,
                                  "steps": 30, "rounds": 2},
                                 frozenset({"requests", "run", "steps", "rounds"}), generate_serve_options, generate_serve_cells),
+    "lm_fast": Benchmark("benchmarks/bench_lm_fast.py", {"seeds": [1337, 1338, 1339], "threads": None, "only": None},
+                         frozenset({"seeds"}), lambda data: dict(data["args"]), lm_fast_cells),
     "scaling": Benchmark("benchmarks/bench_scaling.py",
                          {"reps": 2, "limit_train": 6000, "steps": 200, "threads": 1, "parallel": "ddp", "wide": False},
                          frozenset({"reps"}), scaling_options, scaling_cells),
