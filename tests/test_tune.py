@@ -435,6 +435,8 @@ def test_a_pruned_trial_stops_after_the_epoch_its_pruner_judged(german_credit: P
         assert list(t.intermediate_values) == [1]  # reported epoch 1, then stopped
         metrics = (Path(t.user_attrs["run"]) / "metrics.jsonl").read_text()
         assert '"epoch": 1' in metrics and '"epoch": 2,' not in metrics
+        manifest = json.loads((Path(t.user_attrs["run"]) / "manifest.json").read_text())
+        assert manifest["status"] == "stopped" and manifest["error"].startswith("TrialPruned: ")
     assert "pruned at step 1" in (tmp_path / "o" / "trials.md").read_text()
 
 

@@ -147,6 +147,10 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
         display.close()
         run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "failed", "error": str(e)})
         raise
+    except Exception as e:  # stopped by a callback (a pruned tuning trial) or a bug: the manifest says so
+        display.close()
+        run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "stopped", "error": f"{type(e).__name__}: {e}"})
+        raise
     _finish(cfg, trainer, manifest)
     if dist.active:  # the finished model, whole on every rank (FSDP held shards), then the process group ends
         model = dist.finish(model, lambda: build_model(cfg.blocks, kind.input_shape).to(device), run_dir)
