@@ -130,7 +130,8 @@ def explanations(run_dir: RunDir) -> Section | None:
         for m in media:
             if m not in used and m.name.startswith(path.stem):
                 used.add(m)
-                html += _media(m, notes)
+                if not (found and found[1] and m.suffix.lower() in (".html", ".htm")):  # its tokens are shown above
+                    html += _media(m, notes)
         cards.append(f'<div class="card">{html}</div>')
     rest = [m for m in media if m not in used][:MAX_EXPLAINED]
     cards += [_media(m, notes) for m in rest]
