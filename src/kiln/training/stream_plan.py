@@ -188,8 +188,9 @@ class StreamBatches(Sequence):
     def __getitem__(self, step: int):
         if step == self.next - 1:  # the trainer asks for a step's batch again to count it
             return self.last
-        if step != self.next:
-            raise IndexError(f"stream batches are read in order: asked for step {step}, next is {self.next}")
+        if step != self.next or step >= self.steps:
+            raise IndexError(f"stream batches are read in order, {self.steps} of them: asked for step {step}, next is "
+                             f"{self.next}")
         item = self.queues[step % len(self.queues)].get()
         if isinstance(item, BaseException):
             self.stop.set()
