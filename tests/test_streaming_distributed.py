@@ -294,7 +294,7 @@ def test_data_rank_0_cannot_read_stops_every_rank_with_its_error(shards, tmp_pat
 def test_more_readers_than_shards_is_refused_naming_both(shards, tmp_path):
     with pytest.raises(ConfigError, match=r"data: 8 training shards cannot be shared among 3 processes x 3 readers "
                                           r"\(--nproc x data.workers\).* at most 2 processes with these readers"):
-        plan(shards, 0, 3, 3)
+        plan(shards, 0, 3, 3, batch_size=60)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(stream_config(shards)))
     done = run_kiln("train", str(config), "--out", str(tmp_path / "r"), "--nproc", "3", "--set", "data.workers=3",

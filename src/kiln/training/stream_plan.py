@@ -128,8 +128,8 @@ class StreamSteps(Steps):
 
     def describe(self) -> str:
         return (f"{self.t.steps} steps of {self.t.batch_size} windows of {self.tr.kind.input_shape[0]} tokens, "
-                f"streamed ({sum(self.pass_rows):,} windows a pass" + (f" in {self.world_size} processes' share"
-                                                                        if self.world_size > 1 else "") + ")")
+                f"streamed ({sum(self.pass_rows):,} windows a pass"
+                + (" over this process's own files" if self.world_size > 1 else "") + ")")
 
     def batches(self) -> Sequence:
         tr, first = self.tr, self.tr.state.global_step
