@@ -12,6 +12,10 @@ folder as ``--shards`` Parquet shards, and trains the same config on it in each 
 - ``stream_nproc2`` (unless ``--no-scaling``): ``kiln train --nproc 2``, two processes (DDP, gloo) of one thread
   each, each streaming its own half of the shards and training on half of each batch.
 
+Then, without training, the readers alone: one epoch of batches drawn through the stream plan with
+``data.workers`` 1 and 2 (rows/s, median of ``--rounds``), what the reader threads give when reading is all there
+is to do.
+
 Each training runs in its own process(es), which report the wall time (reading, fitting statistics, training,
 evaluation), the training loop's samples/s (the last progress record of the epoch: the epoch's rate, over all
 processes) and the peak resident memory of a one-process run (VmHWM). Prints the medians and the ratios to the
@@ -112,6 +116,27 @@ def train_once(tmp: Path, shards: Path, name: str, epochs: int, n: int) -> dict:
             "test_accuracy": json.loads((run / "results.json").read_text())["test"]["accuracy"]}
 
 
+def read_rate(shards: Path, workers: int) -> float:
+    """Rows/s of one epoch of training batches read through the stream plan (no training) with ``workers``
+    reader threads."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from kiln.config import load_config
+    from kiln.data.kind import open_kind
+    from kiln.training.stream_plan import Stream
+    from kiln.training.trainer import TrainState
+
+    cfg = load_config(yaml.safe_load(CONFIG.format(path=shards, stream="true", epochs=1, workers=workers)))
+    kind = open_kind(cfg.data, cfg.seed)
+    plan = Stream(SimpleNamespace(t=cfg.train, cfg=cfg, kind=kind, state=TrainState()), 0, 1)
+    t0, rows = time.perf_counter(), 0
+    for batch in plan.batches():
+        rows += len(batch)
+    return rows / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2_000_000)
@@ -119,6 +144,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--no-scaling", action="store_true", help="leave out the 2-process run")
+    p.add_argument("--no-training", action="store_true", help="measure the readers alone")
     args = p.parse_args()
     import torch
 
@@ -126,6 +152,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         make_shards(tmp / "shards", args.rows, args.shards)
+        reading: dict[int, list[float]] = {1: [], 2: []}
+        for n in range(args.rounds):
+            for workers, rates in reading.items():
+                rates.append(read_rate(tmp / "shards", workers))
+                print(f"round {n + 1} reading alone, {workers} reader(s): {rates[-1]:,.0f} rows/s", flush=True)
+        if args.no_training:
+            names = []
         runs: dict[str, list[dict]] = {name: [] for name in names}
         for n in range(args.rounds):
             for name in names:
@@ -133,6 +166,22 @@ def main() -> None:
                 rss = f"{r['peak_rss_mb']:.0f} MB" if r["peak_rss_mb"] else "n/a"
                 print(f"round {n + 1} {name}: {r['wall_s']:.1f} s, peak RSS {rss}, "
                       f"test accuracy {r['test_accuracy']:.4f}", flush=True)
+    read = {w: statistics.median(v) for w, v in reading.items()}
+    print(f"reading alone (no training), one process: 1 reader {read[1]:,.0f} rows/s, 2 readers {read[2]:,.0f} rows/s "
+          f"(ratio {read[2] / read[1]:.2f}; medians of {args.rounds}; {os.cpu_count()} cores)")
+    hardware = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+                "torch": torch.__version__, "pyarrow": pa.__version__, "threads": 1}
+    result = {"args": vars(args), "hardware": hardware, "reading_rows_per_s": reading,
+              "reading_rows_per_s_median": read}
+    if names:
+        result |= training_summary(args, runs, hardware)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = REPO / "benchmarks" / "results" / f"streaming-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def training_summary(args, runs: dict[str, list[dict]], hardware: dict) -> dict:
     summary = {k: {"wall_s_median": statistics.median(r["wall_s"] for r in v),
                    "train_samples_per_s_median": statistics.median(r["train_samples_per_s"] for r in v),
                    "peak_rss_mb_max": max((r["peak_rss_mb"] for r in v if r["peak_rss_mb"]), default=None),
@@ -142,8 +191,6 @@ def main() -> None:
         v["speed_vs_memory"] = memory["wall_s_median"] / v["wall_s_median"]
         v["loop_speed_vs_memory"] = v["train_samples_per_s_median"] / memory["train_samples_per_s_median"]
     ratio, loop_ratio = summary["stream"]["speed_vs_memory"], summary["stream"]["loop_speed_vs_memory"]
-    hardware = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-                "torch": torch.__version__, "pyarrow": pa.__version__, "threads": 1}
     print(f"{args.rows:,} rows in {args.shards} Parquet shards, {args.epochs} epoch(s), batch 1024, 1 thread a "
           f"process; {hardware['cpu']}, {hardware['cores']} cores")
     print(f"  {'variant':16s} {'workers':>7s} {'procs':>5s} {'wall s':>7s} {'loop samples/s':>15s} {'peak RSS':>9s} "
@@ -155,11 +202,7 @@ def main() -> None:
               f"{v['speed_vs_memory']:9.3f} {v['loop_speed_vs_memory']:8.3f}")
     print(f"  (medians of {args.rounds} rounds) streaming speed / in-memory speed: end to end {ratio:.3f}, training "
           f"loop {loop_ratio:.3f} ({'within' if min(ratio, loop_ratio) >= 0.9 else 'NOT within'} 10%)")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = REPO / "benchmarks" / "results" / f"streaming-{stamp}.json"
-    out.write_text(json.dumps({"args": vars(args), "hardware": hardware, "runs": runs, "summary": summary,
-                               "speed_ratio": ratio, "loop_speed_ratio": loop_ratio}, indent=2) + "\n")
-    print(f"wrote {out}")
+    return {"runs": runs, "summary": summary, "speed_ratio": ratio, "loop_speed_ratio": loop_ratio}
 
 
 if __name__ == "__main__":
