@@ -211,19 +211,45 @@ def test_fsdp_streams_the_same_batches_as_ddp(two, tmp_path):
     assert json.loads((tmp_path / "fsdp" / "results.json").read_text())["test"]["accuracy"] > 0.86
 
 
-def test_streamed_text_trains_on_two_processes(tmp_path):
-    cfg = text_config(text_shards(tmp_path / "text", files=8), steps=80, log_every=1, eval_every=40)
+@pytest.fixture(scope="module")
+def text_two(tmp_path_factory) -> dict[str, Path]:
+    """A character model on streamed text files trained by 2 processes, 2 readers each."""
+    folder = tmp_path_factory.mktemp("text_two")
+    cfg = text_config(text_shards(folder / "text", files=8), steps=80, log_every=1, eval_every=40,
+                      checkpoint_every=10)
     cfg["data"]["workers"] = 2
-    config = tmp_path / "lm.yaml"
+    config = folder / "lm.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    done = run_kiln("train", str(config), "--out", str(tmp_path / "run"), "--nproc", "2")
+    done = run_kiln("train", str(config), "--out", str(folder / "run"), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return {"config": config, "run": folder / "run"}
+
+
+def test_streamed_text_trains_on_two_processes(text_two):
+    run = text_two["run"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert len([r for r in records if r["kind"] == "step"]) == 80
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
-    run = kiln.Run.load(tmp_path / "run")
-    assert isinstance(run.generate("First", 10, seed=1), str)
+    assert isinstance(kiln.Run.load(run).generate("First", 10, seed=1), str)
+
+
+@pytest.mark.slow
+def test_a_stopped_text_job_continues_with_resume_to_the_same_weights(text_two, tmp_path):
+    """Without --max-restarts a killed worker ends the job; `--resume` continues every rank's readers at their
+    windows, to the uninterrupted run's weights bit for bit."""
+    run = tmp_path / "killed"
+    args = [str(text_two["config"]), "--out", str(run), "--nproc", "2"]
+    proc, killed_at, log = kill_rank_mid_epoch(args, run, after=20)
+    proc.wait(timeout=120)
+    assert proc.returncode == 2 and "--resume" in log.read_text()
+    assert 20 <= killed_at < 80
+    done = run_kiln("train", *args, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming {run} at step {killed_at}" in done.stderr
+    a, b = weights(text_two["run"]), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(run) == step_losses(text_two["run"])
 
 
 # ---- the preprocessing is rank 0's, on every rank ----------------------------------------------------------------
