@@ -34,9 +34,17 @@ from kiln.training.trainer import TrainState
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_streaming import make_shards  # noqa: E402
-from test_distributed import assert_close_losses, checkpoint_step, env, run_kiln, step_losses, weights, workers_of  # noqa: E402
-from test_streaming import text_config, text_shards  # noqa: E402
+from bench_streaming import make_shards
+from test_distributed import (
+    assert_close_losses,
+    checkpoint_step,
+    env,
+    run_kiln,
+    step_losses,
+    weights,
+    workers_of,
+)
+from test_streaming import text_config, text_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
