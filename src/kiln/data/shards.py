@@ -197,8 +197,11 @@ def reader_shards(shards: list[int], rank: int = 0, world_size: int = 1, worker:
     if not (0 <= rank < world_size and 0 <= worker < workers):
         raise ValueError(f"reader (rank {rank} of {world_size}, worker {worker} of {workers}) does not exist")
     if len(shards) < readers:
+        most = len(shards) // workers
         raise ConfigError(f"data: {len(shards)} training shards cannot be shared among {world_size} processes x "
-                          f"{workers} readers; give at least one shard per reader (split the files further)")
+                          f"{workers} readers (--nproc x data.workers); every reader needs a shard of its own: use "
+                          + (f"at most {most} processes" + (" with these readers" if workers > 1 else "")
+                             if most else f"at most {len(shards)} readers") + ", or split the files further")
     me = rank * workers + worker
     return [s for i, s in enumerate(shards) if i % readers == me]
 

@@ -58,6 +58,8 @@ class TabularStreamData(DataSpec):
     stream: bool = True  # false: read the training shards into memory (data that fits; the same rows)
     shuffle_rows: int = Field(default=65_536, ge=1)  # rows per shuffled block of the stream
     sample_rows: int = Field(default=100_000, ge=100)  # the random sample that PLE quantiles come from
+    # Reader threads a training process streams with, each with its own shards (kiln.training.stream_plan).
+    workers: int = Field(default=1, ge=1, le=64)
 
     @model_validator(mode="after")
     def _no_fraction(self) -> TabularStreamData:
@@ -401,6 +403,11 @@ class TabularStream(Tabular):
         blocks = stream_rows(read, counts, owned, seed=seed, epoch=epoch, reader=rank * workers + worker,
                              block_rows=self.cfg.shuffle_rows, start=start)
         return rebatch(blocks, batch_size)
+
+    @property
+    def workers(self) -> int:
+        """Readers per training process (``data.workers``)."""
+        return self.cfg.workers
 
     def reader_rows(self, rank: int = 0, world_size: int = 1, worker: int = 0, workers: int = 1) -> int:
         shards = self.shard_set().shards

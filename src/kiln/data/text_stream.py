@@ -42,6 +42,7 @@ class TextStreamData(TextData):
     test_shards: int = Field(default=1, ge=1)
     shuffle_windows: int = Field(default=4096, ge=1)  # windows per shuffled block
     estimate_tokens: int = Field(default=1_000_000, ge=0)  # training tokens held for the train-loss estimates
+    workers: int = Field(default=1, ge=1, le=64)  # reader threads a training process streams with
 
 
 @KINDS.register("text_stream")
@@ -170,6 +171,11 @@ class TextStream(Text):
 
     def stream(self, *, batch_size: int, **where):
         return rebatch(self.stream_blocks(**where), batch_size)
+
+    @property
+    def workers(self) -> int:
+        """Readers per training process (``data.workers``)."""
+        return self.cfg.workers
 
     def reader_rows(self, rank: int = 0, world_size: int = 1, worker: int = 0, workers: int = 1) -> int:
         return sum(self.windows(i) for i in reader_shards(self.parts["train"], rank, world_size, worker, workers))

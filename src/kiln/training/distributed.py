@@ -10,7 +10,8 @@ training with a :class:`Dist` that the trainer, the session and the checkpoint c
 - batches: ``train.batch_size`` stays the global batch. Every rank draws the same seeded global batch (the one
   a single process draws) and trains on its contiguous slice of it; each rank's loss is scaled by its share of
   the batch, so the averaged gradient is the gradient of the global batch's mean loss, and the data position
-  (epoch, step) means the same thing for any number of processes;
+  (epoch, step) means the same thing for any number of processes. Streamed data is the exception: each rank
+  reads its own shards and its batches are already its share (:mod:`kiln.training.stream_plan`);
 - writing: rank 0 alone writes run files, progress and metrics (:class:`QuietRunDir` on the others); every
   rank evaluates the same batches (cheap next to training) so early stopping and the best epoch are decided
   alike everywhere, and FSDP's gathers line up;

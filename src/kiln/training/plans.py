@@ -48,6 +48,7 @@ def hard_subset(order: torch.Tensor, last_loss: torch.Tensor, size: int, select:
 
 class Epochs:
     reset_each_log = False  # progress lines show the epoch's running mean
+    local_batches = False  # True: a batch is already this rank's share (a stream), not a global batch to slice
 
     def __init__(self, trainer) -> None:
         self.tr, self.t = trainer, trainer.t
@@ -146,6 +147,7 @@ class StepBatches(Sequence):
 
 class Steps:
     reset_each_log = True  # progress lines show the mean since the previous line
+    local_batches = False
 
     def __init__(self, trainer) -> None:
         self.tr, self.t = trainer, trainer.t

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from kiln.data.kind import DataKind, open_kind, resolve
+from kiln.data.kind import DataKind, resolve
 from kiln.data.splits import Splits
 from kiln.errors import ConfigError, RunDirError
 from kiln.fsutil import atomic_write_text
@@ -32,6 +32,7 @@ from kiln.training.plots import write_precision_recall
 from kiln.training.precision import Precision, pick_device, pick_fuse, pick_precision
 from kiln.training.privacy import fuse_choice
 from kiln.training.progress import TrainProgress
+from kiln.training.shared_data import shared_kind
 from kiln.training.threads import pick_threads
 from kiln.training.trainer import Trainer, TrainingDiverged
 from kiln.training.transfer import prepare
@@ -74,7 +75,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     if not dist.writes:
         run_dir = QuietRunDir(run_dir.path)
     precision = pick_precision(cfg.train.precision, device)
-    kind = open_kind(cfg.data, cfg.seed, run_dir.path if resume else None)
+    kind = shared_kind(cfg.data, cfg.seed, run_dir.path if resume else None, dist, device)  # fitted once
     cfg = resolve(cfg, kind)
     check_task_settings(cfg.train, kind.task)
     kind.check_model(cfg.blocks)

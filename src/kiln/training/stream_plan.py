@@ -7,8 +7,19 @@ batches. A batch of step ``i`` of an epoch is the reader's rows ``[i * b, (i + 1
 rank) alone, so the data position of a checkpoint is the trainer's ``step_in_epoch``: a resumed run asks the
 kind for the stream from row ``step_in_epoch * b`` and draws the same batches as the run it continues.
 
-Batches are read one block ahead on a background thread (Arrow and NumPy release the GIL while they read and
-convert), so reading overlaps the training step.
+Several processes (``kiln train --nproc N``): the training shards are divided among the N ranks x
+``data.workers`` readers (:func:`kiln.data.shards.reader_shards`); each rank reads only its own shards and trains on
+batches of ``train.batch_size / N`` of its own rows (the batch is already this rank's share: the trainer does not
+slice it, ``local_batches``). Every rank takes the same number of steps an epoch, fixed before reading from the
+shards' known row counts: the fewest whole batches any reader's shards give (so no rank waits in a collective for
+one that has run out); the rows a reader holds beyond that are left out of that epoch (others next epoch: each
+epoch shuffles the order of a reader's shards and rows).
+
+Readers (``data.workers``, default 1): each is a background thread with its own shards and its own stream (Arrow
+and NumPy release the GIL while they read and convert, so reading overlaps the training step and several readers
+read at once). Step ``i``'s batch comes from reader ``i % workers``, whatever the threads' timing, so the order is
+a function of the seed alone and a resumed run restarts every reader at its own row: reader ``w`` has given
+``ceil((i - w) / workers)`` batches before step ``i``.
 """
 
 from __future__ import annotations
@@ -22,7 +33,13 @@ from kiln.data.table_stream import rebatch
 from kiln.errors import ConfigError
 from kiln.training.plans import Epochs, Steps
 
-PREFETCH = 8  # batches read ahead
+PREFETCH = 8  # batches read ahead by each reader
+
+
+def given(step: int, reader: int, readers: int) -> int:
+    """Batches reader ``reader`` of ``readers`` has given before step ``step`` (step ``i`` takes reader
+    ``i % readers``'s next batch)."""
+    return max(0, (step - reader + readers - 1) // readers)
 
 
 def process_group() -> tuple[int, int]:
@@ -35,6 +52,8 @@ def process_group() -> tuple[int, int]:
 
 
 class Stream(Epochs):
+    local_batches = True  # a batch is this rank's own rows, not a global batch to slice
+
     def __init__(self, trainer, rank: int | None = None, world_size: int | None = None) -> None:
         self.tr, self.t = trainer, trainer.t
         if rank is None or world_size is None:
@@ -49,35 +68,45 @@ class Stream(Epochs):
         if t.batch_size % world_size:
             raise ConfigError(f"train.batch_size {t.batch_size} must divide among {world_size} processes")
         self.local_batch = t.batch_size // world_size
-        # Every rank takes the same number of steps: the fewest whole batches any rank's shards give (one process
-        # also takes the last, smaller batch).
-        rows = [trainer.kind.reader_rows(r, world_size) for r in range(world_size)]
-        per_epoch = math.ceil(rows[0] / self.local_batch) if world_size == 1 else min(rows) // self.local_batch
-        if per_epoch == 0:
-            raise ConfigError(f"data: a process's training shards hold {min(rows)} rows, fewer than its share of "
-                              f"train.batch_size ({self.local_batch})")
-        self.steps_per_epoch = per_epoch
-        self.total_steps = per_epoch * t.epochs
+        self.workers = trainer.kind.workers
+        # Every reader gives the same number of batches: the fewest whole batches any reader's shards give (one
+        # process with one reader also takes the last, smaller batch).
+        rows = [trainer.kind.reader_rows(r, world_size, w, self.workers)
+                for r in range(world_size) for w in range(self.workers)]
+        per_reader = math.ceil(rows[0] / self.local_batch) if len(rows) == 1 else min(rows) // self.local_batch
+        if per_reader == 0:
+            raise ConfigError(f"data: a reader's training shards hold {min(rows)} rows, fewer than its share of "
+                              f"train.batch_size ({self.local_batch} rows a step with {world_size} process(es)); "
+                              "lower train.batch_size or data.workers, or use fewer processes")
+        self.steps_per_epoch = per_reader * self.workers
+        self.rows_per_epoch = self.steps_per_epoch * t.batch_size if len(rows) > 1 else sum(rows)
+        self.total_steps = self.steps_per_epoch * t.epochs
         self.eval_size = t.eval_batch_size
         self.periods = t.epochs
 
     def describe(self) -> str:
         data = self.tr.data
-        return (f"{len(data.train_x):,} train rows streamed from shards ({self.steps_per_epoch:,} steps an epoch) / "
-                f"{len(data.val_x):,} val samples")
+        shared = "" if self.rows_per_epoch == len(data.train_x) else f", {self.rows_per_epoch:,} of them an epoch"
+        readers = f", {self.workers} readers a process" if self.workers > 1 else ""
+        return (f"{len(data.train_x):,} train rows streamed from shards ({self.steps_per_epoch:,} steps an epoch"
+                f"{shared}{readers}) / {len(data.val_x):,} val samples")
 
     def batches(self) -> Sequence:
-        s, tr = self.tr.state, self.tr
-        rows = tr.kind.stream(start=s.step_in_epoch * self.local_batch, batch_size=self.local_batch,
-                              seed=tr.cfg.seed, epoch=s.epoch, rank=self.rank, world_size=self.world_size)
-        return StreamBatches(rows, self.steps_per_epoch, s.step_in_epoch)
+        s, tr, b = self.tr.state, self.tr, self.local_batch
+        readers = [tr.kind.stream(start=given(s.step_in_epoch, w, self.workers) * b, batch_size=b, seed=tr.cfg.seed,
+                                  epoch=s.epoch, rank=self.rank, world_size=self.world_size, worker=w,
+                                  workers=self.workers) for w in range(self.workers)]
+        return StreamBatches(readers, self.steps_per_epoch, s.step_in_epoch)
 
 
 class StreamSteps(Steps):
     """The step plan (text) with batches of windows from the kind's stream. The stream is read in passes over the
     training data, each with its own order (pass p is the stream's "epoch" p); step i's batch is rows
     ``[i * b, (i + 1) * b)`` of this process's passes one after another, so a resumed run starts at the pass and
-    row its step gives."""
+    row its step gives. With ``data.workers`` readers, each reads its own shards in its own passes, and step i's
+    batch is reader ``i % workers``'s next one."""
+
+    local_batches = True
 
     def __init__(self, trainer, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__(trainer)
@@ -87,26 +116,34 @@ class StreamSteps(Steps):
         if self.t.batch_size % self.world_size:
             raise ConfigError(f"train.batch_size {self.t.batch_size} must divide among {self.world_size} processes")
         self.local_batch = self.t.batch_size // self.world_size
-        self.pass_rows = trainer.kind.reader_rows(self.rank, self.world_size)
-        if self.pass_rows == 0:
-            raise ConfigError("data: this process's training files hold no whole window of data.context + 1 tokens")
+        self.workers = trainer.kind.workers
+        rows = {(r, w): trainer.kind.reader_rows(r, self.world_size, w, self.workers)
+                for r in range(self.world_size) for w in range(self.workers)}
+        if min(rows.values()) == 0:  # checked for every rank alike, so that all of them stop here
+            r, w = min(rows, key=rows.get)
+            raise ConfigError(f"data: the training files of process {r}" + (f", reader {w}," if self.workers > 1 else "")
+                              + " hold no whole window of data.context + 1 tokens; use fewer processes or "
+                              "data.workers, or larger files")
+        self.pass_rows = [rows[self.rank, w] for w in range(self.workers)]
 
     def describe(self) -> str:
         return (f"{self.t.steps} steps of {self.t.batch_size} windows of {self.tr.kind.input_shape[0]} tokens, "
-                f"streamed ({self.pass_rows:,} windows a pass)")
+                f"streamed ({sum(self.pass_rows):,} windows a pass"
+                + (" over this process's own files" if self.world_size > 1 else "") + ")")
 
     def batches(self) -> Sequence:
         tr, first = self.tr, self.tr.state.global_step
-        position = first * self.local_batch
-        where = {"seed": tr.cfg.seed, "rank": self.rank, "world_size": self.world_size}
 
-        def blocks():
-            epoch, start = divmod(position, self.pass_rows)
+        def blocks(worker: int):
+            where = {"seed": tr.cfg.seed, "rank": self.rank, "world_size": self.world_size, "worker": worker,
+                     "workers": self.workers}
+            epoch, start = divmod(given(first, worker, self.workers) * self.local_batch, self.pass_rows[worker])
             while True:
                 yield from tr.kind.stream_blocks(epoch=epoch, start=start, **where)
                 epoch, start = epoch + 1, 0
 
-        return StreamBatches(rebatch(blocks(), self.local_batch), self.t.steps, first)
+        readers = [rebatch(blocks(w), self.local_batch) for w in range(self.workers)]
+        return StreamBatches(readers, self.t.steps, first)
 
 
 def stream_plan(trainer) -> Stream | StreamSteps:
@@ -115,30 +152,35 @@ def stream_plan(trainer) -> Stream | StreamSteps:
 
 
 class StreamBatches(Sequence):
-    """Batches read as the trainer asks for them in order, from step ``first`` on (``steps`` in all)."""
+    """Batches read as the trainer asks for them in order, from step ``first`` on (``steps`` in all): step ``i``'s
+    from reader ``i % len(readers)``, each reader an iterator of batches read ahead on its own thread."""
 
-    def __init__(self, rows: Iterator, steps: int, first: int) -> None:
+    def __init__(self, readers: list[Iterator], steps: int, first: int) -> None:
         self.steps, self.next, self.last = steps, first, None
-        self.rows = rows
-        self.queue: queue.Queue = queue.Queue(PREFETCH)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
+        self.queues: list[queue.Queue] = [queue.Queue(PREFETCH) for _ in readers]
+        self.threads = [threading.Thread(target=self._read, args=(rows, q), daemon=True)
+                        for rows, q in zip(readers, self.queues, strict=True)]
+        for thread in self.threads:
+            thread.start()
 
-    def _read(self) -> None:
+    def _read(self, rows: Iterator, out: queue.Queue) -> None:
         try:
-            for batch in self.rows:
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+            for batch in rows:
+                if not self._put(out, batch):
                     return
-            self.queue.put(None)
+            self._put(out, None)
         except BaseException as e:  # noqa: BLE001 (handed to the training thread, which raises it)
-            self.queue.put(e)
+            self._put(out, e)
+
+    def _put(self, out: queue.Queue, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __len__(self) -> int:
         return self.steps
@@ -146,10 +188,12 @@ class StreamBatches(Sequence):
     def __getitem__(self, step: int):
         if step == self.next - 1:  # the trainer asks for a step's batch again to count it
             return self.last
-        if step != self.next:
-            raise IndexError(f"stream batches are read in order: asked for step {step}, next is {self.next}")
-        item = self.queue.get()
+        if step != self.next or step >= self.steps:
+            raise IndexError(f"stream batches are read in order, {self.steps} of them: asked for step {step}, next is "
+                             f"{self.next}")
+        item = self.queues[step % len(self.queues)].get()
         if isinstance(item, BaseException):
+            self.stop.set()
             raise item
         if item is None:
             raise IndexError(f"the stream ended before step {step}")

@@ -74,10 +74,6 @@ class Trainer:
             raise ConfigError("train.privacy samples every training row with its own probability (Poisson "
                               "sampling), which needs the rows in memory: use data.stream: false, or drop privacy")
         self.dist = dist or Dist()
-        if kind.streams and self.dist.world > 1:
-            raise ConfigError("streamed data trains in one process for now (the stream plan gives each process its "
-                              "own shards, which the distributed trainer does not yet take): drop --nproc, or use "
-                              "data.stream: false")
         self.plan = stream_plan(self) if kind.streams else plan_for(self)
         if self.t.privacy and self.dist.world > 1:
             raise ConfigError("train.privacy trains in one process (its accountant and per-sample gradients are "
@@ -161,7 +157,8 @@ class Trainer:
             return self.privacy.empty_step()
         x, y = self.kind.gather(self.train_x, self.train_y, idx)
         x = self.kind.augment(self.kind.to_input(x), self.aug_gen)
-        if self.dist.active:  # this rank's slice of the global batch (kiln.training.distributed)
+        share = True
+        if self.dist.active and not self.plan.local_batches:  # this rank's slice of the global batch
             a, b = self.dist.local(len(idx))
             share = b > a  # a last batch smaller than the process count leaves some ranks none: they step on
             a = a if share else b - 1  # one sample whose loss counts 0, so that every rank joins the gradient sum
@@ -224,7 +221,7 @@ class Trainer:
                 loss_sum += step_loss
                 correct += step_correct
                 counted += step_counted
-                s.seen += len(batches[i])
+                s.seen += len(batches[i]) * (self.dist.world if plan.local_batches else 1)  # a stream's are per rank
                 s.step_in_epoch, s.global_step = i + 1, s.global_step + 1
                 last = i + 1 == len(batches)
                 if s.global_step % t.log_every == 0 or last:
