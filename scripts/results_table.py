@@ -88,6 +88,9 @@ def flags(benchmark: Benchmark, options: dict) -> list[str]:
         if name == "overrides":  # recorded as a list, given as one --set per override
             words += [f"--set {o}" for o in value]
             continue
+        if value is True:  # a switch: its flag alone
+            words.append(f"--{name.replace('_', '-')}")
+            continue
         values = value if isinstance(value, list) else [value]
         words += [f"--{name.replace('_', '-')}", *(f"{v:g}" if isinstance(v, float) else str(v) for v in values)]
     return words
@@ -486,7 +489,15 @@ def privacy_cells(data: dict, options: dict) -> tuple[str, str, str]:
 
 
 def streaming_cells(data: dict, options: dict) -> tuple[str, str, str]:
-    a, s, h = data["args"], data["summary"], data["hardware"]
+    a, h = data["args"], data["hardware"]
+    if a.get("no_training"):  # reading alone: rows per second with 1 and 2 reader threads
+        rates = data["reading_rows_per_s_median"]
+        what = f"reading {a['rows']:,} rows from {a['shards']} Parquet shards, no training, by 1 and 2 reader threads"
+        result = (f"{rates['1'] / 1e6:.2f}M rows/s with 1 reader, {rates['2'] / 1e6:.2f}M with 2: "
+                  f"**{rates['2'] / rates['1']:.2f}x**")
+        return what, result, (f"{h['cpu']}, Python {h['python']}; pyarrow {h['pyarrow']}; median of {a['rounds']} "
+                              "rounds")
+    s = data["summary"]
     what = (f"a table streamed from {a['shards']} Parquet shards ({a['rows']:,} rows, {a['epochs']} epoch) against the "
             "same rows read into memory (`data.stream: false`), same config")
     loop = data.get("loop_speed_ratio")
@@ -494,6 +505,9 @@ def streaming_cells(data: dict, options: dict) -> tuple[str, str, str]:
               + (f", training loop **{loop:.2f}**" if loop is not None else "")
               + f"; peak RSS {s['stream']['peak_rss_mb_max']:.0f} MB streamed, {s['memory']['peak_rss_mb_max']:.0f} MB "
               f"in memory; test accuracy {pct(s['stream']['test_accuracy'])} / {pct(s['memory']['test_accuracy'])}")
+    for key, name in (("stream_workers2", "2 readers (`data.workers: 2`)"), ("stream_nproc2", "2 processes")):
+        if key in s:  # recorded since streams take readers and processes
+            result += f"; streamed with {name} / in memory: end to end {s[key]['speed_vs_memory']:.2f}"
     conditions = (f"{h['cpu']}, {h['threads']} thread, Python {h['python']}; torch {h['torch']}, pyarrow "
                   f"{h['pyarrow']}; median of {a['rounds']} interleaved rounds")
     return what, result, conditions
@@ -605,7 +619,8 @@ BENCHMARKS = {
                          {"epsilons": [3.0, 1.0, 8.0], "epochs": None, "threads": 1, "step_repeats": 30,
                           "skip_runs": False},
                          frozenset({"step_repeats"}), privacy_options, privacy_cells),
-    "streaming": Benchmark("benchmarks/bench_streaming.py", {"rows": 2_000_000, "shards": 20, "rounds": 2, "epochs": 1},
+    "streaming": Benchmark("benchmarks/bench_streaming.py", {"rows": 2_000_000, "shards": 20, "rounds": 2, "epochs": 1,
+                                                             "no_scaling": False, "no_training": False},
                            frozenset({"rounds"}), lambda data: dict(data["args"]), streaming_cells),
     "generate_serve": Benchmark("benchmarks/bench_generate_serve.py",
                                 {"requests": 32, "max_tokens": 128, "concurrency": [1, 16], "run": None, "context": 256,
