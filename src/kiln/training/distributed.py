@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -94,6 +95,8 @@ class Dist:
         return threads, reason
 
     def start(self, device: torch.device, requested: str) -> None:
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # a worker of torchrun's: it ends with its launcher
+            die_with_parent(signal.SIGKILL, parent_is=("torch",))
         if not self.active:
             if requested in ("ddp", "fsdp"):
                 self.note = f"train.parallel: {requested} with one process trains as one process (none)"
@@ -340,6 +343,30 @@ def restarted() -> bool:
 
 # ---- the launcher ----------------------------------------------------------------------------------
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int, parent: int | None = None, parent_is: tuple[str, ...] = ()) -> None:
+    """Linux: the kernel sends this process ``sig`` when its parent exits (``prctl(PR_SET_PDEATHSIG)``), so that a
+    SIGKILLed launcher leaves no workers training on, unseen, in the run directory. A parent already gone (not
+    ``parent``'s pid, or its command line naming none of ``parent_is``) is the same signal now. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    ppid = os.getppid()
+    gone = parent is not None and ppid != parent
+    if parent_is:
+        try:
+            cmdline = Path(f"/proc/{ppid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            cmdline = ""
+        gone = gone or not any(name in cmdline for name in parent_is)
+    if gone:
+        os.kill(os.getpid(), sig)
+
+
 def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int | None = None,
            endpoint: str | None = None, max_restarts: int = 0) -> int:
     """Start ``kiln train`` in ``nproc`` workers on this machine through torchrun; with ``nnodes`` > 1 this is
@@ -374,7 +401,11 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
                                                                       os.environ.get("PYTHONPATH")]))}
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     unanswered = False
-    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+    me = os.getpid()
+    # torchrun ends (SIGTERM: it stops its workers first) when this process dies, even by SIGKILL; its workers end
+    # with it (Dist.start): nothing trains on once the command is gone.
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
+                          preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent=me)) as proc:
         try:
             for line in proc.stderr:  # torchrun's and the workers' messages, passed on as they come
                 sys.stderr.write(line)
