@@ -11,9 +11,9 @@ training with a :class:`Dist` that the trainer, the session and the checkpoint c
   a single process draws) and trains on its contiguous slice of it; each rank's loss is scaled by its share of
   the batch, so the averaged gradient is the gradient of the global batch's mean loss, and the data position
   (epoch, step) means the same thing for any number of processes;
-- writing: rank 0 alone writes run files, progress and metrics (:class:`QuietRunDir` on the others); every
-  rank evaluates the same batches (cheap next to training) so early stopping and the best epoch are decided
-  alike everywhere, and FSDP's gathers line up;
+- writing: rank 0 alone writes run files, progress and metrics (:class:`QuietRunDir` on the others);
+- evaluation: each rank evaluates its share of a split's batches and every rank gets the metrics of all of them
+  (:mod:`kiln.training.dist_eval`), so early stopping and the best epoch are decided alike everywhere;
 - checkpoints: DDP's are the single-process format written by rank 0; FSDP's model and optimizer state are
   saved sharded with ``torch.distributed.checkpoint`` (``checkpoints/last.dcp/step-<n>``) next to rank 0's
   safetensors checkpoint of the rest (schedule, random states, data position), and the finished run holds an
@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from kiln.errors import ConfigError, RunDirError
 from kiln.rundir import RunDir
+from kiln.training.dist_eval import Share
 
 TIMEOUT_S = int(os.environ.get("KILN_DIST_TIMEOUT", "600"))  # a collective that waits longer fails
 RDZV_TIMEOUT_S = int(os.environ.get("KILN_RDZV_TIMEOUT", "60"))  # a rendezvous endpoint that does not answer within this fails the launch
@@ -164,6 +165,23 @@ class Dist:
                 f"{was['parallel']}, and this start has {self.world} with {self.parallel}; its checkpoint holds "
                 f"the state of that layout (sharded optimizer state, per-process random states), so resume it with "
                 f"--nproc {was['processes']} (or start a new run)")
+
+    def agree(self, values: list[float], what: str, device: torch.device) -> None:
+        """Check that every rank holds the same ``values`` (decisions each rank takes alone, such as the best epoch
+        and early stopping): they must, or the ranks would part ways (and wait on each other until the timeout)."""
+        if not self.active:
+            return
+        local = torch.tensor(values, dtype=torch.float64, device=device).nan_to_num(nan=-1.5e308)
+        low, high = local.clone(), local.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(f"the processes disagree on {what}: rank {self.rank} has {values}, the ranks range "
+                               f"from {low.tolist()} to {high.tolist()}")
+
+    def eval_share(self, device: torch.device) -> Share:
+        """This rank's part of an evaluation: every world-th batch (:mod:`kiln.training.dist_eval`)."""
+        return Share(self.rank, self.world, device) if self.active else Share()
 
     def manifest(self) -> dict[str, Any]:
         return {"processes": self.world, "parallel": self.parallel, "backend": self.backend or None}
