@@ -1,6 +1,7 @@
 """Training on several processes (`kiln train --nproc N`, torchrun, gloo on the CPU): the same losses and weights as
-one process, DDP and FSDP2, a killed worker restarting from the checkpoint to the same weights, two "machines"
-meeting at a loopback endpoint, and bad input.
+one process, DDP and FSDP2, evaluation shared by the ranks with one process's figures, a killed worker restarting
+from the checkpoint to the same weights, a killed launcher leaving no workers, two "machines" meeting at a loopback
+endpoint, and bad input.
 
 Why 2-process results may differ from 1-process ones at all: each rank multiplies its half of the batch and gloo
 adds the two gradients, so float32 sums are formed in another order (about 1e-7 relative per step here); the
@@ -351,8 +352,8 @@ def test_text_runs_shard_their_step_batches(tmp_path):
     done = run_kiln("train", str(path), "--out", str(tmp_path / "two"), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_close_losses(step_losses(tmp_path / "one"), step_losses(tmp_path / "two"))
-    first = [[r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
-              if r["kind"] == "eval"][0] for run in ("one", "two")]  # step 0: the same weights; one batch, on rank 0
+    first = [next(r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "eval") for run in ("one", "two")]  # step 0: the same weights; one batch, on rank 0
     assert first[0]["step"] == first[1]["step"] == 0
     assert first[1]["val_loss"] == pytest.approx(first[0]["val_loss"], rel=1e-6)
     val = json.loads((tmp_path / "two" / "results.json").read_text())["val"]

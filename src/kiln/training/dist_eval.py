@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 MAX_DIMS = 8  # dimensions of one batch's outputs that a gather describes
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class Share:
 
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
+    device: torch.device = CPU
 
     @property
     def active(self) -> bool:

@@ -421,9 +421,9 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
     unanswered = False
     me = os.getpid()
     # torchrun ends (SIGTERM: it stops its workers first) when this process dies, even by SIGKILL; its workers end
-    # with it (Dist.start): nothing trains on once the command is gone.
+    # with it (Dist.start): nothing trains on once the command is gone. (preexec_fn: this process runs no threads.)
     with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
-                          preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent=me)) as proc:
+                          preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent=me)) as proc:  # noqa: PLW1509
         try:
             for line in proc.stderr:  # torchrun's and the workers' messages, passed on as they come
                 sys.stderr.write(line)
