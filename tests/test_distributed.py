@@ -414,12 +414,31 @@ def test_fsdp_refuses_a_block_it_cannot_shard():
         shard_blocks(model)
 
 
+def assert_refused(done: subprocess.CompletedProcess, message: str) -> None:
+    """A distributed start refused by its workers ends with their reason as its last line: no torchrun traceback,
+    no hint to resume a run that never started."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.rstrip().splitlines()[-1].startswith(f"error: {message}"), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "--resume" not in done.stderr, done.stderr[-3000:]
+
+
+def test_fsdp_refuses_a_block_it_cannot_shard_when_launched(tmp_path):
+    """The same through `kiln train --nproc 2`: matrix_factorization (its global bias is a single number)."""
+    data = Path(os.environ.get("KILN_DATA", "")) / "movielens_small" / "ratings.csv"
+    if not data.is_file():
+        pytest.skip(f"MovieLens unavailable: {data} is missing")
+    config = str(Path(__file__).resolve().parents[1] / "examples" / "movielens.yaml")
+    done = run_kiln("train", config, "--out", str(tmp_path / "r"), "--nproc", "2", "--set", "train.parallel=fsdp",
+                    "--set", "train.threads=1")
+    assert_refused(done, "train.parallel: fsdp cannot shard model.blocks.0 (MF): its parameter is a single number")
+    assert not (tmp_path / "r").exists()
+
+
 def test_more_processes_than_samples_is_refused(tmp_path, mnist_root):
     cfg = mnist_config(tmp_path)
     done = run_kiln("train", str(cfg), "--out", str(tmp_path / "r"), "--nproc", "2", "--set", "data.limit_train=2",
                 "--set", "data.val_fraction=0.5")
-    assert done.returncode == 2
-    assert "error: --nproc: 2 processes but the training split has only 1 samples" in done.stderr
+    assert_refused(done, "--nproc: 2 processes but the training split has only 1 samples")
 
 
 def test_an_endpoint_that_does_not_answer_fails_within_the_timeout(tmp_path):

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kiln.errors import ConfigError, RunDirError
+from kiln.errors import ConfigError, KilnError, RunDirError
 from kiln.rundir import RunDir
 from kiln.training.dist_eval import Share
 
@@ -389,7 +389,9 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
            endpoint: str | None = None, max_restarts: int = 0) -> int:
     """Start ``kiln train`` in ``nproc`` workers on this machine through torchrun; with ``nnodes`` > 1 this is
     one machine of several, meeting at the rendezvous ``endpoint`` (host:port of node 0). Returns torchrun's
-    exit code."""
+    exit code; a failed job whose workers said why (a line ``error: ...``, such as a config refused before training)
+    raises that reason, the first one, rather than a generic failure (and never a hint to resume a run that a
+    refused config did not start)."""
     if nproc < 1:
         raise ConfigError(f"--nproc: {nproc}; give the number of worker processes on this machine (1 or more)")
     if nnodes < 1:
@@ -399,7 +401,7 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
                           "(node 0's address and a free port) and --node-rank on each machine")
     if max_restarts < 0:
         raise ConfigError(f"--max-restarts: {max_restarts}; give 0 or more")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-m", "kiln.training.torchrun", "--nproc-per-node", str(nproc),
            "--max-restarts", str(max_restarts)]
     if endpoint:
         host, _, port = endpoint.rpartition(":")
@@ -418,7 +420,7 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    unanswered = False
+    unanswered, reason = False, None
     me = os.getpid()
     # torchrun ends (SIGTERM: it stops its workers first) when this process dies, even by SIGKILL; its workers end
     # with it (Dist.start): nothing trains on once the command is gone. (preexec_fn: this process runs no threads.)
@@ -428,6 +430,8 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
             for line in proc.stderr:  # torchrun's and the workers' messages, passed on as they come
                 sys.stderr.write(line)
                 unanswered = unanswered or ("timed out" in line and "trying to connect" in line)
+                if reason is None and line.startswith("error: "):
+                    reason = line[len("error: "):].rstrip("\n")
             code = proc.wait()
         except KeyboardInterrupt:
             proc.wait()
@@ -436,4 +440,10 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
         raise ConfigError(f"--rdzv-endpoint: {endpoint} did not answer within {RDZV_TIMEOUT_S} s; start node 0 (the "
                           "machine at that address, --node-rank 0) first, check the address and port, and that no "
                           "firewall is in the way")
+    if code and reason:
+        raise WorkerError(reason)
     return code
+
+
+class WorkerError(KilnError):
+    """A worker of a distributed job stopped with an error of kiln's (its reason, as the worker printed it)."""
