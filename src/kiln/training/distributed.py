@@ -420,6 +420,8 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if "TORCH_CPP_LOG_LEVEL" not in env:  # torchrun's own process only (kiln.training.torchrun)
+        env |= {"TORCH_CPP_LOG_LEVEL": "FATAL", "KILN_TORCHRUN_QUIET": "1"}
     unanswered, reason = False, None
     me = os.getpid()
     # torchrun ends (SIGTERM: it stops its workers first) when this process dies, even by SIGKILL; its workers end
