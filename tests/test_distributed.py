@@ -321,7 +321,8 @@ def test_resume_with_another_process_count_is_refused(runs, tmp_path):
 
     run = tmp_path / "copy"
     shutil.copytree(runs["ddp"], run)
-    with pytest.raises(ConfigError, match=r"trained by 2 process\(es\) .* this start has 1 .* resume it with --nproc 2"):
+    refused = r"trained by 2 process\(es\) .* this start has 1 .* resume it with --nproc 2"
+    with pytest.raises(ConfigError, match=refused):
         kiln.train(runs["config"], {"train.parallel": "ddp"}, out=run, resume=True, live=False)
 
 
