@@ -12,9 +12,9 @@ training with a :class:`Dist` that the trainer, the session and the checkpoint c
   the batch, so the averaged gradient is the gradient of the global batch's mean loss, and the data position
   (epoch, step) means the same thing for any number of processes. Streamed data is the exception: each rank
   reads its own shards and its batches are already its share (:mod:`kiln.training.stream_plan`);
-- writing: rank 0 alone writes run files, progress and metrics (:class:`QuietRunDir` on the others); every
-  rank evaluates the same batches (cheap next to training) so early stopping and the best epoch are decided
-  alike everywhere, and FSDP's gathers line up;
+- writing: rank 0 alone writes run files, progress and metrics (:class:`QuietRunDir` on the others);
+- evaluation: each rank evaluates its share of a split's batches and every rank gets the metrics of all of them
+  (:mod:`kiln.training.dist_eval`), so early stopping and the best epoch are decided alike everywhere;
 - checkpoints: DDP's are the single-process format written by rank 0; FSDP's model and optimizer state are
   saved sharded with ``torch.distributed.checkpoint`` (``checkpoints/last.dcp/step-<n>``) next to rank 0's
   safetensors checkpoint of the rest (schedule, random states, data position), and the finished run holds an
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from datetime import timedelta
@@ -37,8 +38,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kiln.errors import ConfigError, RunDirError
+from kiln.errors import ConfigError, KilnError, RunDirError
 from kiln.rundir import RunDir
+from kiln.training.dist_eval import Share
 
 TIMEOUT_S = int(os.environ.get("KILN_DIST_TIMEOUT", "600"))  # a collective that waits longer fails
 RDZV_TIMEOUT_S = int(os.environ.get("KILN_RDZV_TIMEOUT", "60"))  # a rendezvous endpoint that does not answer within this fails the launch
@@ -95,6 +97,8 @@ class Dist:
         return threads, reason
 
     def start(self, device: torch.device, requested: str) -> None:
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # a worker of torchrun's: it ends with its launcher
+            die_with_parent(signal.SIGKILL, parent_is=("torch",))
         if not self.active:
             if requested in ("ddp", "fsdp"):
                 self.note = f"train.parallel: {requested} with one process trains as one process (none)"
@@ -162,6 +166,23 @@ class Dist:
                 f"{was['parallel']}, and this start has {self.world} with {self.parallel}; its checkpoint holds "
                 f"the state of that layout (sharded optimizer state, per-process random states), so resume it with "
                 f"--nproc {was['processes']} (or start a new run)")
+
+    def agree(self, values: list[float], what: str, device: torch.device) -> None:
+        """Check that every rank holds the same ``values`` (decisions each rank takes alone, such as the best epoch
+        and early stopping): they must, or the ranks would part ways (and wait on each other until the timeout)."""
+        if not self.active:
+            return
+        local = torch.tensor(values, dtype=torch.float64, device=device).nan_to_num(nan=-1.5e308)
+        low, high = local.clone(), local.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise RuntimeError(f"the processes disagree on {what}: rank {self.rank} has {values}, the ranks range "
+                               f"from {low.tolist()} to {high.tolist()}")
+
+    def eval_share(self, device: torch.device) -> Share:
+        """This rank's part of an evaluation: every world-th batch (:mod:`kiln.training.dist_eval`)."""
+        return Share(self.rank, self.world, device) if self.active else Share()
 
     def manifest(self) -> dict[str, Any]:
         return {"processes": self.world, "parallel": self.parallel, "backend": self.backend or None}
@@ -341,11 +362,37 @@ def restarted() -> bool:
 
 # ---- the launcher ----------------------------------------------------------------------------------
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int, parent: int | None = None, parent_is: tuple[str, ...] = ()) -> None:
+    """Linux: the kernel sends this process ``sig`` when its parent exits (``prctl(PR_SET_PDEATHSIG)``), so that a
+    SIGKILLed launcher leaves no workers training on, unseen, in the run directory. A parent already gone (not
+    ``parent``'s pid, or its command line naming none of ``parent_is``) is the same signal now. Elsewhere: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    ppid = os.getppid()
+    gone = parent is not None and ppid != parent
+    if parent_is:
+        try:
+            cmdline = Path(f"/proc/{ppid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            cmdline = ""
+        gone = gone or not any(name in cmdline for name in parent_is)
+    if gone:
+        os.kill(os.getpid(), sig)
+
+
 def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int | None = None,
            endpoint: str | None = None, max_restarts: int = 0) -> int:
     """Start ``kiln train`` in ``nproc`` workers on this machine through torchrun; with ``nnodes`` > 1 this is
     one machine of several, meeting at the rendezvous ``endpoint`` (host:port of node 0). Returns torchrun's
-    exit code."""
+    exit code; a failed job whose workers said why (a line ``error: ...``, such as a config refused before training)
+    raises that reason, the first one, rather than a generic failure (and never a hint to resume a run that a
+    refused config did not start)."""
     if nproc < 1:
         raise ConfigError(f"--nproc: {nproc}; give the number of worker processes on this machine (1 or more)")
     if nnodes < 1:
@@ -355,7 +402,7 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
                           "(node 0's address and a free port) and --node-rank on each machine")
     if max_restarts < 0:
         raise ConfigError(f"--max-restarts: {max_restarts}; give 0 or more")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+    cmd = [sys.executable, "-m", "kiln.training.torchrun", "--nproc-per-node", str(nproc),
            "--max-restarts", str(max_restarts)]
     if endpoint:
         host, _, port = endpoint.rpartition(":")
@@ -374,12 +421,20 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                                       os.environ.get("PYTHONPATH")]))}
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    unanswered = False
-    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+    if "TORCH_CPP_LOG_LEVEL" not in env:  # torchrun's own process only (kiln.training.torchrun)
+        env |= {"TORCH_CPP_LOG_LEVEL": "FATAL", "KILN_TORCHRUN_QUIET": "1"}
+    unanswered, reason = False, None
+    me = os.getpid()
+    # torchrun ends (SIGTERM: it stops its workers first) when this process dies, even by SIGKILL; its workers end
+    # with it (Dist.start): nothing trains on once the command is gone. (preexec_fn: this process runs no threads.)
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace",
+                          preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent=me)) as proc:  # noqa: PLW1509
         try:
             for line in proc.stderr:  # torchrun's and the workers' messages, passed on as they come
                 sys.stderr.write(line)
                 unanswered = unanswered or ("timed out" in line and "trying to connect" in line)
+                if reason is None and line.startswith("error: "):
+                    reason = line[len("error: "):].rstrip("\n")
             code = proc.wait()
         except KeyboardInterrupt:
             proc.wait()
@@ -388,4 +443,10 @@ def launch(worker_args: list[str], nproc: int, nnodes: int = 1, node_rank: int |
         raise ConfigError(f"--rdzv-endpoint: {endpoint} did not answer within {RDZV_TIMEOUT_S} s; start node 0 (the "
                           "machine at that address, --node-rank 0) first, check the address and port, and that no "
                           "firewall is in the way")
+    if code and reason:
+        raise WorkerError(reason)
     return code
+
+
+class WorkerError(KilnError):
+    """A worker of a distributed job stopped with an error of kiln's (its reason, as the worker printed it)."""

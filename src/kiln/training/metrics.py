@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.data.kind import DataKind
+from kiln.training.dist_eval import Share
 from kiln.training.distributed import is_sharded
 from kiln.training.objectives import TOKEN_TASKS, Objective
 
@@ -62,20 +63,27 @@ def _without_grad(fn):
 
 @_without_grad
 def evaluate(model: torch.nn.Module, kind: DataKind, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-             device: torch.device, precision=None, threshold: float = 0.5, exact: bool = True) -> dict[str, float]:
-    """The task's metrics over (stored inputs, targets) batches; ``exact``: with seq2seq's greedy exact match."""
+             device: torch.device, precision=None, threshold: float = 0.5, exact: bool = True,
+             share: Share | None = None) -> dict[str, float]:
+    """The task's metrics over (stored inputs, targets) batches; ``exact``: with seq2seq's greedy exact match.
+    ``share``: in a distributed run, this rank computes its share of the batches and every rank gets the metrics
+    of all of them (:mod:`kiln.training.dist_eval`)."""
+    share = share or Share()
     was_training = model.training
     model.eval()
     try:
-        if kind.task in TOKEN_TASKS:
-            return _token_metrics(model, kind, batches, device, precision, exact)
-        xs, outputs, targets = [], [], []
-        for xb, yb in batches:
-            outputs.append(_forward(model, kind.to_input(xb.to(device)), precision).float().cpu())
-            targets.append(yb)
-            xs.append(xb)
+        with share.whole(model):
+            if kind.task in TOKEN_TASKS:
+                return _token_metrics(model, kind, batches, device, precision, exact, share)
+            xs, mine, targets = [], {}, []
+            for i, (xb, yb) in enumerate(batches):
+                if share.mine(i):
+                    mine[i] = _forward(model, kind.to_input(xb.to(device)), precision).float().cpu()
+                targets.append(yb)
+                xs.append(xb)
     finally:
         model.train(was_training)
+    outputs = share.gather(mine, len(targets))
     y = torch.cat(targets) if targets else torch.empty(0)
     own = kind.metrics(xs, torch.cat(outputs) if outputs else torch.empty(0), y)
     if own is not None:
@@ -89,10 +97,12 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, precision) -> torch.Tensor
         return model(x)
 
 
-def _token_metrics(model, kind: DataKind, batches, device, precision, exact: bool) -> dict[str, float]:
+def _token_metrics(model, kind: DataKind, batches, device, precision, exact: bool, share: Share) -> dict[str, float]:
     objective = Objective(kind.task)
     loss_sum, tokens, correct, matches, rows = 0.0, 0, 0, 0, 0
-    for xb, yb in batches:
+    for i, (xb, yb) in enumerate(batches):
+        if not share.mine(i):
+            continue
         xb, yb = xb.to(device), yb.to(device)
         logits = _forward(model, xb, precision).float()
         right, counted = objective.counts(logits, yb)
@@ -103,6 +113,8 @@ def _token_metrics(model, kind: DataKind, batches, device, precision, exact: boo
         if found is not None:
             matches += found
             rows += len(xb)
+    loss_sum, tokens, correct, matches, rows = share.sum([loss_sum, tokens, correct, matches, rows])
+    tokens, correct, matches, rows = int(tokens), int(correct), int(matches), int(rows)
     loss = loss_sum / max(tokens, 1)
     out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": correct / max(tokens, 1),
            "tokens": tokens}
@@ -124,16 +136,22 @@ THRESHOLD_CANDIDATES = 101  # binary decision thresholds tried on validation: 0.
 
 @_without_grad
 def model_outputs(model: torch.nn.Module, x: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor], *,
-                  batch_size: int, device: torch.device, precision=None) -> torch.Tensor:
-    """Raw outputs (logits, or standardised values) for stored samples ``x``, float32 on the CPU."""
+                  batch_size: int, device: torch.device, precision=None, share: Share | None = None) -> torch.Tensor:
+    """Raw outputs (logits, or standardised values) for stored samples ``x``, float32 on the CPU; with ``share``,
+    this rank computes its share of the batches and every rank gets all the outputs."""
+    share = share or Share()
     was_training = model.training
     model.eval()
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = to_input(x[start:start + batch_size].to(device))
-        with precision.autocast() if precision is not None else contextlib.nullcontext():
-            out.append(model(xb).float().cpu())
-    model.train(was_training)
+    mine = {}
+    starts = range(0, len(x), batch_size)
+    try:
+        with share.whole(model):
+            for i, start in enumerate(starts):
+                if share.mine(i):
+                    mine[i] = _forward(model, to_input(x[start:start + batch_size].to(device)), precision).float().cpu()
+    finally:
+        model.train(was_training)
+    out = share.gather(mine, len(starts))
     return torch.cat(out) if out else torch.empty(0)
 
 

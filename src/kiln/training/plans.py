@@ -101,6 +101,8 @@ class Epochs:
         tr.display.end_epoch(f"epoch {s.epoch + 1}/{self.t.epochs}  train loss {train_loss:.4f} "
                              f"acc {train_accuracy:.4f}" + (f"  val {metrics_line(val)}" if val else ""))
         self.track_best(record)
+        tr.dist.agree([s.best_value if s.best_value is not None else math.nan, s.best_epoch or 0, s.bad_epochs,
+                       s.stopped_early], "the best epoch and early stopping", tr.device)
         s.epoch += 1
 
     def track_best(self, record: dict[str, Any]) -> None:
@@ -194,7 +196,7 @@ class Steps:
             batches = [tr.kind.gather(x, y, torch.randint(tr.kind.samples(x), (t.batch_size,), generator=gen)
                                       .to(tr.device)) for _ in range(t.eval_batches)]
             metrics = evaluate(tr.model, tr.kind, batches, device=tr.device, precision=tr.inference,
-                               exact=split == "val")
+                               exact=split == "val", share=tr.dist.eval_share(tr.device))
             record |= {f"{split}_{k}": v for k, v in metrics.items() if k not in ("tokens", "samples")}
         tr.state.history.append(record)
         tr.run_dir.append_metrics(record)

@@ -264,12 +264,12 @@ class Trainer:
         """The task's metrics on a whole split, in the precision inference uses."""
         x, y = self.data.split(split)
         return evaluate(self.model, self.kind, self.kind.eval_batches(x, y, self.plan.eval_size), device=self.device,
-                        precision=self.inference, threshold=threshold)
+                        precision=self.inference, threshold=threshold, share=self.dist.eval_share(self.device))
 
     def outputs(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.data.split(split)
         return model_outputs(self.model, x, self.kind.to_input, batch_size=self.t.eval_batch_size,
-                             device=self.device, precision=self.inference), y
+                             device=self.device, precision=self.inference, share=self.dist.eval_share(self.device)), y
 
 
 def class_weights(setting: str | list[float], train_y: torch.Tensor, kind: DataKind) -> torch.Tensor:
