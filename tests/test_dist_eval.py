@@ -40,11 +40,13 @@ def ranks(rank: int, world: int, init: str) -> None:
         plain.load_state_dict(model.state_dict())
         fully_shard(model[0]), fully_shard(model[2]), fully_shard(model)
         x = torch.randn(7, 4, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad(), share.whole(model):  # rank 0 runs 3 forwards, rank 1 one
-            outs = [model(x) for _ in range(3 if rank == 0 else 1)]
-        assert all(torch.equal(out, plain(x).detach()) for out in outs)
-        model(x).square().mean().backward()  # sharded again: training goes on
-        assert type(model[0].weight).__name__ == "DTensor"
+        for forwards in ((3, 1), (1, 0)):  # rank 0 runs 3 forwards, rank 1 one; then rank 1 none (no batch of its own)
+            with torch.no_grad(), share.whole(model):
+                outs = [model(x) for _ in range(forwards[rank])]
+            assert all(torch.equal(out, plain(x).detach()) for out in outs)
+            for _ in range(2):  # sharded again: training goes on, the ranks' backward collectives in step
+                model(x).square().mean().backward()
+            assert type(model[0].weight).__name__ == "DTensor"
 
         import os
         os.environ.update(WORLD_SIZE=str(world), RANK=str(rank))

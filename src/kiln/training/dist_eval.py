@@ -108,6 +108,20 @@ class Share:
                 m.reshard()
             root.set_reshard_after_forward(True)  # fully_shard's defaults: each block resharded after forward,
             root.set_reshard_after_forward(False, recurse=False)  # the root kept whole until backward
+            _forget_forwards(sharded)
+
+
+def _forget_forwards(sharded: list) -> None:
+    """FSDP2 records every forward (its post-forward order) to choose what to prefetch in the next backward, and
+    clears the record only when a backward ends. The evaluation's forwards, as many as each rank's share of the
+    batches (none on a rank without a batch), would make the ranks prefetch different blocks in the next training
+    backward, whose collectives would then no longer pair up (a hang). So they are forgotten here, as a backward
+    would forget them. This reads FSDP2's private state (torch is pinned; tests/test_dist_eval.py holds it)."""
+    for m in sharded:
+        state = m._get_fsdp_state()
+        state._comm_ctx.post_forward_order.clear()
+        for group in state._fsdp_param_groups:
+            group._post_forward_indices.clear()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
