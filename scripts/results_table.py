@@ -170,6 +170,8 @@ def nanogpt_cells(data: dict, options: dict) -> tuple[str, str, str]:
               f"{spread(loss['plain'], 3)}; training loop kiln {spread(secs['kiln'], 1)} s, plain "
               f"{spread(secs['plain'], 1)} s: plain / kiln "
               f"{statistics.median(secs['plain']) / statistics.median(secs['kiln']):.2f}x")
+    if options.get("jobs", 1) > 1:
+        result += f" ({options['jobs']} runs at a time: the seconds are no speed comparison)"
     if all("full_val_loss" in r for rs in results.values() for r in rs):  # recorded since both measure it
         exact = {name: [r["full_val_loss"] for r in rs] for name, rs in results.items()}
         result += (f"; exact val loss (every held-out token; the figures above are 20-batch estimates): kiln "
