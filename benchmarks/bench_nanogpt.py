@@ -3,10 +3,11 @@
 nanoGPT's README gives this CPU configuration: 4 layers, 4 heads, width 128, context 64, batch 12,
 2000 iterations, dropout 0, no bias, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices),
 100 warm-up iterations then cosine to 1e-4, gradient clip 1.0, and an evaluation of 20 random batches
-per split every 250 iterations (at 0, 250, ..., 2000). Its repository cannot be fetched here, so
-``plain`` below is a faithful rewrite of its model.py and train.py loop (same modules, initialisation,
-optimiser groups, schedule, batch sampling and evaluation); ``kiln`` trains examples/shakespeare_char.yaml.
-Both run alternately in fresh processes, --reps times each, with the same thread count.
+per split every 250 iterations (at 0, 250, ..., 2000). ``plain`` below is a faithful rewrite of its model.py
+and train.py loop (same modules, initialisation, optimiser groups, schedule, batch sampling and evaluation;
+compared line by line with nanoGPT's files); ``kiln`` trains examples/shakespeare_char.yaml. Both run
+alternately in fresh processes, --reps times each (rep i with seed --seed + i), with the same thread count;
+--jobs N runs N of them at a time (the same losses sooner on a busy machine; the seconds are then no comparison).
 
     KILN_DATA=../shared/data .venv/bin/python benchmarks/bench_nanogpt.py --reps 2 --threads 1
 
