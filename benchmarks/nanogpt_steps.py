@@ -133,7 +133,8 @@ def main() -> None:
         print(f"{step:4d}  {klr:.3e}  {bench.plain_lr(step):.3e}  {kloss.item():.6f}   {ploss.item():.6f}    "
               f"{abs(kloss.item() - ploss.item()):.2e}   {diff:.2e}", flush=True)
     if args.exact:
-        kmodel.eval(), pmodel.eval()
+        kmodel.eval()
+        pmodel.eval()
         with torch.no_grad():
             totals = {"kiln": [0.0, 0], "plain": [0.0, 0]}
             for xb, yb in kind.eval_batches(data.val_x, data.val_x, 64):
@@ -141,8 +142,8 @@ def main() -> None:
                                    ("plain", pmodel(xb.contiguous(), yb.contiguous()))):
                     totals[name][0] += loss.item() * yb.numel()
                     totals[name][1] += yb.numel()
-        print("exact held-out loss after step %d: kiln %.5f  plain %.5f" % (
-            args.steps, totals["kiln"][0] / totals["kiln"][1], totals["plain"][0] / totals["plain"][1]))
+        kiln_exact, plain_exact = (totals[name][0] / totals[name][1] for name in ("kiln", "plain"))
+        print(f"exact held-out loss after step {args.steps}: kiln {kiln_exact:.5f}  plain {plain_exact:.5f}")
 
 
 if __name__ == "__main__":
