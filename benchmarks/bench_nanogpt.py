@@ -3,10 +3,11 @@
 nanoGPT's README gives this CPU configuration: 4 layers, 4 heads, width 128, context 64, batch 12,
 2000 iterations, dropout 0, no bias, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices),
 100 warm-up iterations then cosine to 1e-4, gradient clip 1.0, and an evaluation of 20 random batches
-per split every 250 iterations (at 0, 250, ..., 2000). Its repository cannot be fetched here, so
-``plain`` below is a faithful rewrite of its model.py and train.py loop (same modules, initialisation,
-optimiser groups, schedule, batch sampling and evaluation); ``kiln`` trains examples/shakespeare_char.yaml.
-Both run alternately in fresh processes, --reps times each, with the same thread count.
+per split every 250 iterations (at 0, 250, ..., 2000). ``plain`` below is a faithful rewrite of its model.py
+and train.py loop (same modules, initialisation, optimiser groups, schedule, batch sampling and evaluation;
+compared line by line with nanoGPT's files); ``kiln`` trains examples/shakespeare_char.yaml. Both run
+alternately in fresh processes, --reps times each (rep i with seed --seed + i), with the same thread count;
+--jobs N runs N of them at a time (the same losses sooner on a busy machine; the seconds are then no comparison).
 
     KILN_DATA=../shared/data .venv/bin/python benchmarks/bench_nanogpt.py --reps 2 --threads 1
 
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -284,7 +286,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=2, help="runs of each system, alternating (default 2)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: PyTorch's)")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="the first run's seed; rep i runs seed + i (default 1337)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time (default 1); more gives the same losses sooner, but no time comparison")
     p.add_argument("--floor", action="store_true", help="only print the compute floor of the configuration")
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -311,14 +315,19 @@ def main() -> None:
     if args.floor:
         return
     results: dict[str, list[dict]] = {"plain": [], "kiln": []}
-    for rep in range(args.reps):
-        for name in ("plain", "kiln"):
-            r = run_worker(name, args.seed + rep, args.threads)
+    runs = [(rep, name) for rep in range(args.reps) for name in ("plain", "kiln")]  # alternating
+    if args.jobs > 1:
+        print(f"{args.jobs} runs at a time: the losses are those of one run at a time (each run's own seed and "
+              "thread count), the seconds are not a speed comparison", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_worker, name, args.seed + rep, args.threads) for rep, name in runs]
+        for (rep, name), future in zip(runs, futures):
+            r = future.result()
             results[name].append(r)
             extra = f"  (whole kiln.train call {r['call_seconds']:.1f} s)" if name == "kiln" else ""
-            print(f"rep {rep + 1} {name:5s}: val loss {r['val_loss']:.4f} (20-batch estimate), "
-                  f"{r['full_val_loss']:.4f} (exact: every held-out token)  train loss {r['train_loss']:.4f}  "
-                  f"{r['loop_seconds']:.1f} s{extra}", flush=True)
+            print(f"rep {rep + 1} {name:5s} (seed {args.seed + rep}): val loss {r['val_loss']:.4f} (20-batch "
+                  f"estimate), {r['full_val_loss']:.4f} (exact: every held-out token)  train loss "
+                  f"{r['train_loss']:.4f}  {r['loop_seconds']:.1f} s{extra}", flush=True)
     print("\n system   val loss estimate (min / median / max)   exact (min / median / max)   "
           "seconds (min / median / max)")
     for name, rs in results.items():

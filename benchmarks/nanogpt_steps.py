@@ -2,12 +2,18 @@
 
 kiln's model is built from examples/shakespeare_char.yaml (kiln's initialisation, seed --seed); the rewrite's
 GPT (bench_nanogpt.plain_gpt) gets a copy of its weights. Then both take --steps optimiser steps on the same
-random training windows, each with its own optimiser, schedule and gradient clipping (kiln's
+random training windows (drawn as `kiln train` draws them, so the kiln side repeats a `kiln train` run of the
+same seed), each with its own optimiser, schedule and gradient clipping (kiln's
 make_optimizer/make_scheduler/backward_and_step, the rewrite's AdamW groups and get_lr), and every step prints
 the learning rate each used, the loss each computed, and the largest difference between their weights. The
 initialisation rule (std of every parameter) and the weight-decay groups are compared first.
 
     KILN_DATA=../shared/data .venv/bin/python benchmarks/nanogpt_steps.py --steps 20
+
+The whole run, with the exact held-out loss of both at the end (the rewrite trained on kiln's initial weights
+and kiln's batches; about two trainings' time):
+
+    KILN_DATA=../shared/data .venv/bin/python benchmarks/nanogpt_steps.py --steps 2000 --print-every 250 --exact
 
 A difference in the first forward pass points at the model, in the first steps' weights at the optimiser, in a
 learning rate at the schedule. Float rounding (a fused AdamW against a per-tensor one) grows slowly; a cause
@@ -49,6 +55,9 @@ def main() -> None:
                    help="give kiln's optimiser the rewrite's learning rate at every step (isolates the optimiser)")
     p.add_argument("--schedule", nargs="*", type=int, default=[0, 1, 99, 100, 101, 1000, 1999],
                    help="steps whose learning rates to compare besides the trained ones")
+    p.add_argument("--print-every", type=int, default=1, help="print every Nth step (default 1)")
+    p.add_argument("--exact", action="store_true",
+                   help="after the last step, the exact held-out loss of both models (every held-out token once)")
     args = p.parse_args()
     import torch
 
@@ -97,9 +106,11 @@ def main() -> None:
     data = kind.load()
     train = data.train_x
     objective = Objective("lm", None, 0.0)
-    gen = torch.Generator().manual_seed(args.seed)
     print("\nstep  lr kiln     lr plain   loss kiln  loss plain  |diff|     max |weight diff|")
     for step in range(args.steps):
+        # kiln's own draw (kiln.training.plans.StepBatches): step i's windows from a generator seeded by (seed, i),
+        # so with the same seed the kiln side repeats `kiln train`'s run
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         idx = torch.randint(kind.samples(train), (cfg.train.batch_size,), generator=gen)
         x, y = kind.gather(train, data.train_y, idx)
         if args.same_lr:
@@ -117,8 +128,22 @@ def main() -> None:
         popt.zero_grad(set_to_none=True)
         with torch.no_grad():
             diff = max((q - pparams[plain_name(n)]).abs().max().item() for n, q in kmodel.named_parameters())
+        if step % args.print_every and step + 1 < args.steps:
+            continue
         print(f"{step:4d}  {klr:.3e}  {bench.plain_lr(step):.3e}  {kloss.item():.6f}   {ploss.item():.6f}    "
               f"{abs(kloss.item() - ploss.item()):.2e}   {diff:.2e}", flush=True)
+    if args.exact:
+        kmodel.eval()
+        pmodel.eval()
+        with torch.no_grad():
+            totals = {"kiln": [0.0, 0], "plain": [0.0, 0]}
+            for xb, yb in kind.eval_batches(data.val_x, data.val_x, 64):
+                for name, loss in (("kiln", objective.loss(kmodel(xb).float(), yb, None)),
+                                   ("plain", pmodel(xb.contiguous(), yb.contiguous()))):
+                    totals[name][0] += loss.item() * yb.numel()
+                    totals[name][1] += yb.numel()
+        kiln_exact, plain_exact = (totals[name][0] / totals[name][1] for name in ("kiln", "plain"))
+        print(f"exact held-out loss after step {args.steps}: kiln {kiln_exact:.5f}  plain {plain_exact:.5f}")
 
 
 if __name__ == "__main__":
