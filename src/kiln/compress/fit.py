@@ -18,7 +18,7 @@ from kiln.rundir import RunDir
 from kiln.training.objectives import Objective
 from kiln.training.precision import pick_device, pick_fuse, pick_precision
 from kiln.training.progress import TrainProgress
-from kiln.training.session import _finish, _manifest
+from kiln.training.session import finish_run, run_manifest
 from kiln.training.threads import pick_threads
 from kiln.training.trainer import Trainer
 
@@ -75,7 +75,7 @@ def train_into(cfg, run_dir: RunDir, kind: DataKind, model: KilnModel, *, live: 
         run_dir.create()
         kind.save(run_dir.path)
         atomic_write_text(run_dir / RunDir.CONFIG, cfg.to_yaml())
-        manifest = _manifest(cfg, data, device, precision, model, fused | (execution or {}))
+        manifest = run_manifest(cfg, data, device, precision, model, fused | (execution or {}))
         run_dir.write_json(RunDir.MANIFEST, manifest | {"threads_reason": threads_reason})
         display.log(f"training {cfg.name}: {manifest['parameters']:,} parameters, {trainer.plan.describe()}, "
                     f"{threads} threads")
@@ -84,7 +84,7 @@ def train_into(cfg, run_dir: RunDir, kind: DataKind, model: KilnModel, *, live: 
         finally:
             if hook is not None:
                 hook.remove()
-        _finish(cfg, trainer, manifest)
+        finish_run(cfg, trainer, manifest)
         return model.eval()
     finally:
         torch.set_num_threads(before)

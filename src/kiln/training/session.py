@@ -120,7 +120,7 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
     for line in [*kind.report(), *filter(None, [trainer.weights_note, dist.note]),
                  *(transfer.lines() if transfer else [])]:
         display.log(line)
-    manifest = _manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason,
+    manifest = run_manifest(cfg, data, device, precision, model, execution) | {"threads_reason": threads_reason,
                                                                             "distributed": dist.manifest()}
     manifest |= (transfer.manifest() if transfer else {}) | ({"lr_find": found.summary()} if found else {})
     if trainer.privacy:
@@ -152,13 +152,13 @@ def _train_run(cfg, run_dir: RunDir, resume: bool, saved: dict | None, live: boo
         display.close()
         run_dir.write_json(RunDir.MANIFEST, {**manifest, "status": "stopped", "error": f"{type(e).__name__}: {e}"})
         raise
-    _finish(cfg, trainer, manifest)
+    finish_run(cfg, trainer, manifest)
     if dist.active:  # the finished model, whole on every rank (FSDP held shards), then the process group ends
         model = dist.finish(model, lambda: build_model(cfg.blocks, kind.input_shape).to(device), run_dir)
     return Trained(RunDir(run_dir.path), cfg, model.eval(), device, kind)
 
 
-def _finish(cfg, trainer: Trainer, manifest: dict) -> None:
+def finish_run(cfg, trainer: Trainer, manifest: dict) -> None:
     """Final weights, the threshold of a binary task, metrics on validation and test, results.json."""
     run_dir, data, model, s = trainer.run_dir, trainer.data, trainer.model, trainer.state
     summary = trainer.plan.finish()
@@ -230,7 +230,7 @@ def check_resumable(run_dir: RunDir, cfg, saved: dict | None) -> None:
                           f"(sections: {', '.join(diff)}); only train.epochs and train.steps may change on resume")
 
 
-def _manifest(cfg, data: Splits, device: torch.device, precision: Precision, model: KilnModel,
+def run_manifest(cfg, data: Splits, device: torch.device, precision: Precision, model: KilnModel,
               execution: dict) -> dict:
     return {
         "kiln": __version__,
