@@ -40,7 +40,7 @@ def ranks(rank: int, world: int, init: str) -> None:
         plain.load_state_dict(model.state_dict())
         fully_shard(model[0]), fully_shard(model[2]), fully_shard(model)
         x = torch.randn(7, 4, generator=torch.Generator().manual_seed(1))
-        for forwards in ((3, 1), (1, 0)):  # rank 0 runs 3 forwards, rank 1 one; then rank 1 none (no batch of its own)
+        for forwards in ((1, 0), (3, 1)):  # rank 1 none (no batch of its own; FSDP not yet run on it), then 3 and 1
             with torch.no_grad(), share.whole(model):
                 outs = [model(x) for _ in range(forwards[rank])]
             assert all(torch.equal(out, plain(x).detach()) for out in outs)

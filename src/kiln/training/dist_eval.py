@@ -119,7 +119,9 @@ def _forget_forwards(sharded: list) -> None:
     would forget them. This reads FSDP2's private state (torch is pinned; tests/test_dist_eval.py holds it)."""
     for m in sharded:
         state = m._get_fsdp_state()
-        state._comm_ctx.post_forward_order.clear()
+        order = getattr(state._comm_ctx, "post_forward_order", None)  # made at FSDP's first training forward
+        if order is not None:
+            order.clear()
         for group in state._fsdp_param_groups:
             group._post_forward_indices.clear()
 
