@@ -106,8 +106,9 @@ def kiln_folds(cfg, overrides: dict, folds: int, tmp: Path, first: int | None) -
         with contextlib.redirect_stderr(io.StringIO()):  # the training log: the table below says what counts
             run = kiln.train(cfg, {**overrides, "data.folds": folds, "data.fold": k},
                              out=tmp / f"run_{time.monotonic_ns()}", live=False)
-        per_fold.append({m: run.metrics["test"][m] for m in METRICS})
-        print(f"  fold {k}: " + "  ".join(f"{m} {per_fold[-1][m]:.4f}" for m in METRICS), flush=True)
+        per_fold.append({m: run.metrics["test"][m] for m in METRICS} | {"bins": run.config.data.bins})
+        print(f"  fold {k}: " + "  ".join(f"{m} {per_fold[-1][m]:.4f}" for m in METRICS)
+              + f"  bins {run.config.data.bins}", flush=True)
     return {"folds": per_fold, "seconds": time.perf_counter() - t0}
 
 
@@ -160,7 +161,9 @@ def main() -> None:
                 results[name] = {**kiln_folds(cfg, overrides, args.folds, tmp, args.first_folds), "overrides": overrides}
             if not args.no_baselines:
                 results.update(baselines(table, cfg, folds[:args.first_folds]))
+        # kiln's data.bins as each fold's run resolved it (data.bins: auto follows the training rows)
         summary = {name: {"seconds": round(r["seconds"], 1), "overrides": r.get("overrides", {}),
+                          **({"bins": [f["bins"] for f in r["folds"]]} if "bins" in r["folds"][0] else {}),
                           **{m: {"mean": statistics.fmean(f[m] for f in r["folds"]),
                                  "std": statistics.pstdev(f[m] for f in r["folds"]),
                                  "values": [f[m] for f in r["folds"]]} for m in METRICS}}

@@ -82,7 +82,11 @@ def test_audit_figures_equal_fairlearns_own(credit_run, credit_csv):
     report = audit(credit_run, [SEX, "age:25", "foreign"], bootstrap=200)
     rows = split_rows(credit_run, credit_csv, "test")
     probs = run.predict_rows(rows)
-    p = np.array([r["probability_bad"] for r in probs], dtype=np.float64)
+    # The model's own probabilities: predict_rows rounds them to 6 decimals, and a model whose probabilities lie
+    # close together (TabM-mini after 8 epochs) then has ties that move a group's ROC-AUC by 1e-4.
+    x, _ = run.kind.load().split("test")
+    p = run.from_outputs(run.outputs(x))[:, 1].double().numpy()
+    assert np.allclose(p, [r["probability_bad"] for r in probs], atol=1e-6)  # the rows are the split's, in order
     y = np.array([r["credit_risk"] == "bad" for r in rows], dtype=int)
     decided = (p >= run.threshold).astype(int)
     by_column = {"sex": [sex_of(r["personal_status_and_sex"]) for r in rows],
@@ -363,7 +367,8 @@ def test_numeric_column_is_binned_at_training_quantiles(credit_run):
     spec = report["sensitive"][0]["spec"]
     train_ages = [float(v) for v in kiln.Run.load(credit_run).kind.column_values("train", "age")]
     edges = [float(e) for e in spec.split(":")[1].split(",")]
-    assert edges == pytest.approx(list(np.unique(np.quantile(train_ages, [1 / 3, 2 / 3]))), abs=1e-6)
+    # the spec prints each edge with 6 significant digits
+    assert edges == pytest.approx(list(np.unique(np.quantile(train_ages, [1 / 3, 2 / 3]))), rel=1e-5)
     assert len(report["sensitive"][0]["before"]["groups"]) == 3
 
 
@@ -376,5 +381,5 @@ def test_non_binary_runs_are_refused(credit_csv, tmp_path):
     with pytest.raises(ConfigError, match="train.fairness applies to classification"):
         kiln.train(REPO / "examples" / "german_credit.yaml",
                    short({"data.target": "amount", "data.positive": None, "train.threshold_metric": None,
-                          "model.blocks.4": {"type": "regressor"}, "train.fairness": {"sensitive": "foreign"}}),
+                          "model.blocks.2": {"type": "regressor"}, "train.fairness": {"sensitive": "foreign"}}),
                    out=tmp_path / "reg", live=False)

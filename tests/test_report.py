@@ -280,7 +280,7 @@ def test_regression_card_plots_predicted_against_true(credit_root: Path, tmp_pat
 
     as_regression = {**FAST, "train.epochs": 6, "data.target": "amount", "data.positive": None,
                      "train.early_stopping": None, "train.threshold_metric": None,
-                     "model.blocks.4": {"type": "regressor"}}
+                     "model.blocks.2": {"type": "regressor"}}
     run = kiln.train(REPO / "examples" / "german_credit.yaml", as_regression, out=tmp_path / "amount", live=False)
     assert run.kind.task == "regression"
     page = assert_self_contained(html := render_report(run.path))

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Small, fast trials: a few epochs on one thread, few log lines.
 QUICK = ["--set", "train.epochs=4", "--set", "train.threads=1", "--set", "train.log_every=1000"]
 SMALL_SPACE = {"train.optimizer.lr": {"float": [1.0e-3, 1.0e-2], "log": True},
-               "model.blocks.2.units": {"int": [8, 64]}}
+               "model.blocks.1.units": {"int": [8, 64]}}
 
 
 def env() -> dict[str, str]:
@@ -87,7 +87,7 @@ def test_the_example_space_parses_and_fits_the_example_config() -> None:
 
 @pytest.mark.parametrize(("key", "nearest"), [
     ("train.optimiser.lr", "train.optimizer.lr"),
-    ("model.blocks.2.unit", "model.blocks.2.units"),
+    ("model.blocks.1.unit", "model.blocks.1.units"),
     ("train.batchsize", "train.batch_size"),
     ("train.hard_examples.fractoin", "train.hard_examples.fraction"),  # a field of a section the config leaves unset
 ])
@@ -99,9 +99,9 @@ def test_a_key_the_config_lacks_names_the_nearest_one(key: str, nearest: str) ->
 
 @pytest.mark.parametrize(("spec", "fragment"), [
     ({"train.optimizer.lr": {"float": [1.0e-4, 20.0]}}, "train.optimizer.lr: 20.0 is outside what the config allows"),
-    ({"model.blocks.1.rate": {"float": [0.0, 1.5]}}, "model.blocks.1.rate: 1.5 is outside"),
-    ({"model.blocks.2.units": {"int": [0, 64]}}, "model.blocks.2.units: 0 is outside"),
-    ({"model.blocks.2.units": {"float": [8.0, 64.0]}}, "model.blocks.2.units: 8.0 is outside"),  # an integer key
+    ({"model.blocks.1.dropout": {"float": [0.0, 1.5]}}, "model.blocks.1.dropout: 1.5 is outside"),
+    ({"model.blocks.1.units": {"int": [0, 64]}}, "model.blocks.1.units: 0 is outside"),
+    ({"model.blocks.1.units": {"float": [8.0, 64.0]}}, "model.blocks.1.units: 8.0 is outside"),  # an integer key
     ({"train.schedule.name": {"choice": ["cosine", "cosin"]}}, "'cosin' is outside"),
 ])
 def test_a_range_outside_the_allowed_values_is_refused(spec: dict, fragment: str) -> None:
@@ -115,7 +115,7 @@ def test_a_range_outside_the_allowed_values_is_refused(spec: dict, fragment: str
     ({"train.optimizer.lr": {"float": [0.1, 0.01]}}, "low (0.1) must be below high (0.01)"),
     ({"train.optimizer.lr": {"floot": [0.1, 0.2]}}, "give exactly one of float, int or choice"),
     ({"train.optimizer.lr": {"float": [0.01, 0.1], "lg": True}}, "unknown option 'lg'"),
-    ({"model.blocks.2.units": {"int": [8, 64], "log": True, "step": 8}}, "give log or step, not both"),
+    ({"model.blocks.1.units": {"int": [8, 64], "log": True, "step": 8}}, "give log or step, not both"),
     ({"train.schedule.warmup": {"float": [0.0, 0.2], "when": {"train.schedule.name": "cosine"}}},
      "not an earlier key of the space"),
     ({"train.schedule.name": {"choice": ["constant", "cosine"]},
@@ -200,7 +200,7 @@ def test_a_tiny_tune_on_german_credit_writes_a_runnable_best_config(german_credi
     assert best["value"] > 0.7  # validation ROC-AUC of a working table model; a broken one scores near 0.5
     cfg = load_config(out / "best.yaml")
     assert cfg.train.optimizer.lr == best["params"]["train.optimizer.lr"]
-    assert cfg.model.blocks[2].units == best["params"]["model.blocks.2.units"]
+    assert cfg.model.blocks[1].units == best["params"]["model.blocks.1.units"]
     table = (out / "trials.csv").read_text().splitlines()
     assert len(table) == 5 and table[0].startswith("number,state,value")
     assert "| trial | state | roc_auc |" in (out / "trials.md").read_text()

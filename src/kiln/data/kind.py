@@ -89,6 +89,11 @@ class DataKind:
         """Block fields the data decides, by block type (filled in where the config leaves them unset)."""
         return {"classifier": {"classes": len(self.class_names)}}
 
+    def data_fields(self) -> dict[str, Any]:
+        """``data`` fields the data decides where the config said ``auto`` (a table's ``bins``), so the run's
+        config.yaml holds the value used; nothing for most kinds."""
+        return {}
+
     def check_model(self, specs: list[BlockSpec]) -> None:
         """Refuse, before anything is written, a model this kind of data cannot train."""
 
@@ -225,7 +230,10 @@ def resolve(cfg, kind: DataKind):
                                   f"{v!r}; leave it unset to take the data's")
         unset = {k: v for k, v in decided.items() if getattr(b, k) is None}
         blocks.append(b.model_copy(update=unset) if unset else b)
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"blocks": blocks})})
+    update = {"model": cfg.model.model_copy(update={"blocks": blocks})}
+    if data := kind.data_fields():
+        update["data"] = cfg.data.model_copy(update=data)
+    return cfg.model_copy(update=update)
 
 
 def find_data(path: str | None, root: str | None, what: str) -> Path:

@@ -271,7 +271,7 @@ def fit_streaming(shards: ShardSet, owned: list[int], cfg: TabularStreamData, se
             kept.append(c)
     if not kept:
         raise DataError(f"data.path {cfg.path!r}: no column is left to predict {cfg.target!r} from")
-    return Preprocessing(target, kept)
+    return Preprocessing(target, kept, cfg.bins if cfg.numeric_encoding == "ple" else None)
 
 
 def _value_counts(column) -> dict:

@@ -11,13 +11,13 @@ import csv
 import hashlib
 import io
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from kiln.data.kind import DataKind, DataSpec, find_data
-from kiln.data.preprocess import Column, Preprocessing, fit, fit_target
+from kiln.data.preprocess import AUTO_BINS, ROWS_PER_BIN, Column, Preprocessing, auto_bins, fit, fit_target
 from kiln.data.splits import Splits, stratified_rows
 from kiln.data.table import Table, read_table, rows_to_table
 from kiln.data.table_inputs import TableInputs
@@ -37,7 +37,10 @@ class TabularData(DataSpec):
     columns: dict[str, Literal["numeric", "categorical", "boolean", "drop"]] = {}  # overrides of inferred types
     # A numeric column as one standardised value, or piecewise-linear over up to `bins` quantile bins (ple).
     numeric_encoding: Literal["standard", "ple"] = "standard"
-    bins: int = Field(default=16, ge=2, le=256)
+    # auto: training rows / 80, between 16 and 64 (kiln.data.preprocess.auto_bins: a bin's slope is learnt from
+    # the rows in it; small tables lose with many bins, large ones gain); the run's config.yaml and
+    # preprocessing.json keep the number chosen, so predict and serve encode with the same edges.
+    bins: Literal["auto"] | Annotated[int, Field(ge=2, le=256)] = "auto"
     test_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # held out for testing (stratified), unless folds
     folds: int | None = Field(default=None, ge=2)  # k-fold cross-validation: test on fold `fold` of `folds`
     fold: int = Field(default=0, ge=0)
@@ -88,8 +91,9 @@ class Tabular(DataKind):
             if not rows:
                 raise DataError(f"data: {table.source} has {len(table)} rows, which leaves no {part} rows; {fix}")
         positive = full.classes[1] if task == "binary" else None
+        bins = auto_bins(len(self.rows[0])) if cfg.bins == "auto" else cfg.bins
         self.prep, self.dropped = fit(table.take(self.rows[0]), cfg.target, task, cfg.columns, positive,
-                                      cfg.numeric_encoding, cfg.bins)
+                                      cfg.numeric_encoding, bins)
 
     def table(self) -> Table:
         if self._table is None:
@@ -126,8 +130,14 @@ class Tabular(DataKind):
         return {"classifier": {"classes": len(self.class_names)}, "tabular_encoder": layout,
                 "feature_tokenizer": layout}
 
+    def data_fields(self) -> dict[str, Any]:
+        return {"bins": self.prep.bins} if self.cfg.bins == "auto" and self.prep.bins is not None else {}
+
     def report(self) -> list[str]:
-        return self.prep.describe(self.dropped)
+        auto = ([f"data.bins auto: {self.prep.bins} quantile bins per number ({len(self.rows[0]):,} training rows, "
+                 f"about {ROWS_PER_BIN} a bin, {AUTO_BINS[0]} to {AUTO_BINS[1]})"]
+                if self.cfg.bins == "auto" and self.prep.bins is not None and hasattr(self, "rows") else [])
+        return self.prep.describe(self.dropped) + auto
 
     # ---- data ----------------------------------------------------------------------------------------
 
