@@ -40,19 +40,19 @@ def test_the_average_is_the_hand_computed_ema_and_evaluation_swaps_it_in_and_out
     live = {k: v.clone() for k, v in model.state_dict().items()}
     with ema.swapped():
         inside = {k: v.clone() for k, v in model.state_dict().items()}
-    for k in expected:
-        assert torch.allclose(inside[k], expected[k], atol=1e-6), k
+    for k, want in expected.items():
+        assert torch.allclose(inside[k], want, atol=1e-6), k
         assert not torch.equal(inside[k], live[k]), f"{k}: the average equals the weights (the test could not fail)"
     for k, v in model.state_dict().items():  # the training weights are back
         assert torch.equal(v, live[k]), k
     assert torch.equal(inside["2.num_batches_tracked"], live["2.num_batches_tracked"])  # a counter is not averaged
 
 
-def _german(german_credit: Path, epochs: int, ema: dict | None = {"decay": 0.9}) -> dict:
+def _german(german_credit: Path, epochs: int) -> dict:
     cfg = load_config(REPO / "examples" / "german_credit.yaml").to_dict()
     cfg["data"]["path"] = str(german_credit)
     cfg["model"]["blocks"][1].update(members=4, units=32)
-    cfg["train"].update(epochs=epochs, schedule={"name": "constant"}, early_stopping=None, ema=ema, threads=1,
+    cfg["train"].update(epochs=epochs, schedule={"name": "constant"}, early_stopping=None, ema={"decay": 0.9}, threads=1,
                         checkpoint_every=5)
     return cfg
 
