@@ -26,6 +26,7 @@ from kiln.errors import ConfigError
 from kiln.nn.base import BlockSpec
 from kiln.registry import BLOCKS, KINDS, OPTIMIZERS, SCHEDULES, did_you_mean
 from kiln.schema import Pair, StrictModel
+from kiln.training.ema import EmaConfig
 from kiln.training.fairness import FairnessConfig
 from kiln.training.metrics import MONITORS
 from kiln.training.privacy import PrivacyConfig
@@ -133,6 +134,7 @@ class TrainConfig(StrictModel):
     hard_examples: HardExamplesConfig | None = None  # later epochs on the samples that are still hard
     fairness: FairnessConfig | None = None  # e.g. {sensitive: foreign, method: reweigh} (kiln.training.fairness)
     privacy: PrivacyConfig | None = None  # train with differential privacy (DP-SGD; kiln.training.privacy)
+    ema: EmaConfig | None = None  # e.g. {decay: 0.99}: evaluate and keep an average of the weights (kiln.training.ema)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     fuse: Literal["auto", "on", "off"] = "auto"  # faster kernels for block patterns (kiln.nn.fuse); auto: on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N

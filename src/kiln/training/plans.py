@@ -20,6 +20,7 @@ import torch
 
 from kiln.errors import ConfigError
 from kiln.training.checkpoint import save_weights
+from kiln.training.ema import averaged
 from kiln.training.metrics import HIGHER_IS_BETTER, TASK_METRICS, evaluate, metrics_line
 
 
@@ -91,6 +92,12 @@ class Epochs:
     def end_period(self, train_loss: float, train_accuracy: float) -> None:
         """Evaluate the epoch on the validation split, keep the best epoch's weights, count towards early stopping."""
         s, tr = self.tr.state, self.tr
+        with averaged(tr.ema):  # train.ema: evaluated, and kept as the best epoch's, with the averaged weights
+            self._end_period(train_loss, train_accuracy)
+        s.epoch += 1
+
+    def _end_period(self, train_loss: float, train_accuracy: float) -> None:
+        s, tr = self.tr.state, self.tr
         val = tr.evaluate("val") if len(tr.data.val_x) else {}  # data.val_fraction 0: no val split
         record = {"kind": "epoch", "epoch": s.epoch + 1, "step": s.global_step, "samples": s.seen,
                   "train_loss": train_loss, "train_accuracy": train_accuracy,
@@ -103,7 +110,6 @@ class Epochs:
         self.track_best(record)
         tr.dist.agree([s.best_value if s.best_value is not None else math.nan, s.best_epoch or 0, s.bad_epochs,
                        s.stopped_early], "the best epoch and early stopping", tr.device)
-        s.epoch += 1
 
     def track_best(self, record: dict[str, Any]) -> None:
         """Keep the best epoch's weights; count epochs without improvement for early stopping."""
@@ -186,6 +192,10 @@ class Steps:
 
     def estimate(self) -> None:
         """Metrics on ``eval_batches`` random batches of each split (the same batches at every evaluation)."""
+        with averaged(self.tr.ema):  # train.ema: the averaged weights
+            self._estimate()
+
+    def _estimate(self) -> None:
         tr, t = self.tr, self.t
         record: dict[str, Any] = {"kind": "eval", "step": tr.state.global_step}
         for split, seed in (("train", tr.cfg.seed + 2), ("val", tr.cfg.seed + 1)):

@@ -162,6 +162,8 @@ def finish_run(cfg, trainer: Trainer, manifest: dict) -> None:
     """Final weights, the threshold of a binary task, metrics on validation and test, results.json."""
     run_dir, data, model, s = trainer.run_dir, trainer.data, trainer.model, trainer.state
     summary = trainer.plan.finish()
+    if trainer.ema:  # train.ema: the averaged weights are the model (the best epoch's were saved averaged)
+        trainer.ema.apply()
     es = cfg.train.early_stopping
     if es and es.restore_best and (run_dir / RunDir.BEST).is_file():
         load_weights(run_dir / RunDir.BEST, model)

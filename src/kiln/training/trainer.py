@@ -22,6 +22,7 @@ from kiln.nn import KilnModel
 from kiln.rundir import RunDir
 from kiln.training.checkpoint import load_checkpoint, save_checkpoint
 from kiln.training.distributed import Dist, load_sharded, prune_sharded, save_sharded
+from kiln.training.ema import Ema
 from kiln.training.fairness import sample_weights
 from kiln.training.metrics import evaluate, model_outputs
 from kiln.training.objectives import Objective
@@ -84,6 +85,7 @@ class Trainer:
         if self.privacy:
             self.optimizer = self.privacy.wrap(self.optimizer)
         self.scheduler = make_scheduler(self.optimizer, self.t.schedule, self.plan.total_steps)
+        self.ema = Ema(model, self.t.ema, self.dist.fsdp) if self.t.ema else None  # train.ema: evaluations use it
         hard = self.t.hard_examples
         # Each sample's loss when last trained on (inf: not yet seen), for hard_examples' choice.
         n = kind.samples(self.train_x)
@@ -113,6 +115,8 @@ class Trainer:
 
     def save(self) -> None:
         tracked = {"last_loss": self.last_loss} if self.last_loss is not None else None
+        if self.ema:
+            tracked = (tracked or {}) | self.ema.state()
         if self.dist.fsdp:  # model and optimizer state: sharded by every rank (torch.distributed.checkpoint)
             save_sharded(self.run_dir, self.model, self.optimizer, self.state.global_step)
         sharded = self.dist.fsdp
@@ -135,6 +139,8 @@ class Trainer:
             load_sharded(self.run_dir, self.model, self.optimizer, self.state.global_step)
         if self.last_loss is not None:
             self.last_loss.copy_(tracked["last_loss"])
+        if self.ema:
+            self.ema.restore(tracked)
         torch.set_rng_state(rng["torch"])
         self.aug_gen.set_state(rng["augment"])
         if "cuda" in rng:
@@ -180,6 +186,8 @@ class Trainer:
             self.last_loss[idx] = self.objective.sample_losses(logits.detach(), y)
         backward_and_step((loss + self.penalty()) * (1.0 if scale is None else scale), self.model, self.optimizer,
                           self.scheduler, self.scaler, self.t.grad_clip)
+        if self.ema:
+            self.ema.update()
         return loss_value.detach() * counted, correct, counted
 
     def skip_nonfinite(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
