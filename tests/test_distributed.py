@@ -379,7 +379,8 @@ def test_weighted_table_runs_share_the_weighted_loss(tmp_path):
     config = str(Path(__file__).resolve().parents[1] / "examples" / "german_credit_fair.yaml")
     overrides = ["model.blocks.1.dropout=0.0",  # dropout masks differ by batch layout (block 1: the ensemble_mlp)
                  "train.epochs=4", "train.log_every=1", "train.threads=1", "train.eval_batch_size=16",
-                 "data.test_fraction=0.199", "train.early_stopping.patience=1", "train.early_stopping.min_delta=1.0"]
+                 "data.test_fraction=0.199", "data.val_fraction=0.15",  # 120 validation rows (the example: 80)
+                 "train.early_stopping.patience=1", "train.early_stopping.min_delta=1.0"]
     kiln.train(config, overrides, out=tmp_path / "one", live=False)
     done = run_kiln("train", config, "--out", str(tmp_path / "two"), "--nproc", "2",
                     *[w for o in overrides for w in ("--set", o)])
