@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from kiln.report.svg import hbars
-from kiln.report.page import data_uri, figure, fmt, json_html, table
+from kiln.report.page import CSP, data_uri, figure, fmt, json_html, table
 from kiln.rundir import RunDir
 
 Section = tuple[str, str, str]
@@ -84,8 +84,10 @@ def _media(path: Path, notes: list[str]) -> str:
         data = path.read_bytes()
         return figure(f'<img class="plot" alt="{escape(path.name)}"{_enlarged(data)} '
                       f'src="{data_uri(data, MEDIA[path.suffix.lower()])}">', path.name)
-    # An HTML snippet: shown in a sandboxed frame (no scripts), under the page's policy (nothing fetched).
-    text = path.read_text(encoding="utf-8", errors="replace")
+    # An HTML snippet: shown in a sandboxed frame (no scripts) that carries the page's policy itself (nothing
+    # fetched): Chromium did not always apply the page's inherited policy to the frame before it loaded an image.
+    text = f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' + path.read_text(encoding="utf-8",
+                                                                                          errors="replace")
     return f'<div class="card"><iframe sandbox="" title="{escape(path.name)}" srcdoc="{escape(text)}"></iframe>' \
            f'<div class="note">{escape(path.name)}</div></div>'
 
