@@ -43,11 +43,13 @@ def shared_kind(data_cfg: DataSpec, seed: int, run_path: Path | None, dist, devi
                          if f.is_file()}
         except BaseException as e:
             _send({"error": str(e), "type": type(e).__name__}, on)
+            _both_have_it()
             raise
         _send({"files": files}, on)
         return kind
     message = _receive(on)
     if "error" in message:
+        _both_have_it()
         raise _ERRORS.get(message["type"], KilnError)(message["error"])
     with tempfile.TemporaryDirectory(prefix="kiln-fitted-") as folder:
         for name, data in message["files"].items():
@@ -55,6 +57,14 @@ def shared_kind(data_cfg: DataSpec, seed: int, run_path: Path | None, dist, devi
                 raise KilnError(f"rank 0 sent a run file with a path in its name: {name!r}")
             (Path(folder) / name).write_bytes(base64.b64decode(data))
         return open_kind(data_cfg, seed, Path(folder))
+
+
+def _both_have_it() -> None:
+    """Rank 0's error has reached every rank before any of them ends: a rank that tears gloo down while a peer is
+    still receiving aborts that peer (SIGABRT) instead of letting it print the error."""
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _send(message: dict, device: torch.device) -> None:
