@@ -2,6 +2,7 @@
 
     KILN_DATA=../shared/data python benchmarks/bench_tables.py [--config examples/german_credit.yaml ...]
         [--folds 5] [--rows N] [--first-folds N] [--variant "NAME:key=value;key=value" ...] [--no-default]
+        [--seeds 0 1 2]
 
 For each config (default: examples/german_credit.yaml and examples/bank_marketing.yaml) every model is
 scored on the same k stratified folds (seeded by the config's seed, as `kiln train --folds` draws them):
@@ -11,8 +12,12 @@ threshold; the baselines train on all of the fold's training rows. Baselines, wi
 logistic regression on one-hot categories and standardised numbers, and HistGradientBoostingClassifier with
 native categorical support. ``--variant`` adds kiln runs of the same config with overrides (the same ones
 for every config), e.g. ``--variant ple:data.numeric_encoding=ple``; ``--rows`` trains and tests
-on a stratified subsample (for development: quicker, noisier). Prints mean +- std over folds and kiln's
-difference to HistGradientBoosting; writes benchmarks/results/tables-<time>.json.
+on a stratified subsample (for development: quicker, noisier). ``--seeds`` repeats every model with each
+seed (kiln's ``seed``, which draws its initial weights and batches, the folds staying the config's;
+HistGradientBoosting's ``random_state``, which draws its early-stopping split): a difference smaller than
+the seed-to-seed spread then shows as such. Prints mean +- std over folds (with several seeds: the mean over
+seeds and folds, the std over the folds of the seeds' mean, and each seed's mean) and kiln's difference to
+HistGradientBoosting; writes benchmarks/results/tables-<time>.json.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def subsample(table, target: str, rows: int, seed: int, tmp: Path) -> Path:
     return path
 
 
-def baselines(table, cfg, folds) -> dict[str, list[dict[str, float]]]:
+def baselines(table, cfg, folds, seed: int = 0) -> dict[str, list[dict[str, float]]]:
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
@@ -84,7 +89,7 @@ def baselines(table, cfg, folds) -> dict[str, list[dict[str, float]]]:
             ColumnTransformer([("num", "passthrough", ni),
                                ("cat", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1), ci)]),
             HistGradientBoostingClassifier(categorical_features=list(range(len(ni), len(ni) + len(ci))),
-                                           random_state=0)),
+                                           random_state=seed)),
     }
     results = {}
     for name, make in models.items():
@@ -112,6 +117,21 @@ def kiln_folds(cfg, overrides: dict, folds: int, tmp: Path, first: int | None) -
     return {"folds": per_fold, "seconds": time.perf_counter() - t0}
 
 
+def summarise(per_seed: list[dict]) -> dict:
+    """One model's folds (of each seed) to mean +- std over folds; with several seeds, each fold's value is its
+    mean over the seeds, and each seed's own mean is kept."""
+    first = per_seed[0]
+    out = {"seconds": round(sum(r["seconds"] for r in per_seed), 1), "overrides": first.get("overrides", {})}
+    if "bins" in first["folds"][0]:  # kiln's data.bins as each fold's run resolved it (auto follows the rows)
+        out["bins"] = [f["bins"] for f in first["folds"]]
+    for m in METRICS:
+        values = [statistics.fmean(r["folds"][k][m] for r in per_seed) for k in range(len(first["folds"]))]
+        out[m] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "values": values}
+        if len(per_seed) > 1:
+            out[m]["seeds"] = [statistics.fmean(f[m] for f in r["folds"]) for r in per_seed]
+    return out
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:key=value;key=value``: values are YAML (``model.blocks=[{type: tabular_encoder}, ...]``)."""
     name, _, sets = text.partition(":")
@@ -128,6 +148,8 @@ def main() -> None:
                     help="NAME:key=value;key=value (YAML values), one or more")
     ap.add_argument("--no-default", action="store_true", help="run only the variants, not the configs as they are")
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="run every model with each of these seeds (default: kiln the config's, HGB 0)")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/tables-<time>.json")
     args = ap.parse_args()
 
@@ -141,7 +163,7 @@ def main() -> None:
           f"{sklearn.__version__}, kiln {kiln.__version__}")
     settings = {"config": [str(c) for c in args.config], "folds": args.folds, "rows": args.rows,
                 "first_folds": args.first_folds, "variant": args.variant, "no_default": args.no_default,
-                "no_baselines": args.no_baselines}
+                "no_baselines": args.no_baselines, "seeds": args.seeds}
     report = {"conditions": conditions, "settings": settings, "tables": {}}
     for config in args.config or CONFIGS:
         cfg = load_config(config)
@@ -155,26 +177,25 @@ def main() -> None:
             # The same folds kiln's --folds uses: stratified by the target, seeded by the config's seed.
             folds = [f.numpy() for f in stratified_folds(table.columns[cfg.data.target], args.folds, cfg.seed)]
             print(f"\n{config}: {len(table)} rows, {args.folds} stratified folds (seed {cfg.seed})", flush=True)
-            results = {}
-            for name, overrides in variants:
-                print(f"{name} {overrides or ''}", flush=True)
-                results[name] = {**kiln_folds(cfg, overrides, args.folds, tmp, args.first_folds), "overrides": overrides}
-            if not args.no_baselines:
-                results.update(baselines(table, cfg, folds[:args.first_folds]))
-        # kiln's data.bins as each fold's run resolved it (data.bins: auto follows the training rows)
-        summary = {name: {"seconds": round(r["seconds"], 1), "overrides": r.get("overrides", {}),
-                          **({"bins": [f["bins"] for f in r["folds"]]} if "bins" in r["folds"][0] else {}),
-                          **{m: {"mean": statistics.fmean(f[m] for f in r["folds"]),
-                                 "std": statistics.pstdev(f[m] for f in r["folds"]),
-                                 "values": [f[m] for f in r["folds"]]} for m in METRICS}}
-                   for name, r in results.items()}
+            runs: dict[str, list[dict]] = {}  # per model, one result per seed
+            for seed in args.seeds or [None]:
+                same = {} if seed is None else {"seed": seed, "data.split_seed": cfg.seed}  # the folds stay
+                for name, overrides in variants:
+                    print(f"{name} {({**overrides, **same}) or ''}", flush=True)
+                    runs.setdefault(name, []).append({**kiln_folds(cfg, {**overrides, **same}, args.folds, tmp,
+                                                                   args.first_folds), "overrides": overrides})
+                if not args.no_baselines:
+                    for name, r in baselines(table, cfg, folds[:args.first_folds], seed or 0).items():
+                        runs.setdefault(name, []).append(r)
+        summary = {name: summarise(r) for name, r in runs.items()}
         hgb = summary.get("hist_gradient_boosting")
         print(f"{'model':28s} {'ROC-AUC mean +- std':>20s} {'PR-AUC mean +- std':>20s} {'ROC-AUC - HGB':>14s} "
               f"{'seconds':>8s}")
         for name, s in summary.items():
             diff = f"{s['roc_auc']['mean'] - hgb['roc_auc']['mean']:+.4f}" if hgb else ""
+            seeds = "  seeds " + " ".join(f"{v:.4f}" for v in s["roc_auc"]["seeds"]) if "seeds" in s["roc_auc"] else ""
             print(f"{name:28s} {s['roc_auc']['mean']:>11.4f} +- {s['roc_auc']['std']:.4f} "
-                  f"{s['pr_auc']['mean']:>11.4f} +- {s['pr_auc']['std']:.4f} {diff:>14s} {s['seconds']:>8.0f}")
+                  f"{s['pr_auc']['mean']:>11.4f} +- {s['pr_auc']['std']:.4f} {diff:>14s} {s['seconds']:>8.0f}{seeds}")
         report["tables"][str(config)] = {"config": cfg.to_dict(), "rows": len(table), "results": summary}
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"tables-{stamp}.json")

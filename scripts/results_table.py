@@ -5,7 +5,8 @@ files are the history and are never edited. The table has one row per benchmark 
 file of that variant (by the time in its name). A variant is a benchmark's recorded options except those that
 only size or place the sample: how many repetitions or seeds, which systems or servers ran beside kiln, the
 seconds per load point, the run directory served. So rerunning `bench_mnist_speed.py --reps 5` replaces the
-`--reps 3` row, while `--threads 1` or a `--set` override keeps a row of its own.
+`--reps 3` row, while `--threads 1` or a `--set` override keeps a row of its own. Development runs that a
+benchmark marks as such (`bench_tables.py --no-default`: screens of variants alone) stay history, not rows.
 
     python scripts/results_table.py            # rewrite the table between the markers in README.md
     python scripts/results_table.py --check    # exit 1 if README.md's table is not what this would write
@@ -44,6 +45,7 @@ class Benchmark:
     not_variant: frozenset  # options that only size or place the sample; any other option, new ones too, splits rows
     options: Callable[[dict], dict]  # the run's options from its JSON, named as the script's flags
     cells: Callable[[dict, dict], tuple[str, str, str]]  # (what was measured, result, conditions)
+    shown: Callable[[dict], bool] = lambda options: True  # False: a development run, kept as history, not a row
 
 
 class Result(NamedTuple):
@@ -277,6 +279,7 @@ def tables_cells(data: dict, options: dict) -> tuple[str, str, str]:
     folds = f"{options['first_folds']} of {options['folds']}" if options.get("first_folds") else options["folds"]
     what = (f"tables, {folds} stratified folds"
             + (f", a {options['rows']:,}-row subsample" if options.get("rows") else "")
+            + (f", each model with seeds {', '.join(map(str, options['seeds']))}" if options.get("seeds") else "")
             + ": ROC-AUC and PR-AUC of kiln's example configs vs scikit-learn's HistGradientBoosting (HGB) and "
               "logistic regression (LR), defaults")
     parts = []
@@ -286,9 +289,11 @@ def tables_cells(data: dict, options: dict) -> tuple[str, str, str]:
         cells = ", ".join(
             f"{names.get(n, n)} {v['roc_auc']['mean']:.4f} +- {v['roc_auc']['std']:.4f} (PR {v['pr_auc']['mean']:.3f})"
             + (f" **{v['roc_auc']['mean'] - hgb:+.4f}**" if hgb is not None and n.startswith("kiln") else "")
+            + (f" [seeds {' / '.join(f'{x:.4f}' for x in v['roc_auc']['seeds'])}]" if "seeds" in v["roc_auc"] else "")
             for n, v in r.items())
         parts.append(f"{Path(config).stem} ({t['rows']:,} rows): {cells}")
-    result = "ROC-AUC mean +- std over folds (PR-AUC mean), kiln minus HGB in bold: " + "; ".join(parts)
+    over = "over folds (of the seeds' mean; each seed's mean in brackets)" if options.get("seeds") else "over folds"
+    result = f"ROC-AUC mean +- std {over} (PR-AUC mean), kiln minus HGB in bold: " + "; ".join(parts)
     conditions = (f"{c['cpu']}, {c['cores']} cores, Python {c['python']}; torch {c['torch']}, scikit-learn "
                   f"{c['scikit-learn']}, kiln {c['kiln']}")
     return what, result, conditions
@@ -601,7 +606,8 @@ BENCHMARKS = {
     "tables": Benchmark("benchmarks/bench_tables.py",
                         {"config": [], "folds": 5, "rows": None, "first_folds": None, "variant": [], "no_default": False,
                          "no_baselines": False},
-                        frozenset(), tables_options, tables_cells),
+                        frozenset(), tables_options, tables_cells,
+                        lambda options: not options["no_default"]),  # variants alone: screens of a lever, history
     "explain": Benchmark("benchmarks/bench_explain.py", {}, frozenset(), lambda data: {}, explain_cells),
     "fairness": Benchmark("benchmarks/bench_fairness.py", {"seeds": [0, 1, 2], "folds": 5, "bootstrap": 1000},
                           frozenset({"seeds", "bootstrap"}), settings_options, fairness_cells),
@@ -677,6 +683,8 @@ def table(results: Path) -> str:
     newest: dict[tuple[str, str], Result] = {}
     for path in paths:
         name, r = read(path)
+        if not BENCHMARKS[name].shown(r.options):
+            continue
         key = (name, json.dumps(r.variant, sort_keys=True))
         if key not in newest or r.stamp > newest[key].stamp:
             newest[key] = r

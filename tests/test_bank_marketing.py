@@ -210,6 +210,7 @@ def test_bank_marketing_subsample_reaches_a_real_roc_auc(bank_marketing: Path, t
                      live=False)
     kept = {c.name for c in run.kind.prep.columns}
     assert "duration" not in kept and {"age", "euribor3m", "poutcome"} <= kept  # dropped as its documentation says
+    assert run.config.model.blocks[0].numeric_embedding == "linear"  # auto, on about 7,400 training rows
     test = run.metrics["test"]
     assert test["roc_auc"] > 0.75, test
     assert test["pr_auc"] > 0.3, test  # 11% positive: a model without skill has PR-AUC 0.11

@@ -89,6 +89,11 @@ class DataKind:
         """Block fields the data decides, by block type (filled in where the config leaves them unset)."""
         return {"classifier": {"classes": len(self.class_names)}}
 
+    def auto_fields(self) -> dict[str, dict[str, Any]]:
+        """Block fields the data decides where the config says ``auto`` (a table encoder's numeric embedding), by
+        block type, so the run's config.yaml holds the value used; nothing for most kinds."""
+        return {}
+
     def data_fields(self) -> dict[str, Any]:
         """``data`` fields the data decides where the config said ``auto`` (a table's ``bins``), so the run's
         config.yaml holds the value used; nothing for most kinds."""
@@ -229,6 +234,7 @@ def resolve(cfg, kind: DataKind):
                 raise ConfigError(f"model.blocks.{i}.{k}: {b.type} has {k} {getattr(b, k)!r} but the data gives "
                                   f"{v!r}; leave it unset to take the data's")
         unset = {k: v for k, v in decided.items() if getattr(b, k) is None}
+        unset |= {k: v for k, v in kind.auto_fields().get(b.type, {}).items() if getattr(b, k) == "auto"}
         blocks.append(b.model_copy(update=unset) if unset else b)
     update = {"model": cfg.model.model_copy(update={"blocks": blocks})}
     if data := kind.data_fields():

@@ -17,7 +17,8 @@ import torch
 from pydantic import Field, model_validator
 
 from kiln.data.kind import DataKind, DataSpec, find_data
-from kiln.data.preprocess import AUTO_BINS, ROWS_PER_BIN, Column, Preprocessing, auto_bins, fit, fit_target
+from kiln.data.preprocess import (AUTO_BINS, ROWS_PER_BIN, Column, Preprocessing, auto_bins, auto_number_embedding,
+                                  fit, fit_target)
 from kiln.data.splits import Splits, stratified_rows
 from kiln.data.table import Table, read_table, rows_to_table
 from kiln.data.table_inputs import TableInputs
@@ -127,8 +128,17 @@ class Tabular(DataKind):
 
     def block_fields(self) -> dict[str, dict[str, Any]]:
         layout = {"numeric": self.prep.numeric_inputs, "categories": self.prep.cardinalities}
-        return {"classifier": {"classes": len(self.class_names)}, "tabular_encoder": layout,
-                "feature_tokenizer": layout}
+        numbers = [c.width for c in self.prep.numeric]
+        return {"classifier": {"classes": len(self.class_names)}, "feature_tokenizer": layout,
+                "tabular_encoder": {**layout, **({"numbers": numbers} if numbers else {})}}
+
+    def training_rows(self) -> int | None:
+        """Rows the preprocessing was fitted on; None for a run loaded from its folder."""
+        return len(self.rows[0]) if hasattr(self, "rows") else None
+
+    def auto_fields(self) -> dict[str, dict[str, Any]]:
+        rows = self.training_rows()
+        return {} if rows is None else {"tabular_encoder": {"numeric_embedding": auto_number_embedding(rows)}}
 
     def data_fields(self) -> dict[str, Any]:
         return {"bins": self.prep.bins} if self.cfg.bins == "auto" and self.prep.bins is not None else {}

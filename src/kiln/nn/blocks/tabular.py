@@ -67,15 +67,53 @@ class PeriodicEmbedding(nn.Module):
         z = torch.cat([torch.cos(z), torch.sin(z)], dim=-1)  # (B, n, 2k)
         return F.relu(torch.einsum("bnk,nkd->bnd", z, self.weight) + self.bias).flatten(1)
 
+    def sources(self) -> torch.Tensor:
+        """Each output's input position."""
+        n, dim = self.bias.shape
+        return torch.arange(n).repeat_interleave(dim)
+
+
+class NumberEmbedding(nn.Module):
+    """Each number's inputs (its standardised value, or its piecewise-linear bins) to ``dim`` values through a
+    linear layer of its own ("L" of Gorishniy et al. 2022; with ``relu``, "LR"); on piecewise-linear bins this is
+    the embedding TabM-mini-dagger uses (Gorishniy et al. 2024). The ``numeric`` inputs after the numbers'
+    (is-missing indicators) pass through as they are."""
+
+    def __init__(self, widths: list[int], numeric: int, dim: int, relu: bool) -> None:
+        super().__init__()
+        self.relu, self.used, self.numeric = relu, sum(widths), numeric
+        longest = max(widths)
+        index = torch.full((len(widths), longest), self.used, dtype=torch.int64)  # padding reads an appended 0
+        start = 0
+        for i, w in enumerate(widths):
+            index[i, :w] = torch.arange(start, start + w)
+            start += w
+        self.register_buffer("index", index, persistent=False)
+        bound = 1 / torch.tensor(widths, dtype=torch.float32).sqrt()[:, None, None]  # nn.Linear's, per number
+        real = (index < self.used).float()[..., None]  # padded rows stay 0 (their input is always 0)
+        self.weight = nn.Parameter((torch.rand(len(widths), longest, dim) * 2 - 1) * bound * real)
+        self.bias = nn.Parameter((torch.rand(len(widths), dim) * 2 - 1) * bound[:, 0])
+
+    def forward(self, v):  # (B, numeric) -> (B, n * dim + numeric - sum(widths))
+        bins = F.pad(v[:, :self.used], (0, 1))[:, self.index]  # (B, n, longest)
+        z = torch.einsum("bnw,nwd->bnd", bins, self.weight) + self.bias
+        return torch.cat([(F.relu(z) if self.relu else z).flatten(1), v[:, self.used:]], dim=1)
+
+    def sources(self) -> torch.Tensor:
+        """Each output's input position: a number's values go back to its first input."""
+        first = self.index[:, 0].cpu().repeat_interleave(self.bias.shape[1])
+        return torch.cat([first, torch.arange(self.used, self.numeric)])
+
 
 class TableEncoder(nn.Module):
     reads_codes = True  # its input holds category codes: gradients stop there (attributions start at its output)
 
     def __init__(self, numeric: int, cards: list[int], onehot_max: int, dim: int,
-                 periodic: PeriodicEmbedding | None = None) -> None:
+                 periodic: PeriodicEmbedding | None = None, linear: NumberEmbedding | None = None) -> None:
         super().__init__()
         self.numeric = numeric
-        self.periodic = periodic
+        self.periodic = periodic  # at most one of the two (their names are their weights' names in saved runs)
+        self.linear = linear
         self.register_buffer("cards", torch.tensor(cards, dtype=torch.int64), persistent=False)
         onehot = [i for i, c in enumerate(cards) if c <= onehot_max]
         embedded = [i for i, c in enumerate(cards) if c > onehot_max]
@@ -89,8 +127,8 @@ class TableEncoder(nn.Module):
     def output_sources(self) -> torch.Tensor:
         """For each output value, the input position it comes from: (width,) int64 (a number's periodic values,
         a one-hot column's categories and an embedded column's vector each go back to that number or column)."""
-        per_number = self.periodic.bias.shape[1] if self.periodic is not None else 1
-        parts = [torch.arange(self.numeric).repeat_interleave(per_number)]
+        numbers = self.periodic if self.periodic is not None else self.linear
+        parts = [numbers.sources() if numbers is not None else torch.arange(self.numeric)]
         cards = self.cards.cpu()
         for i in self.onehot.tolist():
             parts.append(torch.full((int(cards[i]),), self.numeric + i))
@@ -102,7 +140,8 @@ class TableEncoder(nn.Module):
     def forward(self, x):  # (B, numeric + n_cat) -> (B, numeric + onehot_width + n_embedded * dim)
         codes = category_codes(x, self.numeric, self.cards)
         values = x[:, :self.numeric]
-        parts = [self.periodic(values) if self.periodic is not None and self.numeric else values]
+        numbers = self.periodic if self.periodic is not None else self.linear
+        parts = [numbers(values) if numbers is not None else values]
         if self.onehot_width:
             hot = F.one_hot(codes[:, self.onehot] + self.onehot_start, self.onehot_width)  # (B, n_onehot, width)
             parts.append(hot.sum(1).to(x.dtype))
@@ -113,29 +152,49 @@ class TableEncoder(nn.Module):
 
 @BLOCKS.register("tabular_encoder")
 class TabularEncoder(_TableSpec):
-    """A preprocessed table row to one vector: numeric inputs as they are (or, with ``numeric_embedding:
-    periodic``, each as ``numeric_dim`` values of a learned periodic embedding), then each categorical column
-    one-hot (at most ``onehot_max`` categories) or as a learned embedding of ``embed_dim`` values."""
+    """A preprocessed table row to one vector: numeric inputs as they are, or each number as ``numeric_dim``
+    learned values (``numeric_embedding``: ``periodic``, a periodic embedding of its value; ``linear`` or
+    ``linear_relu``, a linear layer of its own on its value or its piecewise-linear bins; ``auto``, linear on a
+    table of 5,120 training rows or more, else none); then each categorical column one-hot (at most
+    ``onehot_max`` categories) or as a learned embedding of ``embed_dim`` values."""
 
     type: Literal["tabular_encoder"] = "tabular_encoder"
+    numbers: list[PositiveInt] | None = None  # each number's inputs (1, or its bins); from the data
     onehot_max: NonNegativeInt = 12  # categories (unknown included) up to which a column is one-hot
     embed_dim: PositiveInt = 8
-    numeric_embedding: Literal["none", "periodic"] = "none"
+    # auto: linear from 5,120 training rows, else none (kiln.data.preprocess.auto_number_embedding); the run's
+    # config.yaml keeps the choice
+    numeric_embedding: Literal["none", "periodic", "linear", "linear_relu", "auto"] = "none"
     frequencies: PositiveInt = 48  # periodic: learned frequencies per number
     frequency_scale: PositiveFloat = 0.01  # periodic: std of the frequencies' initial values (per standard deviation)
-    numeric_dim: PositiveInt = 24  # periodic: values per number
+    numeric_dim: PositiveInt = 24  # periodic, linear: values per number
 
     example: ClassVar[dict] = {"numeric": 3, "categories": [3, 14], "onehot_max": 4, "embed_dim": 2,
                                "numeric_embedding": "periodic", "frequencies": 4, "numeric_dim": 3}
 
     def build(self, in_shape: Shape) -> Built:
         numeric, cards = self.layout(in_shape)
-        periodic = (PeriodicEmbedding(numeric, self.frequencies, self.frequency_scale, self.numeric_dim)
-                    if self.numeric_embedding == "periodic" and numeric else None)
-        module = TableEncoder(numeric, cards, self.onehot_max, self.embed_dim, periodic)
-        width = (numeric * (self.numeric_dim if periodic else 1) + module.onehot_width
-                 + sum(c > self.onehot_max for c in cards) * self.embed_dim)
-        flops = numeric * self.frequencies * 2 * self.numeric_dim if periodic else 0
+        if self.numeric_embedding == "auto":
+            raise ConfigError("tabular_encoder.numeric_embedding: auto follows the training rows, which only a table "
+                              "data set being trained on gives; set none or linear")
+        periodic = linear = None
+        if self.numeric_embedding == "periodic" and numeric:
+            periodic = PeriodicEmbedding(numeric, self.frequencies, self.frequency_scale, self.numeric_dim)
+        elif self.numeric_embedding.startswith("linear") and numeric:
+            widths = self.numbers if self.numbers is not None else [1] * numeric  # unset: each input a number
+            if not widths or sum(widths) > numeric:
+                raise ShapeError(f"tabular_encoder.numbers: {widths} (the inputs of each number) must add up to "
+                                 f"at most numeric ({numeric}); leave it unset to take the data's")
+            linear = NumberEmbedding(widths, numeric, self.numeric_dim, self.numeric_embedding == "linear_relu")
+        module = TableEncoder(numeric, cards, self.onehot_max, self.embed_dim, periodic, linear)
+        if periodic is not None:
+            width, flops = numeric * self.numeric_dim, numeric * self.frequencies * 2 * self.numeric_dim
+        elif linear is not None:
+            width = len(linear.index) * self.numeric_dim + numeric - linear.used
+            flops = linear.index.numel() * self.numeric_dim
+        else:
+            width, flops = numeric, 0
+        width += module.onehot_width + sum(c > self.onehot_max for c in cards) * self.embed_dim
         return Built(module, (width,), flops)
 
 
