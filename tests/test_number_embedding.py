@@ -77,6 +77,8 @@ def test_a_run_keeps_each_numbers_width_and_reloads_to_the_same_outputs(tmp_path
     assert run.metrics["test"]["roc_auc"] > 0.75  # it learns the planted rule
     again = kiln.Run.load(run.path)
     assert again.predict_rows(ROWS) == run.predict_rows(ROWS)
+    from kiln.export import export_run
+    assert export_run(run.path, format="onnx")["max_abs_diff"] <= 1e-4  # against PyTorch on the test rows
 
 
 @pytest.mark.parametrize(("rows", "chosen"), [(720, "none"), (5_119, "none"), (5_120, "linear"), (29_655, "linear")])
