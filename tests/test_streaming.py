@@ -309,3 +309,12 @@ def test_shards_read_through_an_fsspec_url(tmp_path):
     with pytest.raises(DataError, match="shard /kiln-test/part-003.parquet is not a readable parquet file"):
         ShardSet("memory://kiln-test/")
     fs.rm("/kiln-test", recursive=True)
+
+
+def test_numeric_embedding_auto_follows_the_streamed_training_rows(shards, tmp_path):
+    """tabular_encoder.numeric_embedding: auto counts the training shards' rows, as an in-memory table its rows."""
+    assert _kind(shards).auto_fields() == {"tabular_encoder": {"numeric_embedding": "linear"}}  # 36,000 rows
+    small = tmp_path / "small"
+    small.mkdir()
+    make_shards(small, 4_000, 4)  # 2 training shards of 1,000 rows
+    assert _kind(small).auto_fields() == {"tabular_encoder": {"numeric_embedding": "none"}}
