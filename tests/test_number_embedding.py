@@ -104,3 +104,14 @@ def test_auto_without_table_data_names_the_field() -> None:
     spec = BLOCKS.get("tabular_encoder")(numeric=2, categories=[], numeric_embedding="auto")
     with pytest.raises(KilnError, match="numeric_embedding: auto"):
         spec.build((2,))
+
+
+def test_a_resumed_run_keeps_the_choice_auto_made(tmp_path: Path) -> None:
+    """Resuming reopens the data from the run (its saved preprocessing): auto follows the manifest's rows."""
+    path = fraud_csv(tmp_path / "fraud.csv", n=8_000)
+    cfg = config(path, data={"numeric_encoding": "ple", "val_fraction": 0.1}, epochs=1, batch_size=256,
+                 encoder={"numeric_embedding": "auto", "numeric_dim": 4})
+    first = kiln.train(cfg, out=tmp_path / "run", live=False)
+    cfg["train"]["epochs"] = 2
+    again = kiln.train(cfg, out=tmp_path / "run", resume=True, live=False)
+    assert first.config.model.blocks[0].numeric_embedding == again.config.model.blocks[0].numeric_embedding == "linear"

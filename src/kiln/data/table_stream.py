@@ -371,7 +371,7 @@ class TabularStream(Tabular):
         return sum(shards[i].rows for i in self.parts[split])
 
     def training_rows(self) -> int | None:
-        return None if self.saved else self.rows("train")
+        return self.saved_rows if self.saved else self.rows("train")
 
     def read(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole split into memory as model input and targets."""

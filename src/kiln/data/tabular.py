@@ -29,6 +29,15 @@ from kiln.rundir import RunDir
 PREPROCESSING = "preprocessing.json"  # in the run directory
 
 
+def _saved_training_rows(run_path: Path) -> int | None:
+    """The training rows a run's manifest records (what ``auto`` settings followed), or None."""
+    try:
+        rows = RunDir(run_path).read_json(RunDir.MANIFEST).get("samples", {}).get("train")
+    except RunDirError:
+        return None
+    return rows if isinstance(rows, int) else None
+
+
 class TabularData(DataSpec):
     dataset: Literal["tabular"] = "tabular"
     path: str  # a CSV or Parquet file, relative to root, the current directory or $KILN_DATA
@@ -82,6 +91,7 @@ class Tabular(DataKind):
             if not saved.is_file():
                 raise RunDirError(f"{run_path} has no {PREPROCESSING}: it is not a finished table run")
             self.prep = Preprocessing.load(saved)
+            self.saved_rows = _saved_training_rows(run_path)
             return
         table = self.table()
         full = fit_target(table, cfg.target, cfg.task, cfg.positive)  # the task and positive class, from all rows
@@ -133,8 +143,8 @@ class Tabular(DataKind):
                 "tabular_encoder": {**layout, **({"numbers": numbers} if numbers else {})}}
 
     def training_rows(self) -> int | None:
-        """Rows the preprocessing was fitted on; None for a run loaded from its folder."""
-        return len(self.rows[0]) if hasattr(self, "rows") else None
+        """Rows the preprocessing was fitted on (a reopened run's: from its manifest; None if it has none)."""
+        return len(self.rows[0]) if hasattr(self, "rows") else self.saved_rows
 
     def auto_fields(self) -> dict[str, dict[str, Any]]:
         rows = self.training_rows()
