@@ -55,6 +55,9 @@ def ranks(rank: int, world: int, init: str) -> None:
         with pytest.raises(RuntimeError, match=r"the processes disagree on the best epoch: rank \d has"):
             agree.agree([1.0, rank], "the best epoch", torch.device("cpu"))
         dist.barrier()  # as Dist.finish does: a rank that tears gloo down while its peer is mid-op aborts both
+        del model, outs  # the sharded model's device mesh holds the process group: let it go first
+        import gc
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
