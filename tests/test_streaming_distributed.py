@@ -346,3 +346,16 @@ def test_bad_stream_settings_are_named(shards):
         plan(shards, 0, 2, 2, batch_size=4000)
     with pytest.raises(ConfigError, match="data.workers"):
         load_config({**stream_config(shards), "data": {**stream_config(shards)["data"], "workers": 0}})
+
+
+def test_numeric_embedding_auto_is_the_same_choice_on_every_rank(shards, tmp_path):
+    """Rank 1 reopens the kind from rank 0's fitted files: it still counts the training shards' rows (6,400)."""
+    cfg = stream_config(shards, epochs=1)
+    cfg["data"]["numeric_encoding"] = "ple"
+    cfg["model"]["blocks"][0].update(numeric_embedding="auto", numeric_dim=4)
+    config = tmp_path / "stream.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    done = run_kiln("train", str(config), "--out", str(tmp_path / "run"), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["blocks"][0]["numeric_embedding"] == "linear"

@@ -222,7 +222,7 @@ HEADS = {"classifier": ("binary", "multiclass", "multilabel"), "regressor": ("re
 def resolve(cfg, kind: DataKind):
     """``cfg`` (a Config) with what the data decides filled in (class count, a table's column layout, a
     vocabulary), so the saved config is complete; refuses a head that does not fit the kind's task."""
-    fill = kind.block_fields()
+    fill, auto = kind.block_fields(), kind.auto_fields()
     blocks = []
     for i, b in enumerate(cfg.model.blocks):
         if b.type in HEADS and kind.task not in HEADS[b.type]:
@@ -234,7 +234,7 @@ def resolve(cfg, kind: DataKind):
                 raise ConfigError(f"model.blocks.{i}.{k}: {b.type} has {k} {getattr(b, k)!r} but the data gives "
                                   f"{v!r}; leave it unset to take the data's")
         unset = {k: v for k, v in decided.items() if getattr(b, k) is None}
-        unset |= {k: v for k, v in kind.auto_fields().get(b.type, {}).items() if getattr(b, k) == "auto"}
+        unset |= {k: v for k, v in auto.get(b.type, {}).items() if getattr(b, k) == "auto"}
         blocks.append(b.model_copy(update=unset) if unset else b)
     update = {"model": cfg.model.model_copy(update={"blocks": blocks})}
     if data := kind.data_fields():

@@ -341,7 +341,6 @@ class TabularStream(Tabular):
         self.cfg, self.seed, self.dropped, self._table = cfg, seed, [], None
         self._shards: ShardSet | None = None
         self.streams = cfg.stream
-        self.saved = run_path is not None  # a finished run's: its saved preprocessing, no shards read
         if run_path is not None:
             Tabular.__init__(self, cfg, seed, run_path)  # reads the saved preprocessing only
             self.transform = ArrowTransform(self.prep)
@@ -371,7 +370,9 @@ class TabularStream(Tabular):
         return sum(shards[i].rows for i in self.parts[split])
 
     def training_rows(self) -> int | None:
-        return self.saved_rows if self.saved else self.rows("train")
+        """From the shards' metadata, also when reopened from saved files (another rank's fit under --nproc, or a
+        resumed run): nothing of the rows themselves is read."""
+        return self.rows("train")
 
     def read(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole split into memory as model input and targets."""

@@ -124,11 +124,15 @@ class TableEncoder(nn.Module):
         self.onehot_width = sum(cards[i] for i in onehot)
         self.embedding = nn.Embedding(sum(cards[i] for i in embedded), dim) if embedded else None
 
+    @property
+    def numbers(self) -> PeriodicEmbedding | NumberEmbedding | None:
+        """The numbers' embedding, if any."""
+        return self.periodic if self.periodic is not None else self.linear
+
     def output_sources(self) -> torch.Tensor:
         """For each output value, the input position it comes from: (width,) int64 (a number's periodic values,
         a one-hot column's categories and an embedded column's vector each go back to that number or column)."""
-        numbers = self.periodic if self.periodic is not None else self.linear
-        parts = [numbers.sources() if numbers is not None else torch.arange(self.numeric)]
+        parts = [self.numbers.sources() if self.numbers is not None else torch.arange(self.numeric)]
         cards = self.cards.cpu()
         for i in self.onehot.tolist():
             parts.append(torch.full((int(cards[i]),), self.numeric + i))
@@ -140,7 +144,7 @@ class TableEncoder(nn.Module):
     def forward(self, x):  # (B, numeric + n_cat) -> (B, numeric + onehot_width + n_embedded * dim)
         codes = category_codes(x, self.numeric, self.cards)
         values = x[:, :self.numeric]
-        numbers = self.periodic if self.periodic is not None else self.linear
+        numbers = self.numbers
         parts = [numbers(values) if numbers is not None else values]
         if self.onehot_width:
             hot = F.one_hot(codes[:, self.onehot] + self.onehot_start, self.onehot_width)  # (B, n_onehot, width)
