@@ -280,10 +280,12 @@ try:
     kind = shared_kind(cfg.data, cfg.seed, None, d, torch.device("cpu"))
 except KilnError as e:
     print(f"error: {e}", file=sys.stderr)
+    d.stop()  # a process that exits with gloo still up may abort in its teardown (SIGABRT instead of exit 2)
     sys.exit(2)
 kind.save(out)
 x = next(iter(kind.stream(seed=0, epoch=0, start=0, batch_size=50))).x
 torch.save(x, out / "x.pt")
+d.stop()
 """
 
 
