@@ -115,3 +115,25 @@ def test_a_resumed_run_keeps_the_choice_auto_made(tmp_path: Path) -> None:
     cfg["train"]["epochs"] = 2
     again = kiln.train(cfg, out=tmp_path / "run", resume=True, live=False)
     assert first.config.model.blocks[0].numeric_embedding == again.config.model.blocks[0].numeric_embedding == "linear"
+
+
+def test_weight_decay_shrinks_weights_but_not_ensemble_scalings_or_number_embeddings() -> None:
+    """AdamW with zero gradients only decays: the MLP's matrices shrink; TabM's per-member scalings (which start
+    at one) and each number's own embedding stay as they are, as do 2-D biases."""
+    from types import SimpleNamespace
+
+    from kiln.nn.build import build_model
+    from kiln.training.optim import make_optimizer
+
+    specs = [BLOCKS.get("tabular_encoder")(numeric=5, categories=[3], numbers=[3, 2], numeric_embedding="linear",
+                                           numeric_dim=4),
+             BLOCKS.get("ensemble_mlp")(members=3, units=8), BLOCKS.get("classifier")(classes=2)]
+    model = build_model(specs, (6,))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = make_optimizer(model, SimpleNamespace(name="adamw", lr=0.1, betas=(0.9, 0.999), weight_decay=0.5),
+                         torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"blocks.1.mlp.0.weight", "blocks.1.mlp.3.weight", "blocks.2.weight"}

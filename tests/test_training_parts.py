@@ -149,3 +149,21 @@ def test_training_does_not_import_the_compiler():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_checkpoint_whose_optimiser_groups_differ_is_refused_with_a_reason(tmp_path):
+    """A checkpoint written by a kiln that put other parameters under weight decay cannot continue here: the
+    error says why and what to do, instead of torch's bare group-size message."""
+    from kiln.errors import RunDirError
+    from kiln.training.checkpoint import load_checkpoint, save_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # noqa: E731
+    old = torch.optim.AdamW([{"params": [model[0].weight]},
+                             {"params": [model[0].bias, model[1].weight, model[1].bias], "weight_decay": 0.0}])
+    save_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=old, scheduler=sched(old), scaler=None,
+                    rng={}, progress={})
+    new = torch.optim.AdamW([{"params": [model[0].weight, model[1].weight]},
+                             {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0}])
+    with pytest.raises(RunDirError, match="resume with that version, or train again"):
+        load_checkpoint(tmp_path / "c.safetensors", model=model, optimizer=new, scheduler=sched(new), scaler=None)

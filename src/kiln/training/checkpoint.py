@@ -127,7 +127,12 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, scaler
         load_weights(path, model)
         device = next(model.parameters()).device
         optim_tensors = {k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")}
-        optimizer.load_state_dict(_join_optimizer(optim_tensors, state["optimizer"]))
+        try:
+            optimizer.load_state_dict(_join_optimizer(optim_tensors, state["optimizer"]))
+        except ValueError as e:  # torch: a group's parameter count differs (groups made by another kiln version)
+            raise RunDirError(f"{path}: its optimiser state does not fit this model's parameter groups ({e}); "
+                              "the kiln that wrote it grouped parameters differently (which ones get weight "
+                              "decay): resume with that version, or train again") from None
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"]:
         scaler.load_state_dict(state["scaler"])

@@ -93,12 +93,17 @@ def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.o
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and embeddings only, not on biases and normalisation scales (as GPT-2 and
-    nanoGPT train): pulling those towards zero does not regularise, it only shrinks the layer's output."""
+    nanoGPT train): pulling those towards zero does not regularise, it only shrinks the layer's output.
+
+    A module names its own parameters that are scales or offsets whatever their shape in ``no_weight_decay``
+    (a TabM ensemble's per-member scalings, which start at one; the per-number embeddings of a table's numbers,
+    which rtdl's reference code also leaves undecayed); those skip it too."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not weight_decay:
         return [{"params": params}]
-    return [{"params": [p for p in params if p.dim() >= 2]},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    free = {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "no_weight_decay", ())}
+    return [{"params": [p for p in params if p.dim() >= 2 and id(p) not in free]},
+            {"params": [p for p in params if p.dim() < 2 or id(p) in free], "weight_decay": 0.0}]
 
 
 # A schedule maps (step, total_steps, cfg) to a multiplier of the base learning rate.

@@ -55,6 +55,8 @@ class PeriodicEmbedding(nn.Module):
     """Each of ``n`` numbers to ``dim`` values: ReLU(Linear([cos(2 pi c v), sin(2 pi c v)])) with ``k`` learned
     frequencies c and a linear layer of its own per number ("PLR", Gorishniy et al. 2022)."""
 
+    no_weight_decay = ("frequencies", "weight", "bias")  # kiln.training.optim.param_groups: a number's own encoding
+
     def __init__(self, n: int, k: int, scale: float, dim: int) -> None:
         super().__init__()
         self.frequencies = nn.Parameter(torch.randn(n, k) * scale)
@@ -78,6 +80,8 @@ class NumberEmbedding(nn.Module):
     linear layer of its own ("L" of Gorishniy et al. 2022; with ``relu``, "LR"); on piecewise-linear bins this is
     the embedding TabM-mini-dagger uses (Gorishniy et al. 2024). The ``numeric`` inputs after the numbers'
     (is-missing indicators) pass through as they are."""
+
+    no_weight_decay = ("weight", "bias")  # kiln.training.optim.param_groups: a number's own encoding
 
     def __init__(self, widths: list[int], numeric: int, dim: int, relu: bool) -> None:
         super().__init__()
@@ -275,6 +279,8 @@ class SharedMembers(nn.Module):
     Every member sees every row: (B, F) -> (B, k, units), one output per member. The blocks after it work on
     the last dimension (a linear head gives each member's own logits, (B, k, C)); ``members`` tells the model
     (``KilnModel``) to average the members' outputs in evaluation."""
+
+    no_weight_decay = ("r", "s")  # kiln.training.optim.param_groups: scalings around one, not weights
 
     def __init__(self, width: int, members: int, units: int, layers: int, dropout: float) -> None:
         super().__init__()
