@@ -6,8 +6,8 @@ file of that variant (by the time in its name). A variant is a benchmark's recor
 only size or place the sample: how many repetitions or seeds, which systems or servers ran beside kiln, the
 seconds per load point, the run directory served. So rerunning `bench_mnist_speed.py --reps 5` replaces the
 `--reps 3` row, while `--threads 1` or a `--set` override keeps a row of its own. Development runs that a
-benchmark marks as such (`bench_tables.py --variant`: screens of levers against the examples) stay history,
-not rows.
+benchmark marks as such (`bench_tables.py --variant`: screens of levers against the examples; `--no-default`:
+baselines alone) stay history, not rows.
 
     python scripts/results_table.py            # rewrite the table between the markers in README.md
     python scripts/results_table.py --check    # exit 1 if README.md's table is not what this would write
@@ -607,8 +607,9 @@ BENCHMARKS = {
     "tables": Benchmark("benchmarks/bench_tables.py",
                         {"config": [], "folds": 5, "rows": None, "first_folds": None, "variant": [], "no_default": False,
                          "no_baselines": False},
-                        frozenset(), tables_options, tables_cells,
-                        lambda options: not options["variant"]),  # runs with kiln variants: screens of levers, history
+                        frozenset({"seeds", "jobs"}), tables_options, tables_cells,
+                        # runs with kiln variants (screens of levers) and baselines-only runs (--no-default): history
+                        lambda options: not options["variant"] and not options["no_default"]),
     "explain": Benchmark("benchmarks/bench_explain.py", {}, frozenset(), lambda data: {}, explain_cells),
     "fairness": Benchmark("benchmarks/bench_fairness.py", {"seeds": [0, 1, 2], "folds": 5, "bootstrap": 1000},
                           frozenset({"seeds", "bootstrap"}), settings_options, fairness_cells),
