@@ -31,6 +31,7 @@ import io
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -137,7 +138,11 @@ def run_kiln(jobs: list[tuple], workers: int) -> list[dict]:
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     jobs = [(c, s, {"train.threads": threads, **o}, f, first, label) for c, s, o, f, first, label in jobs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    from kiln.training.distributed import die_with_parent
+
+    # A worker ends with this process (killed, it would otherwise leave its workers training on, unseen)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+                             initargs=(signal.SIGTERM, os.getpid())) as pool:
         return list(pool.map(kiln_job, jobs))
 
 
