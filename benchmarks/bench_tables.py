@@ -18,8 +18,8 @@ HistGradientBoosting's ``random_state``, which draws its early-stopping split): 
 the seed-to-seed spread then shows as such. ``--jobs N`` runs the kiln models (each seed and variant) in N processes
 at once, each with an equal share of the cores as ``train.threads`` (a small table's training uses a second thread
 poorly: on 2 cores, bank marketing takes about 7.5 minutes a seed with two seeds at once on one thread each,
-against 5 to 6 minutes a seed one after the other on two threads). Prints mean +- std over folds (with several seeds: the mean over
-seeds and folds, the std over the folds of the seeds' mean, and each seed's mean) and kiln's difference to
+against 5 to 6 minutes a seed one after the other on two threads). Prints mean +- std over folds (with several
+seeds: the mean over seeds and folds, the std over the folds of the seeds' mean, and each seed's mean) and kiln's difference to
 HistGradientBoosting; writes benchmarks/results/tables-<time>.json.
 """
 
@@ -136,10 +136,10 @@ def run_kiln(jobs: list[tuple], workers: int) -> list[dict]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = [(c, s, {"train.threads": threads, **o}, f, first, label) for c, s, o, f, first, label in jobs]
     from kiln.training.distributed import die_with_parent
 
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [(c, s, {"train.threads": threads, **o}, f, first, label) for c, s, o, f, first, label in jobs]
     # A worker ends with this process (killed, it would otherwise leave its workers training on, unseen)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
                              initargs=(signal.SIGTERM, os.getpid())) as pool:
