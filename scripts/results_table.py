@@ -7,7 +7,8 @@ only size or place the sample: how many repetitions or seeds, which systems or s
 seconds per load point, the run directory served. So rerunning `bench_mnist_speed.py --reps 5` replaces the
 `--reps 3` row, while `--threads 1` or a `--set` override keeps a row of its own. Development runs that a
 benchmark marks as such (`bench_tables.py --variant`: screens of levers against the examples; `--no-default`:
-baselines alone) stay history, not rows.
+baselines alone) stay history, not rows. A run of part of a benchmark (`bench_tables.py --config X`) gives way
+to a newer run of the whole that includes X.
 
     python scripts/results_table.py            # rewrite the table between the markers in README.md
     python scripts/results_table.py --check    # exit 1 if README.md's table is not what this would write
@@ -47,6 +48,8 @@ class Benchmark:
     options: Callable[[dict], dict]  # the run's options from its JSON, named as the script's flags
     cells: Callable[[dict, dict], tuple[str, str, str]]  # (what was measured, result, conditions)
     shown: Callable[[dict], bool] = lambda options: True  # False: a development run, kept as history, not a row
+    # (newer, older) -> True where the newer run measured all that the older one did (the older row is dropped)
+    covers: Callable[[Result, Result], bool] = lambda newer, older: False
 
 
 class Result(NamedTuple):
@@ -272,6 +275,13 @@ def tables_options(data: dict) -> dict:
     # Configs are recorded as given; from the repository root they are examples/<name>.
     configs = [str(Path("examples", Path(c).name)) if Path(c).parent.name == "examples" else c for c in s["config"]]
     return {**s, "config": configs, "variant": [f'"{v}"' for v in s["variant"]]}  # quoted, as a shell needs them
+
+
+def tables_covers(newer: Result, older: Result) -> bool:
+    """A run of some of the configs (--config) gives way to a newer run of the examples that includes them."""
+    if "config" not in older.variant or newer.variant != {k: v for k, v in older.variant.items() if k != "config"}:
+        return False
+    return {Path(c).name for c in older.options["config"]} <= {Path(c).name for c in newer.data["tables"]}
 
 
 def tables_cells(data: dict, options: dict) -> tuple[str, str, str]:
@@ -609,7 +619,7 @@ BENCHMARKS = {
                          "no_baselines": False},
                         frozenset({"seeds", "jobs"}), tables_options, tables_cells,
                         # runs with kiln variants (screens of levers) and baselines-only runs (--no-default): history
-                        lambda options: not options["variant"] and not options["no_default"]),
+                        lambda options: not options["variant"] and not options["no_default"], tables_covers),
     "explain": Benchmark("benchmarks/bench_explain.py", {}, frozenset(), lambda data: {}, explain_cells),
     "fairness": Benchmark("benchmarks/bench_fairness.py", {"seeds": [0, 1, 2], "folds": 5, "bootstrap": 1000},
                           frozenset({"seeds", "bootstrap"}), settings_options, fairness_cells),
@@ -690,6 +700,10 @@ def table(results: Path) -> str:
         key = (name, json.dumps(r.variant, sort_keys=True))
         if key not in newest or r.stamp > newest[key].stamp:
             newest[key] = r
+    covered = {key for key, r in newest.items()
+               if any(k[0] == key[0] and w.stamp > r.stamp and BENCHMARKS[key[0]].covers(w, r)
+                      for k, w in newest.items())}
+    newest = {key: r for key, r in newest.items() if key not in covered}
 
     def order(key: tuple[str, str]) -> tuple:
         # benchmarks in a fixed order; within one, the variant with fewest options changed from the defaults first

@@ -104,3 +104,31 @@ def test_readme_without_markers(tmp_path: Path) -> None:
     done = run_script("--results", results, "--readme", readme)
     assert done.returncode == 2
     assert str(readme) in done.stderr and "<!-- results:begin -->" in done.stderr
+
+
+def tables(stamp_configs: list[str], kiln: float, config: list[str] | None = None) -> dict:
+    """A bench_tables.py result of these configs; kiln's ROC-AUC tells the files apart in the table."""
+    score = {"roc_auc": {"mean": kiln, "std": 0.01}, "pr_auc": {"mean": 0.5}}
+    return {"settings": {"config": config or [], "folds": 5, "rows": None, "first_folds": None, "variant": [],
+                         "no_default": False, "no_baselines": False, "seeds": None, "jobs": 1},
+            "conditions": {"cpu": "Test CPU", "cores": 2, "python": "3.11.7", "torch": "2.13.0",
+                           "scikit-learn": "1.9.1", "kiln": "0.1.0"},
+            "tables": {f"/somewhere/examples/{c}.yaml": {"rows": 1000, "results": {"kiln": score}}
+                       for c in stamp_configs}}
+
+
+def test_a_run_of_some_configs_gives_way_to_a_newer_run_of_all(tmp_path: Path) -> None:
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    readme.write_text(README)
+    write(results, "tables-20260101T000000Z.json", tables(["bank"], 0.7111, config=["examples/bank.yaml"]))
+    write(results, "tables-20260102T000000Z.json", tables(["german"], 0.7222, config=["examples/german.yaml"]))
+    write(results, "tables-20260103T000000Z.json", tables(["german", "bank"], 0.7333))
+    write(results, "tables-20260104T000000Z.json", tables(["bank"], 0.7444, config=["examples/bank.yaml"]))
+    write(results, "tables-20260105T000000Z.json", tables(["other"], 0.7555, config=["examples/other.yaml"]))
+    done = run_script("--results", results, "--readme", readme)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    # Older runs of part of the whole give way; a newer part, or a config the whole did not run, keep their rows.
+    assert "0.7111" not in text and "0.7222" not in text
+    assert all(f"kiln {x}" in text for x in ("0.7333", "0.7444", "0.7555")), text
+    assert len(table_rows(readme)) == 3
