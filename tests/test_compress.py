@@ -21,6 +21,7 @@ from kiln.compress.fit import DistillObjective  # noqa: E402
 from kiln.compress.prune import prune  # noqa: E402
 from kiln.compress.quantize import quantize  # noqa: E402
 from kiln.config import load_config  # noqa: E402
+from kiln.errors import KilnError  # noqa: E402
 from kiln.nn import build_model  # noqa: E402
 from kiln.nn.onnx_model import OnnxModel  # noqa: E402
 from kiln.training.objectives import Objective  # noqa: E402
@@ -373,3 +374,45 @@ def test_bad_options_are_errors_that_name_the_problem(teacher, tmp_path, capsys)
 def test_a_quantized_run_is_not_compressed_again(int8_run, tmp_path, capsys):
     assert main(["compress", str(int8_run), "--quantize", "int8", "--out", str(tmp_path / "again")]) == 2
     assert "already quantized" in capsys.readouterr().err and not (tmp_path / "again").exists()
+
+
+def test_pruning_tabm_mini_units_equals_zeroing_them_and_a_model_with_nothing_to_prune_is_refused():
+    cfg = load_config({"data": {"dataset": "mnist"}, "model": {"blocks": [
+        {"type": "flatten"}, {"type": "dense", "units": 12, "activation": "relu"},
+        {"type": "ensemble_mlp", "members": 4, "units": 10, "layers": 2, "dropout": 0.0},
+        {"type": "classifier", "classes": 10}]}})
+    torch.manual_seed(0)
+    model = build_model(cfg.blocks, (1, 28, 28)).eval()
+    with torch.no_grad():  # members differ by more than their random signs, as after training
+        model.blocks[2].s.mul_(torch.rand_like(model.blocks[2].s) + 0.5)
+    x = torch.rand(16, 1, 28, 28)
+    result = prune(cfg, model.state_dict(), (1, 28, 28), x[:4], 0.5)
+    pruned = {(p["type"], p["field"]): (p["before"], p["after"]) for p in result.pruned}
+    assert pruned == {("dense", "units"): (12, 6), ("ensemble_mlp", "units"): (10, 5)}
+    assert result.config.blocks[2].units == 5 and not [k for k in result.kept if k["type"] == "ensemble_mlp"]
+    rebuilt = build_model(result.config.blocks, (1, 28, 28)).eval()
+    rebuilt.load_state_dict(result.model.state_dict())
+    state = rebuilt.state_dict()
+    assert state["blocks.2.r"].shape == (4, 6) and state["blocks.2.s"].shape == (4, 5)
+    assert state["blocks.2.mlp.3.weight"].shape == (5, 5) and state["blocks.3.weight"].shape == (10, 5)
+    with torch.no_grad():  # removing the units computes exactly what zeroing them does in the unpruned model
+        ref = model
+        for p in result.pruned:
+            block = ref.blocks[p["block"]]
+            if p["type"] == "dense":
+                block.linear.weight[p["removed"]] = 0
+                block.linear.bias[p["removed"]] = 0
+            else:
+                for layer, idx in zip([m for m in block.mlp if isinstance(m, torch.nn.Linear)],
+                                      p["removed_per_layer"], strict=True):
+                    layer.weight[idx] = 0
+                    layer.bias[idx] = 0
+        torch.testing.assert_close(rebuilt(x), ref(x), atol=1e-5, rtol=0)
+    # Nothing prunable (a recurrent layer and the head): refused, saying why, instead of a "pruned" copy.
+    cfg = load_config({"data": {"dataset": "mnist"}, "model": {"blocks": [
+        {"type": "rows_to_sequence"}, {"type": "lstm", "units": 8, "steps": "last"},
+        {"type": "classifier", "classes": 10}]}})
+    model = build_model(cfg.blocks, (1, 28, 28)).eval()
+    with pytest.raises(KilnError, match=r"--prune 0.5: nothing in this model can be pruned: block 1 \(lstm\): "
+                                        r"recurrent hidden units are kept .*; block 2 \(classifier\): the output"):
+        prune(cfg, model.state_dict(), (1, 28, 28), x[:4], 0.5)

@@ -9,7 +9,11 @@ Torch-Pruning does most of it (L2 magnitude). Two cuts it cannot follow are made
   ``head_dim``, the width per head, which stays) go into the new config;
 - the output channels of a ``conv2d`` whose image reaches a dense layer through ``rows_to_sequence`` (only
   pooling or dropout in between): that reshape makes channel c of a W-column image the features w*C + c
-  (w = 0..W-1) of each step, which Torch-Pruning maps wrongly; the filters are ranked by their L2 norm.
+  (w = 0..W-1) of each step, which Torch-Pruning maps wrongly; the filters are ranked by their L2 norm;
+- the hidden units of an ``ensemble_mlp`` (TabM-mini), whose members' output scalings are a bare parameter
+  Torch-Pruning does not follow: every layer of the shared MLP loses the same number of units (the config has
+  one ``units``), each layer's lowest by the L2 norm of their weight rows; the next layer's inputs, the
+  members' output scalings and the input columns of the dense layer or head that reads the block follow.
 
 Which widths Torch-Pruning shrinks is declared per block type in ``PRUNABLE``: the config field that holds the width
 and the layer whose output channels it counts. Everything else is kept as it is and reported: recurrent layers
@@ -33,6 +37,7 @@ from torch import nn
 from kiln.config import Config, load_config
 from kiln.errors import KilnError
 from kiln.nn import KilnModel, build_model
+from kiln.nn.blocks.tabular import SharedMembers
 from kiln.nn.blocks.transformer import Attention
 
 # block type -> (config field of the width, path of the layer whose output channels are that width)
@@ -152,6 +157,42 @@ def prune_conv_into_rows(conv: nn.Conv2d, reader: nn.Linear, remove: list[int]) 
     reader.in_features = len(features)
 
 
+def _reader(model: KilnModel, specs: list, i: int) -> nn.Linear | None:
+    """The linear layer that reads block i's output features: the next block with weights, when it is a dense
+    layer or a head (dropout may come between); else None."""
+    j = i + 1
+    while j < len(specs) and specs[j].type == "dropout":
+        j += 1
+    if j == len(specs):
+        return None
+    block = model.blocks[j]
+    if isinstance(block, nn.Linear):  # a head: classifier, regressor
+        return block
+    return block.linear if specs[j].type == "dense" else None
+
+
+def prune_members(members: SharedMembers, reader: nn.Linear, ratio: float) -> list[list[int]]:
+    """Remove the ``ratio`` lowest hidden units (L2 norm of their weight rows) of every layer of a TabM-mini
+    block's shared MLP, in place, with what reads them: the next layer's input columns, the members' output
+    scalings ``s`` and ``reader``'s input columns after the last layer. The units each layer lost."""
+    linears = [m for m in members.mlp if isinstance(m, nn.Linear)]
+    removed = []
+    for n, layer in enumerate(linears):
+        remove = lowest(layer.weight.detach().norm(dim=1), ratio)
+        keep = [j for j in range(layer.out_features) if j not in set(remove)]
+        _replace(layer, "weight", layer.weight[keep])
+        if layer.bias is not None:
+            _replace(layer, "bias", layer.bias[keep])
+        layer.out_features = len(keep)
+        after = linears[n + 1] if n + 1 < len(linears) else reader
+        _replace(after, "weight", after.weight[:, keep])
+        after.in_features = len(keep)
+        if n + 1 == len(linears):
+            members.s = nn.Parameter(members.s.detach()[:, keep].clone())
+        removed.append(remove)
+    return removed
+
+
 def _by_hand(model: KilnModel, specs: list, ratio: float, last: int) -> list[dict[str, Any]]:
     """The cuts Torch-Pruning cannot follow (heads; conv channels read through rows_to_sequence), in place."""
     done = []
@@ -177,6 +218,13 @@ def _by_hand(model: KilnModel, specs: list, ratio: float, last: int) -> list[dic
                              "after": conv.out_channels, "removed": remove,
                              "note": "by hand: each channel's features of every step after rows_to_sequence "
                                      "leave the next dense layer's input"})
+        elif spec.type == "ensemble_mlp" and (reader := _reader(model, specs, i)) is not None \
+                and _removed(spec.units, ratio) > 0:
+            removed = prune_members(block, reader, ratio)
+            done.append({"block": i, "type": spec.type, "field": "units", "before": spec.units,
+                         "after": block.s.shape[1], "removed": removed[0], "removed_per_layer": removed,
+                         "note": "by hand: the same number of units from each layer of the members' shared MLP; "
+                                 "their output scalings and the next layer's inputs follow"})
     return done
 
 
@@ -205,6 +253,8 @@ def _rebuilt(cfg: Config, model: KilnModel, input_shape) -> tuple[Config, KilnMo
         if spec.type in PRUNABLE:
             name, path = PRUNABLE[spec.type]
             raw["model"]["blocks"][i][name] = _width(_layer(model.blocks[i], path))
+        if spec.type == "ensemble_mlp":
+            raw["model"]["blocks"][i]["units"] = model.blocks[i].s.shape[1]
         if spec.type == "transformer_encoder":
             attn = model.blocks[i].attn
             d = attn.proj.in_features // attn.heads
@@ -251,7 +301,8 @@ def prune(cfg: Config, state: dict[str, torch.Tensor], input_shape, example: tor
             kept.append({"block": i, "type": spec.type, "reason": "the output layer: its width is the task's"})
         elif spec.type in PRUNABLE and (i, PRUNABLE[spec.type][0]) not in hand:
             candidates.append(i)
-        elif spec.type not in PRUNABLE and any(True for _ in built().blocks[i].parameters()):
+        elif spec.type not in PRUNABLE and not any(p["block"] == i for p in by_hand) \
+                and any(True for _ in built().blocks[i].parameters()):
             kept.append({"block": i, "type": spec.type, "reason": _why_kept(spec.type)})
         if spec.type == "transformer_encoder" and (i, "heads") not in hand and i != last:
             kept.append({"block": i, "type": spec.type, "reason": f"its attention heads are kept ({spec.heads} "
@@ -279,6 +330,9 @@ def prune(cfg: Config, state: dict[str, torch.Tensor], input_shape, example: tor
         pruned.append({"block": i, "type": specs[i].type, "field": name, "before": old, "after": new,
                        "removed": removed[i]}
                       | ({"note": "the residual width is kept"} if specs[i].type == "transformer_encoder" else {}))
+    if not pruned:
+        why = "; ".join(f"block {k['block']} ({k['type']}): {k['reason']}" for k in sorted(kept, key=lambda k: k["block"]))
+        raise KilnError(f"--prune {ratio:g}: nothing in this model can be pruned: {why}")
     pruned.sort(key=lambda p: (p["block"], p["field"]))
     return PruneResult(rebuilt, new_cfg, pruned, sorted(kept, key=lambda k: k["block"]))
 
@@ -286,5 +340,8 @@ def prune(cfg: Config, state: dict[str, torch.Tensor], input_shape, example: tor
 def _why_kept(block_type: str) -> str:
     if block_type in ("lstm", "gru", "rnn"):
         return "recurrent hidden units are kept (Torch-Pruning cannot shrink them: VainF/Torch-Pruning#404)"
+    if block_type == "ensemble_mlp":
+        return ("its units are kept: kiln prunes an ensemble_mlp read by a dense layer or a head, and by at least "
+                "one unit a layer")
     return f"kiln does not prune {block_type} blocks"
 
