@@ -1,7 +1,8 @@
 """Structured pruning: whole channels of convolutions, units of dense layers, hidden units of transformer feed-forward
-networks and whole attention heads are removed, so the layers really shrink (and run faster), unlike masks.
+networks and of TabM-mini ensembles, and whole attention heads are removed, so the layers really shrink (and run
+faster), unlike masks.
 
-Torch-Pruning does most of it (L2 magnitude). Two cuts it cannot follow are made here by hand, first:
+Torch-Pruning does most of it (L2 magnitude). Three cuts it cannot follow are made here by hand, first:
 
 - attention heads of ``transformer_encoder`` blocks (Torch-Pruning cannot split q/k/v into heads): each head is
   ranked by the L2 norm of its weights (its rows of the q, k and v projections and its columns of the output
@@ -331,7 +332,8 @@ def prune(cfg: Config, state: dict[str, torch.Tensor], input_shape, example: tor
                        "removed": removed[i]}
                       | ({"note": "the residual width is kept"} if specs[i].type == "transformer_encoder" else {}))
     if not pruned:
-        why = "; ".join(f"block {k['block']} ({k['type']}): {k['reason']}" for k in sorted(kept, key=lambda k: k["block"]))
+        why = "; ".join(f"block {k['block']} ({k['type']}): {k['reason']}"
+                        for k in sorted(kept, key=lambda k: k["block"]))
         raise KilnError(f"--prune {ratio:g}: nothing in this model can be pruned: {why}")
     pruned.sort(key=lambda p: (p["block"], p["field"]))
     return PruneResult(rebuilt, new_cfg, pruned, sorted(kept, key=lambda k: k["block"]))
