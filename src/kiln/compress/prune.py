@@ -180,7 +180,8 @@ def prune_members(members: SharedMembers, reader: nn.Linear, ratio: float) -> li
     removed = []
     for n, layer in enumerate(linears):
         remove = lowest(layer.weight.detach().norm(dim=1), ratio)
-        keep = [j for j in range(layer.out_features) if j not in set(remove)]
+        gone = set(remove)
+        keep = [j for j in range(layer.out_features) if j not in gone]
         _replace(layer, "weight", layer.weight[keep])
         if layer.bias is not None:
             _replace(layer, "bias", layer.bias[keep])
