@@ -64,19 +64,21 @@ def spent_by_opacus(accountant, sigma: float, rate: float, steps: int, delta: fl
 @pytest.fixture(scope="module")
 def private_run(tmp_path_factory, mnist_root):
     torch.set_num_threads(1)
-    cfg = config(CNN, train_rows=4000, epochs=2, batch_size=256, optimizer={"name": "sgd", "lr": 4.0,
+    # 8,000 rows: over 10 runs (the noise is the operating system's, not seeded) test accuracy was 0.874 +- 0.007,
+    # lowest 0.862; with 4,000 rows it was 0.765 +- 0.030 and one run of 12 fell to 0.690
+    cfg = config(CNN, train_rows=8000, epochs=2, batch_size=256, optimizer={"name": "sgd", "lr": 4.0,
                                                                             "momentum": 0.9})
     return kiln.train(cfg, out=tmp_path_factory.mktemp("dp") / "run", live=False)
 
 
 def test_private_mnist_learns_and_records_the_budget(private_run):
     results = json.loads((private_run.path / "results.json").read_text())
-    assert results["test"]["accuracy"] > 0.7, results["test"]  # chance is 0.1
+    assert results["test"]["accuracy"] > 0.8, results["test"]  # chance is 0.1
     p = results["privacy"]
     assert {"epsilon", "delta", "max_grad_norm", "noise_multiplier", "accountant"} <= p.keys()
     assert p["accountant"] == "prv" and p["delta"] == 1e-5 and p["max_grad_norm"] == 0.1
     assert 7.5 < p["epsilon"] <= 8.0, "the planned run spends its budget, not more"
-    assert p["steps"] == 2 * math.ceil(3600 / 256)  # 4000 rows less 10% for validation, every step counted
+    assert p["steps"] == 2 * math.ceil(7200 / 256)  # 8000 rows less 10% for validation, every step counted
     manifest = json.loads((private_run.path / "manifest.json").read_text())
     assert manifest["privacy"] == p and manifest["status"] == "completed"
     assert manifest["execution"]["fuse"] == [] and "privacy" in manifest["execution"]["fuse_reason"]
