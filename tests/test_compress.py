@@ -376,10 +376,11 @@ def test_a_quantized_run_is_not_compressed_again(int8_run, tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err and not (tmp_path / "again").exists()
 
 
-def test_pruning_tabm_mini_units_equals_zeroing_them_and_a_model_with_nothing_to_prune_is_refused():
+@pytest.mark.parametrize("heads", ["shared", "own"])
+def test_pruning_tabm_mini_units_equals_zeroing_them_and_a_model_with_nothing_to_prune_is_refused(heads):
     cfg = load_config({"data": {"dataset": "mnist"}, "model": {"blocks": [
         {"type": "flatten"}, {"type": "dense", "units": 12, "activation": "relu"},
-        {"type": "ensemble_mlp", "members": 4, "units": 10, "layers": 2, "dropout": 0.0},
+        {"type": "ensemble_mlp", "members": 4, "units": 10, "layers": 2, "dropout": 0.0, "heads": heads},
         {"type": "classifier", "classes": 10}]}})
     torch.manual_seed(0)
     model = build_model(cfg.blocks, (1, 28, 28)).eval()
@@ -394,7 +395,8 @@ def test_pruning_tabm_mini_units_equals_zeroing_them_and_a_model_with_nothing_to
     rebuilt.load_state_dict(result.model.state_dict())
     state = rebuilt.state_dict()
     assert state["blocks.2.r"].shape == (4, 6) and state["blocks.2.s"].shape == (4, 5)
-    assert state["blocks.2.mlp.3.weight"].shape == (5, 5) and state["blocks.3.weight"].shape == (10, 5)
+    assert state["blocks.2.mlp.3.weight"].shape == (5, 5)
+    assert state["blocks.3.weight"].shape == {"shared": (10, 5), "own": (4, 10, 5)}[heads]  # the members' own heads
     with torch.no_grad():  # removing the units computes exactly what zeroing them does in the unpruned model
         ref = model
         for p in result.pruned:

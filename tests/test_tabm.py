@@ -12,7 +12,8 @@ from test_bank_marketing import REPO, bank_marketing, bank_quarter, config, frau
 
 import kiln
 from kiln.data.table import read_table
-from kiln.nn.blocks.tabular import EnsembleMLP
+from kiln.errors import ConfigError
+from kiln.nn.blocks.tabular import EnsembleMLP, MemberHeads
 from kiln.nn.build import build_model
 from kiln.registry import BLOCKS
 from kiln.training.objectives import Objective
@@ -21,22 +22,28 @@ ENSEMBLE = [{"type": "tabular_encoder"}, {"type": "ensemble_mlp", "members": 4, 
             {"type": "classifier"}]
 
 
-def two_members(classes: int = 3):
+def two_members(classes: int = 3, heads: str = "shared"):
     """A 2-member ensemble_mlp and a classifier head on 5 inputs, no dropout."""
     torch.manual_seed(0)
-    specs = [EnsembleMLP(members=2, units=8, layers=2, dropout=0.0), BLOCKS.get("classifier")(classes=classes)]
+    specs = [EnsembleMLP(members=2, units=8, layers=2, dropout=0.0, heads=heads),
+             BLOCKS.get("classifier")(classes=classes)]
     return build_model(specs, (5,))
 
 
 def own_logits(model, x: torch.Tensor, m: int) -> torch.Tensor:
-    """Member m alone: the shared MLP on the input scaled by its r, its output scaled by its s, the head."""
+    """Member m alone: the shared MLP on the input scaled by its r, its output scaled by its s, the head (the
+    shared one, or member m's own)."""
     members, head = model.blocks
-    return head(members.mlp(x * members.r[m]) * members.s[m])
+    hidden = members.mlp(x * members.r[m]) * members.s[m]
+    if isinstance(head, MemberHeads):
+        return torch.nn.functional.linear(hidden, head.weight[m], head.bias[m])
+    return head(hidden)
 
 
+@pytest.mark.parametrize("heads", ["shared", "own"])
 @pytest.mark.parametrize("task", ["multiclass", "weighted"])
-def test_loss_of_two_members_is_the_mean_of_each_members_own_loss(task: str) -> None:
-    model = two_members().train()
+def test_loss_of_two_members_is_the_mean_of_each_members_own_loss(task: str, heads: str) -> None:
+    model = two_members(heads=heads).train()
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     logits = model(x)
     assert logits.shape == (16, 2, 3)  # one prediction per member in training
@@ -76,10 +83,29 @@ def test_evaluation_gives_the_mean_of_the_members_logits_per_row() -> None:
     assert not plain.ensemble and plain.train()(x).shape == (16, 3)  # other models: unchanged
 
 
-def test_ensemble_run_predicts_reloads_exports_and_serves_the_same(tmp_path: Path) -> None:
+def test_own_heads_are_one_per_member_drawn_apart_and_must_end_the_model() -> None:
+    model = two_members(classes=3, heads="own")
+    head = model.blocks[1]
+    assert isinstance(head, MemberHeads) and head.weight.shape == (2, 3, 8) and head.bias.shape == (2, 3)
+    assert not torch.equal(head.weight[0], head.weight[1])  # drawn apart, as two heads would be
+    assert model.layers[1].params == 2 * (3 * 8 + 3)  # the summary counts every member's head
+    shared = two_members(classes=3)
+    assert shared.layers[1].params == 3 * 8 + 3 and isinstance(shared.blocks[1], torch.nn.Linear)
+    specs = [EnsembleMLP(members=2, units=8, heads="own"), BLOCKS.get("dense")(units=4),
+             BLOCKS.get("classifier")(classes=3)]
+    with pytest.raises(ConfigError, match=r"model\.blocks\.0 \(ensemble_mlp\): heads: own .* one must follow it"):
+        build_model(specs, (5,))
+    specs = [EnsembleMLP(members=2, units=8, heads="own"), BLOCKS.get("dropout")(rate=0.1),
+             BLOCKS.get("classifier")(classes=3)]
+    assert isinstance(build_model(specs, (5,)).blocks[2], MemberHeads)  # dropout may come between
+
+
+@pytest.mark.parametrize("heads", ["shared", "own"])
+def test_ensemble_run_predicts_reloads_exports_and_serves_the_same(tmp_path: Path, heads: str) -> None:
     path = fraud_csv(tmp_path / "fraud.csv")
     cfg = config(path)
-    cfg["model"]["blocks"] = ENSEMBLE
+    cfg["model"]["blocks"] = [dict(b) for b in ENSEMBLE]
+    cfg["model"]["blocks"][1]["heads"] = heads
     run = kiln.train(cfg, out=tmp_path / "run", live=False)
     assert run.metrics["test"]["roc_auc"] > 0.75, run.metrics["test"]  # learnt: a broken ensemble scores ~0.5
     rows = [{"amount": float(a), "hour": h, "channel": c} for a, h, c in

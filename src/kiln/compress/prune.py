@@ -38,7 +38,7 @@ from torch import nn
 from kiln.config import Config, load_config
 from kiln.errors import KilnError
 from kiln.nn import KilnModel, build_model
-from kiln.nn.blocks.tabular import SharedMembers
+from kiln.nn.blocks.tabular import MemberHeads, SharedMembers
 from kiln.nn.blocks.transformer import Attention
 
 # block type -> (config field of the width, path of the layer whose output channels are that width)
@@ -158,21 +158,21 @@ def prune_conv_into_rows(conv: nn.Conv2d, reader: nn.Linear, remove: list[int]) 
     reader.in_features = len(features)
 
 
-def _reader(model: KilnModel, specs: list, i: int) -> nn.Linear | None:
+def _reader(model: KilnModel, specs: list, i: int) -> nn.Module | None:
     """The linear layer that reads block i's output features: the next block with weights, when it is a dense
-    layer or a head (dropout may come between); else None."""
+    layer or a head, shared or the members' own (dropout may come between); else None."""
     j = i + 1
     while j < len(specs) and specs[j].type == "dropout":
         j += 1
     if j == len(specs):
         return None
     block = model.blocks[j]
-    if isinstance(block, nn.Linear):  # a head: classifier, regressor
+    if isinstance(block, (nn.Linear, MemberHeads)):  # a head: classifier, regressor
         return block
     return block.linear if specs[j].type == "dense" else None
 
 
-def prune_members(members: SharedMembers, reader: nn.Linear, ratio: float) -> list[list[int]]:
+def prune_members(members: SharedMembers, reader: nn.Module, ratio: float) -> list[list[int]]:
     """Remove the ``ratio`` lowest hidden units (L2 norm of their weight rows) of every layer of a TabM-mini
     block's shared MLP, in place, with what reads them: the next layer's input columns, the members' output
     scalings ``s`` and ``reader``'s input columns after the last layer. The units each layer lost."""
@@ -187,7 +187,7 @@ def prune_members(members: SharedMembers, reader: nn.Linear, ratio: float) -> li
             _replace(layer, "bias", layer.bias[keep])
         layer.out_features = len(keep)
         after = linears[n + 1] if n + 1 < len(linears) else reader
-        _replace(after, "weight", after.weight[:, keep])
+        _replace(after, "weight", after.weight[..., keep])  # (out, in), or (k, out, in): the members' own heads
         after.in_features = len(keep)
         if n + 1 == len(linears):
             members.s = nn.Parameter(members.s.detach()[:, keep].clone())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ import kiln.nn.blocks  # noqa: F401  (registers every block)
 from kiln.errors import ConfigError
 from kiln.hardware import memory_bytes
 from kiln.nn.base import BlockSpec, Shape, count_params
+from kiln.nn.blocks.tabular import MemberHeads, SharedMembers
 
 
 @dataclass(frozen=True)
@@ -101,4 +102,16 @@ def _build(specs: list[BlockSpec], input_shape: Shape) -> KilnModel:
                 module.link(modules[:i])
             except ConfigError as e:
                 raise type(e)(f"model.blocks.{i} ({specs[i].type}): {e}") from None
+    for i, module in enumerate(modules):
+        if isinstance(module, SharedMembers) and module.heads == "own":  # ensemble_mlp: each member its own head
+            j = i + 1
+            while j < len(specs) and specs[j].type == "dropout":
+                j += 1
+            if j == len(specs) or specs[j].type not in ("classifier", "regressor"):
+                raise ConfigError(f"model.blocks.{i} ({specs[i].type}): heads: own gives each member its own "
+                                  "classifier or regressor, so one must follow it (dropout may come between); "
+                                  "use heads: shared before other blocks")
+            head = modules[j]
+            modules[j] = MemberHeads(module.members, head.in_features, head.out_features)
+            layers[j] = replace(layers[j], params=count_params(modules[j]))
     return KilnModel(modules, input_shape, layers)

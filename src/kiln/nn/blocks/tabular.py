@@ -271,6 +271,22 @@ class Regressor(BlockSpec):
         return Built(nn.Linear(in_shape[0], 1), (1,), in_shape[0])
 
 
+class MemberHeads(nn.Module):
+    """One linear head per member of an ensemble (TabM's k heads): (B, k, in) -> (B, k, out), member m through
+    its own weights ``weight[m]`` (out, in) and ``bias[m]``. Built in place of the shared head that a
+    ``classifier`` or ``regressor`` gives, each member's weights drawn as that head's are."""
+
+    def __init__(self, members: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        heads = [nn.Linear(in_features, out_features) for _ in range(members)]
+        self.weight = nn.Parameter(torch.stack([h.weight.detach() for h in heads]))  # (k, out, in)
+        self.bias = nn.Parameter(torch.stack([h.bias.detach() for h in heads]))  # (k, out)
+
+    def forward(self, x):
+        return torch.einsum("bki,koi->bko", x, self.weight) + self.bias
+
+
 class SharedMembers(nn.Module):
     """k MLPs that share their weights and differ by a multiplicative vector on their input (random signs at
     first) and one on their output (ones at first): TabM-mini's parameter-efficient ensemble (Gorishniy et al.
@@ -278,13 +294,16 @@ class SharedMembers(nn.Module):
 
     Every member sees every row: (B, F) -> (B, k, units), one output per member. The blocks after it work on
     the last dimension (a linear head gives each member's own logits, (B, k, C)); ``members`` tells the model
-    (``KilnModel``) to average the members' outputs in evaluation."""
+    (``KilnModel``) to average the members' outputs in evaluation. With ``heads == "own"`` the model builder
+    (kiln.nn.build) gives each member its own head (``MemberHeads``) in place of the shared one after it."""
 
     no_weight_decay = ("r", "s")  # kiln.training.optim.param_groups: scalings around one, not weights
 
-    def __init__(self, width: int, members: int, units: int, layers: int, dropout: float) -> None:
+    def __init__(self, width: int, members: int, units: int, layers: int, dropout: float,
+                 heads: str = "shared") -> None:
         super().__init__()
         self.members = members
+        self.heads = heads
         self.r = nn.Parameter(torch.randint(0, 2, (members, width)).float() * 2 - 1)
         self.s = nn.Parameter(torch.ones(members, units))
         mlp: list[nn.Module] = []
@@ -300,7 +319,9 @@ class SharedMembers(nn.Module):
 class EnsembleMLP(BlockSpec):
     """A cheap ensemble of ``members`` MLPs (``layers`` dense layers of ``units``, ReLU, dropout) that share their
     weights and differ by a learned scaling of their input and of their output (TabM-mini). Each member
-    predicts every row through the head after it (``classifier`` or ``regressor``, applied to each member):
+    predicts every row through the head after it (``classifier`` or ``regressor``): applied to each member
+    (``heads: shared``), or one head per member, as TabM has (``heads: own``: the head must follow, dropout
+    may come between);
     training minimises the mean of the members' losses; in evaluation (metrics, predict, serving, export) the
     model's output is the mean of the members' logits (or regression values), one prediction per row."""
 
@@ -309,12 +330,13 @@ class EnsembleMLP(BlockSpec):
     units: PositiveInt = 256
     layers: PositiveInt = 2
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    heads: Literal["shared", "own"] = "shared"  # one head for all members, or each member its own
 
     example: ClassVar[dict] = {"members": 3, "units": 4, "layers": 2}
     example_input: ClassVar[Shape] = (6,)
 
     def build(self, in_shape: Shape) -> Built:
         expect("ensemble_mlp", in_shape, ("vector",), "give it one vector per row: put it after `tabular_encoder`")
-        module = SharedMembers(in_shape[0], self.members, self.units, self.layers, self.dropout)
+        module = SharedMembers(in_shape[0], self.members, self.units, self.layers, self.dropout, self.heads)
         macs = self.members * (in_shape[0] * self.units + (self.layers - 1) * self.units ** 2)
         return Built(module, (self.units,), macs)  # the shape of one member's output
