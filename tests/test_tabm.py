@@ -17,6 +17,7 @@ from kiln.nn.blocks.tabular import EnsembleMLP, MemberHeads
 from kiln.nn.build import build_model
 from kiln.registry import BLOCKS
 from kiln.training.objectives import Objective
+from kiln.training.optim import param_groups
 
 ENSEMBLE = [{"type": "tabular_encoder"}, {"type": "ensemble_mlp", "members": 4, "units": 32, "dropout": 0.0},
             {"type": "classifier"}]
@@ -88,6 +89,8 @@ def test_own_heads_are_one_per_member_drawn_apart_and_must_end_the_model() -> No
     head = model.blocks[1]
     assert isinstance(head, MemberHeads) and head.weight.shape == (2, 3, 8) and head.bias.shape == (2, 3)
     assert not torch.equal(head.weight[0], head.weight[1])  # drawn apart, as two heads would be
+    decayed, free = param_groups(model, 0.01)
+    assert any(p is head.weight for p in decayed["params"]) and any(p is head.bias for p in free["params"])
     assert model.layers[1].params == 2 * (3 * 8 + 3)  # the summary counts every member's head
     shared = two_members(classes=3)
     assert shared.layers[1].params == 3 * 8 + 3 and isinstance(shared.blocks[1], torch.nn.Linear)

@@ -276,6 +276,8 @@ class MemberHeads(nn.Module):
     its own weights ``weight[m]`` (out, in) and ``bias[m]``. Built in place of the shared head that a
     ``classifier`` or ``regressor`` gives, each member's weights drawn as that head's are."""
 
+    no_weight_decay = ("bias",)  # kiln.training.optim.param_groups: biases, though (k, out) is a matrix's shape
+
     def __init__(self, members: int, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
