@@ -37,7 +37,7 @@ from torch import nn
 
 from kiln.config import Config, load_config
 from kiln.errors import KilnError
-from kiln.nn import KilnModel, build_model
+from kiln.nn import KilnModel, build_model, next_block
 from kiln.nn.blocks.tabular import MemberHeads, SharedMembers
 from kiln.nn.blocks.transformer import Attention
 
@@ -129,9 +129,7 @@ def prune_heads(attn: Attention, remove: list[int]) -> None:
 def _rows_reader(specs: list, i: int) -> int | None:
     """The dense block that reads conv2d block i's channels through ``rows_to_sequence`` (only pooling or dropout
     between them), or None."""
-    j = i + 1
-    while j < len(specs) and specs[j].type in PASS_THROUGH:
-        j += 1
+    j = next_block(specs, i, PASS_THROUGH)
     if j + 1 < len(specs) and specs[j].type == "rows_to_sequence" and specs[j + 1].type == "dense":
         return j + 1
     return None
@@ -161,9 +159,7 @@ def prune_conv_into_rows(conv: nn.Conv2d, reader: nn.Linear, remove: list[int]) 
 def _reader(model: KilnModel, specs: list, i: int) -> nn.Module | None:
     """The linear layer that reads block i's output features: the next block with weights, when it is a dense
     layer or a head, shared or the members' own (dropout may come between); else None."""
-    j = i + 1
-    while j < len(specs) and specs[j].type == "dropout":
-        j += 1
+    j = next_block(specs, i)
     if j == len(specs):
         return None
     block = model.blocks[j]

@@ -84,6 +84,14 @@ def _check_size(model: KilnModel) -> None:
                           "here; make its sizes smaller")
 
 
+def next_block(specs: list[BlockSpec], i: int, skip: tuple[str, ...] = ("dropout",)) -> int:
+    """The index of the first block after block i whose type is not in ``skip``; ``len(specs)`` if none."""
+    j = i + 1
+    while j < len(specs) and specs[j].type in skip:
+        j += 1
+    return j
+
+
 def _build(specs: list[BlockSpec], input_shape: Shape) -> KilnModel:
     shape = tuple(input_shape)
     modules: list[nn.Module] = []
@@ -104,9 +112,7 @@ def _build(specs: list[BlockSpec], input_shape: Shape) -> KilnModel:
                 raise type(e)(f"model.blocks.{i} ({specs[i].type}): {e}") from None
     for i, module in enumerate(modules):
         if isinstance(module, SharedMembers) and module.heads == "own":  # ensemble_mlp: each member its own head
-            j = i + 1
-            while j < len(specs) and specs[j].type == "dropout":
-                j += 1
+            j = next_block(specs, i)
             if j == len(specs) or specs[j].type not in ("classifier", "regressor"):
                 raise ConfigError(f"model.blocks.{i} ({specs[i].type}): heads: own gives each member its own "
                                   "classifier or regressor, so one must follow it (dropout may come between); "
