@@ -364,13 +364,15 @@ def test_text_runs_shard_their_step_batches(tmp_path):
         assert val[metric] == pytest.approx(one[metric], rel=1e-6), metric
 
 
-def test_weighted_table_runs_share_the_weighted_loss(tmp_path):
+@pytest.mark.parametrize("batches", ["shared", "own"])
+def test_weighted_table_runs_share_the_weighted_loss(tmp_path, batches):
     """A table with train.fairness reweighing (a weighted mean loss: each rank's share is its summed weights), early
     stopping (made to stop after epoch 2) and the best epoch restored: 2 processes give the losses, the decisions
     and the test metrics of 1. The validation (120 rows) and test (199) splits are evaluated in batches of 16 shared
     by the ranks, with the predictions gathered: the 2-process run's ROC-AUC, PR-AUC, F1 and decision threshold
     (train.threshold_metric, chosen on gathered validation outputs) equal a one-process evaluation of its
-    weights."""
+    weights. With the ensemble's members on batches of their own (``batches: own``), each rank takes the same
+    slice of every member's batch."""
     import kiln
     from kiln.training.metrics import choose_threshold
 
@@ -380,7 +382,8 @@ def test_weighted_table_runs_share_the_weighted_loss(tmp_path):
     overrides = ["model.blocks.1.dropout=0.0",  # dropout masks differ by batch layout (block 1: the ensemble_mlp)
                  "train.epochs=4", "train.log_every=1", "train.threads=1", "train.eval_batch_size=16",
                  "data.test_fraction=0.199", "data.val_fraction=0.15",  # 120 validation rows (the example: 80)
-                 "train.early_stopping.patience=1", "train.early_stopping.min_delta=1.0"]
+                 "train.early_stopping.patience=1", "train.early_stopping.min_delta=1.0",
+                 f"model.blocks.1.batches={batches}"]
     kiln.train(config, overrides, out=tmp_path / "one", live=False)
     done = run_kiln("train", config, "--out", str(tmp_path / "two"), "--nproc", "2",
                     *[w for o in overrides for w in ("--set", o)])

@@ -1,9 +1,11 @@
 """TabM-mini (``ensemble_mlp``): every member predicts every row in training and the loss is the mean of the
-members' losses; in evaluation the model gives the members' mean, one prediction per row, through Run.predict,
-a reloaded run, ONNX export and serving; a real training on bank marketing (when KILN_DATA has it)."""
+members' losses, or (``batches: own``) each member trains on batches of its own; in evaluation the model gives
+the members' mean, one prediction per row, through Run.predict, a reloaded run, ONNX export and serving; a real
+training on bank marketing (when KILN_DATA has it)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,15 +20,16 @@ from kiln.nn.build import build_model
 from kiln.registry import BLOCKS
 from kiln.training.objectives import Objective
 from kiln.training.optim import param_groups
+from kiln.training.plans import epoch_order, member_batches
 
 ENSEMBLE = [{"type": "tabular_encoder"}, {"type": "ensemble_mlp", "members": 4, "units": 32, "dropout": 0.0},
             {"type": "classifier"}]
 
 
-def two_members(classes: int = 3, heads: str = "shared"):
+def two_members(classes: int = 3, heads: str = "shared", batches: str = "shared"):
     """A 2-member ensemble_mlp and a classifier head on 5 inputs, no dropout."""
     torch.manual_seed(0)
-    specs = [EnsembleMLP(members=2, units=8, layers=2, dropout=0.0, heads=heads),
+    specs = [EnsembleMLP(members=2, units=8, layers=2, dropout=0.0, heads=heads, batches=batches),
              BLOCKS.get("classifier")(classes=classes)]
     return build_model(specs, (5,))
 
@@ -104,13 +107,55 @@ def test_own_heads_are_one_per_member_drawn_apart_and_must_end_the_model() -> No
 
 
 @pytest.mark.parametrize("heads", ["shared", "own"])
-def test_ensemble_run_predicts_reloads_exports_and_serves_the_same(tmp_path: Path, heads: str) -> None:
+def test_own_batches_give_each_member_its_own_rows(heads: str) -> None:
+    """In training, 2 members' batches side by side (rows 0-7 member 0's, 8-15 member 1's) give one prediction per
+    row, each through its own member; in evaluation every member predicts every row, as with shared batches."""
+    model = two_members(heads=heads, batches="own").train()
+    x = torch.randn(16, 5)
+    logits = model(x)
+    assert logits.shape == (16, 3) and model.member_batches == 2
+    for m in range(2):
+        assert torch.allclose(logits[8 * m:8 * (m + 1)], own_logits(model, x[8 * m:8 * (m + 1)], m), atol=1e-6)
+    assert not torch.allclose(own_logits(model, x[:8], 0), own_logits(model, x[:8], 1), atol=1e-3)  # members differ
+    shared = two_members(heads=heads)  # the same weights (the same seed), every member on every row
+    assert torch.equal(model.eval()(x), shared.eval()(x)) and model.eval()(x[:3]).shape == (3, 3)
+    assert two_members().member_batches == 0
+    with pytest.raises(ValueError, match="2 batches of equal size side by side, one per member, but got 15 rows"):
+        model.train()(x[:15])
+
+
+def test_member_batches_pass_over_every_sample_once_per_member_in_orders_of_their_own() -> None:
+    batches = member_batches(10, seed=3, epoch=1, members=3, batch_size=4, device=torch.device("cpu"))
+    assert [len(b) for b in batches] == [12, 12, 6]  # each batch: 3 members' batches of 4 (the last: of 2)
+    orders = torch.cat([b.view(3, -1) for b in batches], dim=1)  # (members, samples): each member's order
+    assert all(sorted(order.tolist()) == list(range(10)) for order in orders)
+    assert len({tuple(order.tolist()) for order in orders}) == 3  # three different orders
+    assert torch.equal(orders[0], epoch_order(10, 3, 1, torch.device("cpu")))  # the first: a shared epoch's
+    again = member_batches(10, seed=3, epoch=1, members=3, batch_size=4, device=torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))  # (seed, epoch) alone: resumable
+    other = member_batches(10, seed=3, epoch=2, members=3, batch_size=4, device=torch.device("cpu"))
+    assert not torch.equal(torch.cat(other), torch.cat(batches))
+
+
+def test_own_batches_refuse_what_draws_its_own_samples(tmp_path: Path) -> None:
+    cfg = config(fraud_csv(tmp_path / "fraud.csv", n=200), hard_examples={"fraction": 0.5})
+    cfg["model"]["blocks"] = [dict(b) for b in ENSEMBLE]
+    cfg["model"]["blocks"][1]["batches"] = "own"
+    with pytest.raises(ConfigError, match="batches: own .* which train.hard_examples does not: use batches: shared"):
+        kiln.train(cfg, out=tmp_path / "run", live=False)
+
+
+@pytest.mark.parametrize(("heads", "batches"), [("shared", "shared"), ("own", "shared"), ("shared", "own")])
+def test_ensemble_run_predicts_reloads_exports_and_serves_the_same(tmp_path: Path, heads: str, batches: str) -> None:
     path = fraud_csv(tmp_path / "fraud.csv")
     cfg = config(path)
     cfg["model"]["blocks"] = [dict(b) for b in ENSEMBLE]
-    cfg["model"]["blocks"][1]["heads"] = heads
+    cfg["model"]["blocks"][1] |= {"heads": heads, "batches": batches}
     run = kiln.train(cfg, out=tmp_path / "run", live=False)
     assert run.metrics["test"]["roc_auc"] > 0.75, run.metrics["test"]  # learnt: a broken ensemble scores ~0.5
+    epochs = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    assert len(epochs) == 8 and {r["samples"] for r in epochs} == {run.manifest["samples"]["train"]}
     rows = [{"amount": float(a), "hour": h, "channel": c} for a, h, c in
             [(1e6, 2, "web"), (0.01, 14, "shop"), (150.0, 3, "new channel"), (80.0, 22, "web")]]
     again = kiln.Run.load(run.path)
@@ -144,3 +189,22 @@ def test_tabm_on_bank_marketing_subsample_reaches_a_real_roc_auc(bank_marketing:
                      {"data.path": str(sample), "model.blocks": blocks, "train.epochs": 5, "train.log_every": 1000},
                      out=tmp_path / "run", live=False)
     assert run.metrics["test"]["roc_auc"] > 0.75, run.metrics["test"]
+
+
+def test_lr_find_sweeps_on_each_members_own_batches() -> None:
+    """The learning-rate range test draws what training would: with ``batches: own``, each step's batch holds one
+    full batch a member, each from an order of its own (a pass's short last batch is left out)."""
+    from types import SimpleNamespace
+
+    from kiln.training.lr_find import _batches
+
+    def trainer(members: int):
+        return SimpleNamespace(kind=SimpleNamespace(samples=len), train_x=torch.zeros(10, 5), cfg=SimpleNamespace(seed=0),
+                               t=SimpleNamespace(batch_size=4), model=SimpleNamespace(member_batches=members),
+                               device=torch.device("cpu"))
+
+    own = _batches(trainer(3), 5)
+    assert [len(b) for b in own] == [12] * 5
+    assert all(len(set(b.view(3, 4)[m].tolist())) == 4 for b in own for m in range(3))
+    assert any(not torch.equal(b.view(3, 4)[0], b.view(3, 4)[1]) for b in own)
+    assert [len(b) for b in _batches(trainer(0), 5)] == [4] * 5  # other models: one batch of 4

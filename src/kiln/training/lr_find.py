@@ -38,6 +38,7 @@ from kiln.nn.fuse import fuse
 from kiln.rundir import RunDir
 from kiln.training.charts import Series, line_chart, write_png
 from kiln.training.optim import make_optimizer
+from kiln.training.plans import side_by_side
 from kiln.training.precision import pick_device, pick_fuse, pick_precision
 from kiln.training.progress import TrainProgress
 from kiln.training.threads import pick_threads
@@ -112,9 +113,10 @@ def _batches(trainer: Trainer, steps: int) -> list[torch.Tensor]:
     n = trainer.kind.samples(trainer.train_x)
     size = min(trainer.t.batch_size, n)
     gen = torch.Generator().manual_seed(trainer.cfg.seed * 1_000_003 + 999_983)
+    members = trainer.model.member_batches or 1  # ensemble_mlp's batches: own: one batch a member, side by side
     out: list[torch.Tensor] = []
     while len(out) < steps:
-        out += [b for b in torch.randperm(n, generator=gen).split(size) if len(b) == size]
+        out += [b for b in side_by_side(n, members, size, gen) if len(b) == size * members]
     return [b.to(trainer.device) for b in out[:steps]]
 
 

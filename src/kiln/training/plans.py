@@ -30,6 +30,22 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=gen).to(device)
 
 
+def member_batches(n: int, seed: int, epoch: int, members: int, batch_size: int,
+                   device: torch.device) -> list[torch.Tensor]:
+    """An epoch's batches when each member of an ensemble (``ensemble_mlp`` with ``batches: own``) has its own
+    shuffled order: batch i is member 0's i-th batch, then member 1's, ... (members x batch_size samples), so
+    every member passes over every training sample once an epoch in an order of its own."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return [b.to(device) for b in side_by_side(n, members, batch_size, gen)]
+
+
+def side_by_side(n: int, members: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One pass over n samples in ``members`` shuffled orders at once: batch i holds each order's i-th
+    ``batch_size`` samples, the first order's first; with one member, one shuffled order's batches."""
+    orders = torch.stack([torch.randperm(n, generator=gen) for _ in range(members)])  # (k, n)
+    return [chunk.flatten() for chunk in orders.split(batch_size, dim=1)]
+
+
 def epoch_size(n: int, hard, epoch: int) -> int:
     """Samples that epoch `epoch` (from 0) trains on: all of them, or hard_examples' fraction once it applies."""
     return math.ceil(hard.fraction * n) if hard and epoch + 1 >= hard.from_epoch else n
@@ -74,6 +90,8 @@ class Epochs:
         if tr.privacy:
             return tr.privacy.batches()
         n = tr.kind.samples(tr.train_x)
+        if tr.model.member_batches:
+            return member_batches(n, tr.cfg.seed, s.epoch, tr.model.member_batches, t.batch_size, tr.device)
         order = epoch_order(n, tr.cfg.seed, s.epoch, tr.device)
         size = epoch_size(n, t.hard_examples, s.epoch)
         if size < n:
@@ -150,7 +168,8 @@ class StepBatches(Sequence):
     def __getitem__(self, step: int) -> torch.Tensor:
         tr = self.tr
         gen = torch.Generator().manual_seed(tr.cfg.seed * 1_000_003 + step)
-        return torch.randint(tr.kind.samples(tr.train_x), (tr.t.batch_size,), generator=gen).to(tr.device)
+        size = tr.t.batch_size * (tr.model.member_batches or 1)  # ensemble_mlp's batches: own: one batch a member
+        return torch.randint(tr.kind.samples(tr.train_x), (size,), generator=gen).to(tr.device)
 
 
 class Steps:

@@ -302,10 +302,10 @@ class SharedMembers(nn.Module):
     no_weight_decay = ("r", "s")  # kiln.training.optim.param_groups: scalings around one, not weights
 
     def __init__(self, width: int, members: int, units: int, layers: int, dropout: float,
-                 heads: str = "shared") -> None:
+                 heads: str = "shared", batches: str = "shared") -> None:
         super().__init__()
         self.members = members
-        self.heads = heads
+        self.heads, self.batches = heads, batches
         self.r = nn.Parameter(torch.randint(0, 2, (members, width)).float() * 2 - 1)
         self.s = nn.Parameter(torch.ones(members, units))
         mlp: list[nn.Module] = []
@@ -314,6 +314,11 @@ class SharedMembers(nn.Module):
         self.mlp = nn.Sequential(*mlp)
 
     def forward(self, x):  # (B, F) -> (B, k, units): every member on every row
+        if self.batches == "own" and self.training:  # (k * B, F): member m's own rows at m * B ... (m + 1) * B - 1
+            if x.shape[0] % self.members:
+                raise ValueError(f"ensemble_mlp with batches: own trains on {self.members} batches of equal size "
+                                 f"side by side, one per member, but got {x.shape[0]} rows")
+            return self.mlp(x.view(self.members, -1, x.shape[1]).transpose(0, 1) * self.r) * self.s
         return self.mlp(x[:, None, :] * self.r) * self.s
 
 
@@ -333,12 +338,14 @@ class EnsembleMLP(BlockSpec):
     layers: PositiveInt = 2
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     heads: Literal["shared", "own"] = "shared"  # one head for all members, or each member its own
+    batches: Literal["shared", "own"] = "shared"  # training: every member on the same batches, or each its own
 
     example: ClassVar[dict] = {"members": 3, "units": 4, "layers": 2}
     example_input: ClassVar[Shape] = (6,)
 
     def build(self, in_shape: Shape) -> Built:
         expect("ensemble_mlp", in_shape, ("vector",), "give it one vector per row: put it after `tabular_encoder`")
-        module = SharedMembers(in_shape[0], self.members, self.units, self.layers, self.dropout, self.heads)
+        module = SharedMembers(in_shape[0], self.members, self.units, self.layers, self.dropout, self.heads,
+                               self.batches)
         macs = self.members * (in_shape[0] * self.units + (self.layers - 1) * self.units ** 2)
         return Built(module, (self.units,), macs)  # the shape of one member's output
