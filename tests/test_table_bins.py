@@ -24,7 +24,8 @@ ROWS = [{"amount": 1e6, "hour": 2, "channel": "web"}, {"amount": 0.01, "hour": 1
 
 
 @pytest.mark.parametrize(("rows", "bins"), [(50, 16), (720, 16), (1_359, 16), (1_360, 17), (2_560, 32),
-                                            (5_119, 63), (5_120, 64), (29_655, 64), (10_000_000, 64)])
+                                            (5_120, 64), (10_239, 127), (10_240, 128), (29_655, 128),
+                                            (10_000_000, 128)])
 def test_auto_bins_follow_the_training_rows(rows: int, bins: int) -> None:
     # German credit's 5-fold training split has 720 rows, bank marketing's about 29,655
     assert auto_bins(rows) == bins
@@ -48,7 +49,7 @@ def numeric_widths(run) -> dict[str, int]:
     return {c.name: c.width for c in run.kind.prep.columns if c.type == "numeric"}
 
 
-@pytest.mark.parametrize(("rows", "bins"), [(400, 16), (3_000, 27), (8_000, 64)], ids=["small", "middle", "large"])
+@pytest.mark.parametrize(("rows", "bins"), [(400, 16), (3_000, 27), (15_000, 128)], ids=["small", "middle", "large"])
 def test_auto_bins_are_recorded_in_the_run_and_reused_on_reload(tmp_path: Path, rows: int, bins: int) -> None:
     path = fraud_csv(tmp_path / "fraud.csv", n=rows)
     cfg = config(path, data={"numeric_encoding": "ple", "val_fraction": 0.1}, epochs=2, batch_size=256)

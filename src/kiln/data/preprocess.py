@@ -39,28 +39,29 @@ ID_FRACTION = 0.5  # text columns with more distinct values than this fraction o
 REGRESSION_MIN_VALUES = 20  # a numeric target with more distinct values than this is a regression target
 # ``data.bins: auto``: about ROWS_PER_BIN training rows per quantile bin, between AUTO_BINS[0] and AUTO_BINS[1]
 ROWS_PER_BIN = 80
-AUTO_BINS = (16, 64)
+AUTO_BINS = (16, 128)
+EMBED_FROM_ROWS = 5_120  # ``tabular_encoder.numeric_embedding: auto``: linear from this many training rows
 
 
 def auto_bins(rows: int) -> int:
     """The number of quantile bins ``data.bins: auto`` gives a table with ``rows`` training rows: rows / 80, at
-    least 16, at most 64.
+    least 16, at most 128.
 
     A bin's slope is learnt from the training rows that fall in it, so a small table wants few bins and a large
     one can afford many. Measured with benchmarks/bench_tables.py (TabM-mini on PLE numbers, 5 folds; README,
     "Imbalanced tables"): on German credit (720 training rows) 16 bins beat 9 with each of 3 seeds (mean ROC-AUC
     0.7929 against 0.7880) and 32 and 64 bins scored lower (0.7971, 0.7902 against 0.7986 at 16; a dense network
     lost more: 0.7888 at 16, 0.7770 at 64, 0.7630 at 255); on bank marketing (about 29,650 training rows) 64 bins
-    beat 16 (0.8009 against 0.7989), and 128 gave 0.8015 on fold 0 against 0.8013 at 64. The divisor places the
-    growth between those two sizes (16 bins up to 1,280 training rows, 64 from 5,120), where no table was
-    measured."""
+    beat 16 (0.8009 against 0.7989), and with today's recipe (weight averaging) 128 beat 64 with each of seeds 0 to
+    4 (mean 0.8023 against 0.8018; README, the lever table). The divisor places the growth between those two
+    sizes (16 bins up to 1,280 training rows, 128 from 10,240), where no table was measured."""
     return min(max(rows // ROWS_PER_BIN, AUTO_BINS[0]), AUTO_BINS[1])
 
 
 def auto_number_embedding(rows: int) -> str:
     """What ``tabular_encoder.numeric_embedding: auto`` becomes for a table with ``rows`` training rows: ``linear``
-    (a linear layer of each number's own on its inputs) from the size at which ``data.bins: auto`` reaches its
-    most bins (64 x 80 = 5,120 rows), ``none`` below (the numbers' inputs go to the next block as they are).
+    (a linear layer of each number's own on its inputs) from 5,120 training rows (where ``data.bins: auto`` gives
+    64 bins), ``none`` below (the numbers' inputs go to the next block as they are).
 
     Measured with benchmarks/bench_tables.py (TabM-mini on PLE numbers, 5 folds, seeds 0 1 2 with the same folds;
     README, "Imbalanced tables"): on bank marketing (about 29,650 training rows) per-number embeddings of 16
@@ -68,7 +69,7 @@ def auto_number_embedding(rows: int) -> str:
     the seed-to-seed spread); on German credit (720 training rows) they lowered it with each of 5 seeds (0.7857
     against 0.7923). No table between the two sizes was measured: the threshold only places the change between
     them."""
-    return "linear" if rows >= AUTO_BINS[1] * ROWS_PER_BIN else "none"
+    return "linear" if rows >= EMBED_FROM_ROWS else "none"
 
 
 def as_number(text: str) -> float | None:

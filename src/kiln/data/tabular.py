@@ -47,7 +47,7 @@ class TabularData(DataSpec):
     columns: dict[str, Literal["numeric", "categorical", "boolean", "drop"]] = {}  # overrides of inferred types
     # A numeric column as one standardised value, or piecewise-linear over up to `bins` quantile bins (ple).
     numeric_encoding: Literal["standard", "ple"] = "standard"
-    # auto: training rows / 80, between 16 and 64 (kiln.data.preprocess.auto_bins: a bin's slope is learnt from
+    # auto: training rows / 80, between 16 and 128 (kiln.data.preprocess.auto_bins: a bin's slope is learnt from
     # the rows in it; small tables lose with many bins, large ones gain); the run's config.yaml and
     # preprocessing.json keep the number chosen, so predict and serve encode with the same edges.
     bins: Literal["auto"] | Annotated[int, Field(ge=2, le=256)] = "auto"
