@@ -87,7 +87,7 @@ def test_training_windows_are_uniform_over_the_whole_training_split(small_text):
     data = kind.load()
     steps, batch, t = 2000, 12, 16
     trainer = SimpleNamespace(cfg=cfg, t=SimpleNamespace(batch_size=batch), kind=kind, train_x=data.train_x,
-                              device=torch.device("cpu"), model=SimpleNamespace(member_batches=0))
+                              device=torch.device("cpu"), model=SimpleNamespace(member_batches=1))
     batches = StepBatches(trainer, steps)
     offsets = torch.stack([batches[s] for s in range(steps)])  # (steps, batch)
     n = len(data.train_x) - t

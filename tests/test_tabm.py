@@ -119,7 +119,7 @@ def test_own_batches_give_each_member_its_own_rows(heads: str) -> None:
     assert not torch.allclose(own_logits(model, x[:8], 0), own_logits(model, x[:8], 1), atol=1e-3)  # members differ
     shared = two_members(heads=heads)  # the same weights (the same seed), every member on every row
     assert torch.equal(model.eval()(x), shared.eval()(x)) and model.eval()(x[:3]).shape == (3, 3)
-    assert two_members().member_batches == 0
+    assert two_members().member_batches == 1
     with pytest.raises(ValueError, match="2 batches of equal size side by side, one per member, but got 15 rows"):
         model.train()(x[:15])
 
@@ -207,4 +207,4 @@ def test_lr_find_sweeps_on_each_members_own_batches() -> None:
     assert [len(b) for b in own] == [12] * 5
     assert all(len(set(b.view(3, 4)[m].tolist())) == 4 for b in own for m in range(3))
     assert any(not torch.equal(b.view(3, 4)[0], b.view(3, 4)[1]) for b in own)
-    assert [len(b) for b in _batches(trainer(0), 5)] == [4] * 5  # other models: one batch of 4
+    assert [len(b) for b in _batches(trainer(1), 5)] == [4] * 5  # other models: one batch of 4

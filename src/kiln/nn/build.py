@@ -41,9 +41,10 @@ class KilnModel(nn.Module):
         self.input_shape = tuple(input_shape)
         self.layers = layers
         self.ensemble = any(getattr(block, "members", None) for block in blocks)
-        # ensemble_mlp's batches: own: in training each member has its own batch (kiln.training.plans)
+        # Batches a training step holds side by side: k for ensemble_mlp's batches: own (each member its own,
+        # kiln.training.plans), else 1
         self.member_batches = next((block.members for block in blocks
-                                    if isinstance(block, SharedMembers) and block.batches == "own"), 0)
+                                    if isinstance(block, SharedMembers) and block.batches == "own"), 1)
 
     @property
     def output_shape(self) -> Shape:
@@ -60,7 +61,7 @@ class KilnModel(nn.Module):
             x = block(x)
         if self.ensemble and not self.training:
             x = x.mean(1)  # the members' mean: logits (or regression values)
-        elif self.member_batches:  # members' own batches: (B, k, ...) to one prediction per input row, member-major
+        elif self.member_batches > 1:  # members' own batches: (B, k, ...) to one prediction per input row, member-major
             x = x.transpose(0, 1).flatten(0, 1)
         return x
 

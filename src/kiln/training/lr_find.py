@@ -113,7 +113,7 @@ def _batches(trainer: Trainer, steps: int) -> list[torch.Tensor]:
     n = trainer.kind.samples(trainer.train_x)
     size = min(trainer.t.batch_size, n)
     gen = torch.Generator().manual_seed(trainer.cfg.seed * 1_000_003 + 999_983)
-    members = trainer.model.member_batches or 1  # ensemble_mlp's batches: own: one batch a member, side by side
+    members = trainer.model.member_batches  # ensemble_mlp's batches: own: one batch a member, side by side
     out: list[torch.Tensor] = []
     while len(out) < steps:
         out += [b for b in side_by_side(n, members, size, gen) if len(b) == size * members]

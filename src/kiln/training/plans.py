@@ -90,7 +90,7 @@ class Epochs:
         if tr.privacy:
             return tr.privacy.batches()
         n = tr.kind.samples(tr.train_x)
-        if tr.model.member_batches:
+        if tr.model.member_batches > 1:
             return member_batches(n, tr.cfg.seed, s.epoch, tr.model.member_batches, t.batch_size, tr.device)
         order = epoch_order(n, tr.cfg.seed, s.epoch, tr.device)
         size = epoch_size(n, t.hard_examples, s.epoch)
@@ -168,7 +168,7 @@ class StepBatches(Sequence):
     def __getitem__(self, step: int) -> torch.Tensor:
         tr = self.tr
         gen = torch.Generator().manual_seed(tr.cfg.seed * 1_000_003 + step)
-        size = tr.t.batch_size * (tr.model.member_batches or 1)  # ensemble_mlp's batches: own: one batch a member
+        size = tr.t.batch_size * tr.model.member_batches  # ensemble_mlp's batches: own: one batch a member
         return torch.randint(tr.kind.samples(tr.train_x), (size,), generator=gen).to(tr.device)
 
 

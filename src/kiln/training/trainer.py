@@ -75,7 +75,7 @@ class Trainer:
             raise ConfigError("train.privacy samples every training row with its own probability (Poisson "
                               "sampling), which needs the rows in memory: use data.stream: false, or drop privacy")
         self.dist = dist or Dist()
-        if model.member_batches and (kind.streams or self.t.privacy or self.t.hard_examples):
+        if model.member_batches > 1 and (kind.streams or self.t.privacy or self.t.hard_examples):
             what = "data.stream" if kind.streams else "train.privacy" if self.t.privacy else "train.hard_examples"
             raise ConfigError(f"ensemble_mlp's batches: own draws each member's batches from the whole training "
                               f"split in an order of its own, which {what} does not: use batches: shared, or drop "
@@ -170,7 +170,7 @@ class Trainer:
         x = self.kind.augment(self.kind.to_input(x), self.aug_gen)
         share = True
         if self.dist.active and not self.plan.local_batches:  # this rank's slice of the global batch
-            k = self.model.member_batches or 1  # members' own batches side by side: the same slice of each
+            k = self.model.member_batches  # members' own batches side by side: the same slice of each
             a, b = self.dist.local(len(idx) // k)
             share = b > a  # a last batch smaller than the process count leaves some ranks none: they step on
             a = a if share else b - 1  # one sample whose loss counts 0, so that every rank joins the gradient sum
@@ -236,7 +236,7 @@ class Trainer:
                 correct += step_correct
                 counted += step_counted
                 # a stream's batches are per rank; members' own batches (ensemble_mlp) hold each sample k times
-                s.seen += len(batches[i]) * (self.dist.world if plan.local_batches else 1) // (self.model.member_batches or 1)
+                s.seen += len(batches[i]) * (self.dist.world if plan.local_batches else 1) // self.model.member_batches
                 s.step_in_epoch, s.global_step = i + 1, s.global_step + 1
                 last = i + 1 == len(batches)
                 if s.global_step % t.log_every == 0 or last:
