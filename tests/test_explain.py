@@ -218,7 +218,8 @@ def table_run(path: Path, out: Path, encoding: str = "onehot", **data):
     cfg = {"name": f"signal_{encoding}", "seed": 0,
            "data": {"dataset": "tabular", "path": str(path), "target": "label", **extra, **data},
            "model": {"blocks": [*blocks, {"type": "classifier"}]},
-           "train": {"epochs": 12, "batch_size": 64, "threads": 1, "optimizer": {"name": "adam", "lr": 0.01}}}
+           "train": {"epochs": 12, "batch_size": 64, "threads": 1, "optimizer": {"name": "adam", "lr": 0.01},
+                     "precision": "fp32"}}  # float32 on every CPU (auto trains in bf16 where AMX is)
     kiln.train(cfg, out=out, live=False)
     return kiln.Run.load(out)
 
